@@ -1,0 +1,38 @@
+# The two commands of the README: `make demo` (main job on the embedded model) and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: install fetch demo test test-fast app clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# CPU build of torch pinned for this machine kind (a range would pull CUDA wheels)
+	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.4"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+fetch: install
+	$(BIN)/probe fetch
+
+demo: fetch
+	$(BIN)/python -m app.demo --out reports/demo
+
+test: fetch
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not embedded and not slow"
+
+app: fetch
+	$(BIN)/streamlit run app/streamlit_app.py --server.address localhost --server.headless true
+
+clean:
+	rm -rf $(VENV) reports build *.egg-info

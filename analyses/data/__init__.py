@@ -1,0 +1,1 @@
+"""Prompt-set builders and project-written data."""

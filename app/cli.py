@@ -1,0 +1,147 @@
+"""The `probe` command line: models, fetch, run (and, as analyzers land, scan/report).
+
+Every user mistake surfaces as a `ProbeError` and is printed as one clear message (exit code 2),
+never as a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from probe import assets
+from probe.errors import InterventionError, ProbeError
+from probe.heads import parse_heads
+from probe.interventions import Intervention, ablation, head_means, reference_prompts, scale
+from probe.models import DEFAULT_MODEL, LoadedModel, load_model, spec_summary
+
+console = Console(stderr=True)
+_SCALE = re.compile(r"^(?P<heads>[^:]+):(?P<what>q|query|v|value|o|output)=(?P<factor>-?[0-9.eE+-]+)$")
+_COMPONENT = {"q": "query", "v": "value", "o": "output"}
+
+
+def parse_scale(text: str, model: LoadedModel) -> Intervention:
+    """`L10H2:v=2`, `5.3:q=0.5`, `L3H*:output=-1` → a scaling intervention."""
+    match = _SCALE.match(text.strip())
+    if not match:
+        raise InterventionError(f"Cannot read --scale {text!r}: write HEADS:q|v|o=FACTOR, e.g. L10H2:v=2.")
+    component = _COMPONENT.get(match["what"], match["what"])
+    return scale(parse_heads(match["heads"].replace("+", ","), model), component, float(match["factor"]))
+
+
+def build_interventions(model: LoadedModel, ablate: Sequence[str], method: str,
+                        scales: Sequence[str]) -> list[Intervention]:
+    interventions: list[Intervention] = []
+    if ablate:
+        heads = parse_heads(",".join(ablate), model)
+        means = head_means(model, reference_prompts(model), heads) if method == "mean" else None
+        interventions.append(ablation(heads, method, means))
+    interventions.extend(parse_scale(text, model) for text in scales)
+    return interventions
+
+
+def _load(args: argparse.Namespace) -> LoadedModel:
+    start = time.perf_counter()
+    with console.status(f"Loading {args.model} ...") as status:
+        model = load_model(args.model, device=args.device, dtype=args.dtype,
+                           progress=lambda message: status.update(message))
+    console.print(f"[dim]{model.shape_text}; loaded in {time.perf_counter() - start:.1f} s on {model.device}[/dim]")
+    return model
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    print(spec_summary())
+    return 0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    names = args.assets or list(assets.ASSETS)
+    unknown = [n for n in names if n not in assets.ASSETS]
+    if unknown:
+        raise ProbeError(f"Unknown asset(s) {', '.join(unknown)}; known: {', '.join(assets.ASSETS)}.")
+    for name in names:
+        assets.fetch(name, log=lambda message: console.print(message), force=args.force)
+    console.print(f"assets in {assets.probe_home() / 'assets'}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from probe.compare import compare
+
+    model = _load(args)
+    interventions = build_interventions(model, args.ablate, args.ablate_method, args.scale)
+    with console.status("Running original and intervened passes ..."):
+        result = compare(model, args.prompt, interventions, top_k=args.top, generate=args.generate)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+        return 0
+    console.print(f"prompt ({result.n_tokens} tokens): {args.prompt!r}")
+    applied = "; ".join(result.interventions) if result.interventions else "none"
+    console.print(f"interventions applied: {applied}")
+    table = Table(title="next token: original vs intervened")
+    for column in ("#", "original", "p", "intervened", "p"):
+        table.add_column(column, justify="right" if column in ("#", "p") else "left")
+    for rank, (a, b) in enumerate(zip(result.original.top, result.intervened.top), start=1):
+        table.add_row(str(rank), repr(a.token), f"{a.prob:.4f}", repr(b.token), f"{b.prob:.4f}")
+    Console().print(table)
+    print(f"total variation distance {result.total_variation:.4f}, KL(original||intervened) {result.kl:.4f} nats")
+    if args.generate:
+        print(f"original generation:   {result.original.generation!r}")
+        print(f"intervened generation: {result.intervened.generation!r}")
+    return 0
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `probe models`)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="probe", description="Find and intervene on attention heads.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("models", help="list model specs and whether they are available offline").set_defaults(func=cmd_models)
+
+    fetch = sub.add_parser("fetch", help="download and verify the pinned offline assets")
+    fetch.add_argument("assets", nargs="*", help=f"assets to fetch (default all: {', '.join(assets.ASSETS)})")
+    fetch.add_argument("--force", action="store_true", help="download again even if present")
+    fetch.set_defaults(func=cmd_fetch)
+
+    run = sub.add_parser("run", help="next-token distribution (and generation) with and without interventions")
+    _add_model_options(run)
+    run.add_argument("--prompt", required=True)
+    run.add_argument("--ablate", action="append", default=[], metavar="HEADS",
+                     help="heads to ablate, e.g. L5H3 or 'L0H*,L1H*' (repeatable)")
+    run.add_argument("--ablate-method", default="zero", choices=["zero", "mean", "uniform"])
+    run.add_argument("--scale", action="append", default=[], metavar="HEADS:C=F",
+                     help="scale a head's query/value/output, e.g. L10H2:v=2 (repeatable)")
+    run.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens greedily")
+    run.add_argument("--top", type=int, default=10, help="how many next tokens to show")
+    run.add_argument("--json", action="store_true", help="machine-readable output")
+    run.set_defaults(func=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ProbeError as error:
+        console.print(f"[bold red]error:[/bold red] {error}")
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

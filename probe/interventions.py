@@ -1,0 +1,282 @@
+"""Head interventions as typed specs, applied as TransformerLens hooks inside a context manager.
+
+What each kind touches (all per *query* head, so grouped-query attention is exact: the other query
+heads that share the key/value head are left alone):
+
+| kind           | hook                           | operation on head h                                      |
+|----------------|--------------------------------|----------------------------------------------------------|
+| ZERO           | `blocks.{l}.attn.hook_z`       | z[h] = 0 (the head adds nothing to the residual stream)   |
+| MEAN           | `blocks.{l}.attn.hook_z`       | z[h] = its mean over a reference prompt set               |
+| RESAMPLE       | `blocks.{l}.attn.hook_z`       | z[h] = z[h] from another prompt, position by position     |
+| UNIFORM        | `blocks.{l}.attn.hook_attn_scores` | visible scores = 0, so the pattern is 1/n_visible     |
+| SCALE_QUERY    | `blocks.{l}.attn.hook_attn_scores` | visible scores × s (== scaling the rotated query by s) |
+| SCALE_VALUE    | `blocks.{l}.attn.hook_z`       | z[h] × s (== scaling the values head h reads: z = A·v)    |
+| SCALE_OUTPUT   | `blocks.{l}.attn.hook_z`       | z[h] × s (== scaling the head's output z·W_O)            |
+
+Notes:
+- Query scaling is done on the scores, not on `hook_rot_q`: identical maths (the score is linear in
+  the query, masked entries stay masked), and it also holds for QK-norm models (Gemma 3), where a
+  scale applied before the norm would be undone.
+- Value scaling of one query head is applied on its output (exact, because z is linear in v for a
+  fixed pattern); a scale on `hook_v` would hit every query head of the group.
+- UNIFORM is the "undifferentiated attention" of Ships at ε = 0 and the retrieval-heads masking.
+- `start`/`stop` limit an intervention to absolute positions [start, stop); they stay right during
+  cached generation because each hook reads the position offset from the attention scores.
+- `rows` limits it to some batch rows, so several ablated copies of a prompt run in one batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import torch
+
+from probe.errors import InterventionError
+from probe.heads import Head, format_heads, validate_heads
+
+
+class Kind(Enum):
+    ZERO = "zero"
+    MEAN = "mean"
+    RESAMPLE = "resample"
+    UNIFORM = "uniform"
+    SCALE_QUERY = "scale_query"
+    SCALE_VALUE = "scale_value"
+    SCALE_OUTPUT = "scale_output"
+
+
+ON_SCORES = {Kind.UNIFORM, Kind.SCALE_QUERY}
+ON_Z = {Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT}
+SCALE_KINDS = {"query": Kind.SCALE_QUERY, "value": Kind.SCALE_VALUE, "output": Kind.SCALE_OUTPUT}
+ABLATION_KINDS = {"zero": Kind.ZERO, "mean": Kind.MEAN, "resample": Kind.RESAMPLE, "uniform": Kind.UNIFORM}
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """One intervention on a set of query heads. Build with the helper functions below."""
+
+    kind: Kind
+    heads: tuple[Head, ...]
+    factor: float = 1.0
+    values: Mapping[Head, torch.Tensor] | None = field(default=None, compare=False)
+    start: int = 0
+    stop: int | None = None
+    rows: tuple[int, ...] | None = None
+
+    def describe(self) -> str:
+        what = {
+            Kind.ZERO: "zero-ablate", Kind.MEAN: "mean-ablate", Kind.RESAMPLE: "resample-ablate",
+            Kind.UNIFORM: "uniform-attention", Kind.SCALE_QUERY: f"scale query x{self.factor:g}",
+            Kind.SCALE_VALUE: f"scale value x{self.factor:g}", Kind.SCALE_OUTPUT: f"scale output x{self.factor:g}",
+        }[self.kind]
+        where = "" if (self.start == 0 and self.stop is None) else f" at positions [{self.start}, {self.stop or 'end'})"
+        rows = "" if self.rows is None else f" on batch rows {list(self.rows)}"
+        return f"{what} {format_heads(self.heads)}{where}{rows}"
+
+
+def zero_ablation(heads: Sequence[Head], **where: Any) -> Intervention:
+    return Intervention(Kind.ZERO, tuple(heads), **where)
+
+
+def mean_ablation(heads: Sequence[Head], means: Mapping[Head, torch.Tensor], **where: Any) -> Intervention:
+    """`means[head]` is `[d_head]` (averaged over positions) or `[pos, d_head]` (per position)."""
+    missing = [h for h in heads if h not in means]
+    if missing:
+        raise InterventionError(f"No reference mean for {format_heads(missing)}; compute them with head_means().")
+    return Intervention(Kind.MEAN, tuple(heads), values=dict(means), **where)
+
+
+def resample_ablation(heads: Sequence[Head], source_z: Mapping[Head, torch.Tensor], **where: Any) -> Intervention:
+    """`source_z[head]` is `[pos, d_head]` from another prompt (see `capture_z`)."""
+    return Intervention(Kind.RESAMPLE, tuple(heads), values=dict(source_z), **where)
+
+
+def uniform_attention(heads: Sequence[Head], **where: Any) -> Intervention:
+    return Intervention(Kind.UNIFORM, tuple(heads), **where)
+
+
+def scale(heads: Sequence[Head], component: str, factor: float, **where: Any) -> Intervention:
+    """Scale a head's `query`, `value` or `output` by `factor` (negative allowed)."""
+    if component not in SCALE_KINDS:
+        raise InterventionError(f"Cannot scale {component!r}; choose query, value or output.")
+    return Intervention(SCALE_KINDS[component], tuple(heads), factor=float(factor), **where)
+
+
+def ablation(heads: Sequence[Head], method: str, means: Mapping[Head, torch.Tensor] | None = None,
+             **where: Any) -> Intervention:
+    """Ablation by name (`zero`, `mean`, `uniform`), for faces that take the method as text."""
+    if method == "zero":
+        return zero_ablation(heads, **where)
+    if method == "mean":
+        if means is None:
+            raise InterventionError("Mean ablation needs reference means (head_means()).")
+        return mean_ablation(heads, means, **where)
+    if method == "uniform":
+        return uniform_attention(heads, **where)
+    raise InterventionError(f"Unknown ablation {method!r}; choose zero, mean or uniform "
+                            "(resample needs a source prompt: resample_ablation()).")
+
+
+# ---- hooks -------------------------------------------------------------------------------------
+
+def _visible(scores: torch.Tensor) -> torch.Tensor:
+    """Keys a query may attend to: the causal/padding/window mask writes the dtype's minimum."""
+    return scores > torch.finfo(scores.dtype).min / 2
+
+
+def _row_index(intervention: Intervention, batch: int) -> slice | list[int]:
+    if intervention.rows is None:
+        return slice(None)
+    bad = [r for r in intervention.rows if not 0 <= r < batch]
+    if bad:
+        raise InterventionError(f"Batch rows {bad} do not exist in a batch of {batch}.")
+    return list(intervention.rows)
+
+
+def _position_window(intervention: Intervention, offset: int, length: int) -> tuple[int, int]:
+    """Local [lo, hi) of the current chunk covered by the absolute window [start, stop)."""
+    lo = max(intervention.start - offset, 0)
+    hi = length if intervention.stop is None else min(intervention.stop - offset, length)
+    return lo, max(lo, hi)
+
+
+def _replacement(intervention: Intervention, head: Head, offset: int, lo: int, hi: int,
+                 like: torch.Tensor) -> torch.Tensor:
+    value = intervention.values[head].to(like.device, like.dtype)  # type: ignore[index]
+    if value.dim() == 1:
+        return value
+    if offset + hi > value.shape[0]:
+        raise InterventionError(
+            f"{intervention.kind.value} values for {head} cover {value.shape[0]} positions but the "
+            f"prompt reaches position {offset + hi}; use averaged means or a source prompt as long."
+        )
+    return value[offset + lo: offset + hi]
+
+
+def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple[str, Any]]:
+    """The (hook name, function) pairs that carry out `interventions` on `model`."""
+    for intervention in interventions:
+        validate_heads(intervention.heads, model)
+        if intervention.kind in (Kind.MEAN, Kind.RESAMPLE) and intervention.values is None:
+            raise InterventionError(f"{intervention.kind.value} ablation needs values.")
+    by_layer: dict[int, list[tuple[Intervention, Head]]] = defaultdict(list)
+    for intervention in interventions:
+        for head in intervention.heads:
+            by_layer[head.layer].append((intervention, head))
+
+    hooks: list[tuple[str, Any]] = []
+    for layer, ops in sorted(by_layer.items()):
+        state = {"offset": 0}
+        score_ops = [(i, h) for i, h in ops if i.kind in ON_SCORES]
+        z_ops = [(i, h) for i, h in ops if i.kind in ON_Z]
+
+        def on_scores(scores: torch.Tensor, hook: Any, score_ops=score_ops, state=state) -> torch.Tensor:
+            q_len, k_len = scores.shape[-2], scores.shape[-1]
+            state["offset"] = k_len - q_len  # the KV cache holds this many earlier positions
+            if not score_ops:
+                return scores
+            scores = scores.clone()
+            for intervention, head in score_ops:
+                rows = _row_index(intervention, scores.shape[0])
+                lo, hi = _position_window(intervention, state["offset"], q_len)
+                block = scores[rows, head.head, lo:hi]
+                visible = _visible(block)
+                new = torch.zeros_like(block) if intervention.kind is Kind.UNIFORM else block * intervention.factor
+                scores[rows, head.head, lo:hi] = torch.where(visible, new, block)
+            return scores
+
+        hooks.append((f"blocks.{layer}.attn.hook_attn_scores", on_scores))
+        if z_ops:
+            def on_z(z: torch.Tensor, hook: Any, z_ops=z_ops, state=state) -> torch.Tensor:
+                z = z.clone()
+                for intervention, head in z_ops:
+                    rows = _row_index(intervention, z.shape[0])
+                    lo, hi = _position_window(intervention, state["offset"], z.shape[1])
+                    if hi <= lo:
+                        continue
+                    if intervention.kind is Kind.ZERO:
+                        z[rows, lo:hi, head.head] = 0.0
+                    elif intervention.kind in (Kind.SCALE_VALUE, Kind.SCALE_OUTPUT):
+                        z[rows, lo:hi, head.head] = z[rows, lo:hi, head.head] * intervention.factor
+                    else:
+                        z[rows, lo:hi, head.head] = _replacement(intervention, head, state["offset"], lo, hi, z)
+                return z
+
+            hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
+    return hooks
+
+
+@contextlib.contextmanager
+def intervene(model: Any, interventions: Intervention | Sequence[Intervention]) -> Iterator[Any]:
+    """Apply interventions for the duration of the block; the hooks are removed on exit, always.
+
+    Works for forward passes, `run_with_cache` and cached generation (`model.generate`).
+    """
+    if isinstance(interventions, Intervention):
+        interventions = [interventions]
+    hooks = build_hooks(model, list(interventions))
+    with model.bridge.hooks(fwd_hooks=hooks):
+        yield model
+
+
+def active_hook_count(model: Any) -> int:
+    """Forward hooks currently attached to any hook point (0 when nothing is intervening)."""
+    return sum(len(point._forward_hooks) for point in model.bridge.hook_dict.values())
+
+
+# ---- reference activations ---------------------------------------------------------------------
+
+# Plain sentences written by the project: the default reference set for mean ablation.
+REFERENCE_SENTENCES: tuple[str, ...] = (
+    "The weather was mild, so we walked to the market after lunch.",
+    "She opened the window and listened to the rain on the roof.",
+    "Our train left the station a few minutes later than planned.",
+    "He wrote the numbers on a card and put it in his pocket.",
+    "The museum keeps old maps, coins and letters from many countries.",
+    "After the meeting, the team went back to work on the new design.",
+    "A small dog slept in the sun next to the garden wall.",
+    "They cooked rice and vegetables for dinner and talked about the trip.",
+)
+
+
+def reference_prompts(model: Any, texts: Sequence[str] = REFERENCE_SENTENCES) -> list[torch.Tensor]:
+    """Token ids of the reference sentences, ready for `head_means`."""
+    return [model.encode(text) for text in texts]
+
+
+@torch.no_grad()
+def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head, torch.Tensor]:
+    """Each head's z `[batch, pos, d_head]` on `ids` (for resampling or means)."""
+    validate_heads(heads, model)
+    layers = {h.layer for h in heads}
+    names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
+    _, cache = model.bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+    return {h: cache[f"blocks.{h.layer}.attn.hook_z"][:, :, h.head].detach().clone() for h in heads}
+
+
+@torch.no_grad()
+def head_means(model: Any, prompts: Sequence[torch.Tensor], heads: Sequence[Head],
+               per_position: bool = False) -> dict[Head, torch.Tensor]:
+    """Mean z of each head over a reference set: `[d_head]`, or `[pos, d_head]` if `per_position`.
+
+    Per-position means need prompts of one length (they are averaged position by position).
+    """
+    if not prompts:
+        raise InterventionError("Mean ablation needs at least one reference prompt.")
+    if per_position and len({p.shape[-1] for p in prompts}) != 1:
+        raise InterventionError("Per-position means need reference prompts of one token length.")
+    sums: dict[Head, torch.Tensor] = {}
+    count = 0
+    for ids in prompts:
+        ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
+        z = capture_z(model, ids, heads)
+        for head, value in z.items():
+            part = value.sum(0) if per_position else value.sum((0, 1))
+            sums[head] = sums[head] + part if head in sums else part
+        count += ids.shape[0] if per_position else ids.shape[0] * ids.shape[1]
+    return {head: total / count for head, total in sums.items()}

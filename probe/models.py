@@ -1,0 +1,337 @@
+"""Model specs → a loaded model: a TransformerLens 4 `TransformerBridge` plus the facts analyzers need.
+
+Specs:
+- `smollm2-135m` (default) and `gemma3-270m`: embedded, from the pinned GGUF assets (`probe fetch`);
+- `tiny-llama`, `tiny-gqa`, `tiny-gpt2`: seeded random weights from a local config, in-process tokenizer;
+- `hf:<local dir or hub id>` and `gguf:<path to .gguf>`: any model a user has.
+
+Load once per process (about 15–40 s for the embedded models on a 2-core CPU): tests use
+session-scoped fixtures, the app `st.cache_resource`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from probe import assets
+from probe.errors import ProbeError, PromptTooLongError, UnknownModelError
+from probe.heads import Head
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named way to obtain a model; `asset` names the offline asset it needs, if any."""
+
+    name: str
+    description: str
+    asset: str | None = None
+    gguf_file: str | None = None
+    hub_name: str = ""  # the upstream name, given to the bridge for its architecture table
+    embedded: bool = False
+
+
+SPECS: dict[str, ModelSpec] = {
+    s.name: s
+    for s in (
+        ModelSpec("smollm2-135m", "SmolLM2-135M-Instruct (Llama arch, 30L x 9H, 3 KV heads), 4-bit GGUF",
+                  asset="smollm2-135m", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+                  hub_name="HuggingFaceTB/SmolLM2-135M-Instruct", embedded=True),
+        ModelSpec("gemma3-270m", "Gemma-3-270m base (18L x 4H, 1 KV head), Q4_K_M GGUF",
+                  asset="gemma3-270m", gguf_file="gemma-3-270m-q4_k_m.gguf",
+                  hub_name="google/gemma-3-270m", embedded=True),
+        ModelSpec("tiny-llama", "random Llama, 2L x 4H (MHA), d_model 64, word tokenizer; for tests",
+                  hub_name="probe/tiny-llama"),
+        ModelSpec("tiny-gqa", "random Llama, 2L x 4H with 2 KV heads (GQA), d_model 64; for tests",
+                  hub_name="probe/tiny-gqa"),
+        ModelSpec("tiny-gpt2", "random GPT-2 shape, 2L x 4H, LayerNorm/GELU/learned positions; for tests",
+                  hub_name="probe/tiny-gpt2"),
+    )
+}
+PATH_PREFIXES = ("hf:", "gguf:")
+
+
+def list_specs() -> list[tuple[ModelSpec, bool]]:
+    """Every named spec and whether it can be loaded offline right now."""
+    return [(spec, spec.asset is None or assets.is_available(spec.asset)) for spec in SPECS.values()]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A bridged model and the architecture facts every analyzer needs.
+
+    `bridge` is the TransformerLens 4 `TransformerBridge` (hooks, caches); `hf_model` the wrapped
+    Hugging Face model (same weights, no copy).
+    """
+
+    spec: str
+    bridge: Any
+    hf_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: str
+    dtype: torch.dtype
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_head: int
+    d_model: int
+    d_vocab: int
+    n_ctx: int
+    architecture: str
+    fingerprint: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- heads ------------------------------------------------------------------------------
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head (1 without grouped-query attention)."""
+        return self.n_heads // self.n_kv_heads
+
+    def kv_head_of(self, head: int) -> int:
+        """The key/value head that query head `head` reads (HF `repeat_kv` / TL `repeat_interleave`)."""
+        return head // self.group_size
+
+    def query_heads_of(self, kv_head: int) -> list[int]:
+        return list(range(kv_head * self.group_size, (kv_head + 1) * self.group_size))
+
+    def all_heads(self) -> list[Head]:
+        return [Head(layer, head) for layer in range(self.n_layers) for head in range(self.n_heads)]
+
+    @property
+    def shape_text(self) -> str:
+        return (f"{self.spec}: {self.n_layers} layers x {self.n_heads} query heads "
+                f"({self.n_kv_heads} key/value heads)")
+
+    # ---- text ---------------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.tokenizer, "chat_template", None)
+
+    def chat_prompt(self, user: str, system: str | None = None) -> str:
+        """The model's chat template applied to one user turn, ready for the assistant's answer."""
+        if not self.chat_template:
+            raise ProbeError(
+                f"{self.spec} has no chat template; use the plain template instead "
+                "(e.g. `template='plain'`, which formats the prompt as 'Question: ...\\nAnswer:')."
+            )
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": user}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> torch.Tensor:
+        """Token ids `[1, T]` on the model's device, following the model's own BOS convention."""
+        ids = self.tokenizer(text, add_special_tokens=add_special_tokens, return_tensors="pt").input_ids
+        return ids.to(self.device)
+
+    def decode(self, ids: torch.Tensor | Sequence[int]) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        return self.tokenizer.decode(list(ids))
+
+    def token_strings(self, ids: torch.Tensor | Sequence[int]) -> list[str]:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.flatten().tolist()
+        return [self.tokenizer.decode([i]) for i in ids]
+
+    def check_fits(self, n_tokens: int) -> None:
+        if n_tokens > self.n_ctx:
+            raise PromptTooLongError(
+                f"The prompt is {n_tokens} tokens long but {self.spec} has a context of {self.n_ctx} tokens."
+            )
+
+    # ---- running ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits `[batch, pos, vocab]` of one forward pass through the bridge (hooks in effect)."""
+        self.check_fits(ids.shape[-1])
+        return self.bridge(ids)
+
+    @torch.no_grad()
+    def generate(self, ids: torch.Tensor, max_new_tokens: int = 16,
+                 stop_ids: Sequence[int] | None = None) -> torch.Tensor:
+        """Greedy continuation `[1, n_new]` (KV cache on; hooks in effect at every step)."""
+        self.check_fits(ids.shape[-1] + max_new_tokens)
+        stops = set(stop_ids or ())
+        if self.tokenizer.eos_token_id is not None:
+            stops.add(self.tokenizer.eos_token_id)
+        out = self.bridge.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                   stop_at_eos=False, verbose=False, return_type="tokens")
+        new = out[:, ids.shape[-1]:]
+        tokens = new[0].tolist()
+        for index, token in enumerate(tokens):
+            if token in stops:
+                return new[:, :index]
+        return new
+
+
+# ---- loading -------------------------------------------------------------------------------------
+
+def _fingerprint(spec: str, model: PreTrainedModel) -> str:
+    """A short hash of the config and a sample of every weight: results are cached under it."""
+    digest = hashlib.sha256(spec.encode())
+    digest.update(model.config.to_json_string(use_diff=False).encode())
+    for name, param in model.state_dict().items():
+        flat = param.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float64).cpu()
+        digest.update(name.encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Silence the libraries' load-time chatter (progress bars, deprecation warnings)."""
+    previous = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    level = logging.getLogger("transformers").level
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.getLogger("transformers").setLevel(level)
+        if previous is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = previous
+
+
+def wrap_hf_model(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str,
+                  hub_name: str = "", device: str | None = None, dtype: str = "float32") -> LoadedModel:
+    """Boot a TransformerBridge around an already-built Hugging Face model (tiny or planted models too)."""
+    from transformer_lens.model_bridge import TransformerBridge
+
+    device = device or default_device()
+    torch_dtype = DTYPES[dtype]
+    hf_model = hf_model.to(device=device, dtype=torch_dtype).eval()
+    if not getattr(hf_model.config, "architectures", None):
+        hf_model.config.architectures = [type(hf_model).__name__]  # GGUF loads leave it empty
+    with _quiet():
+        try:
+            bridge = TransformerBridge.boot_transformers(hub_name or spec, hf_model=hf_model,
+                                                         tokenizer=tokenizer, device=device)
+        except (ValueError, NotImplementedError, KeyError) as error:
+            raise UnknownModelError(
+                f"TransformerLens cannot bridge {spec} ({hf_model.config.architectures[0]}): {error}"
+            ) from error
+    cfg = bridge.cfg
+    n_heads = int(cfg.n_heads)
+    n_kv = int(getattr(cfg, "n_key_value_heads", None) or n_heads)
+    n_ctx = int(getattr(hf_model.config, "max_position_embeddings", None)
+                or getattr(hf_model.config, "n_positions", None) or cfg.n_ctx)
+    for param in hf_model.parameters():
+        param.requires_grad_(False)
+    return LoadedModel(
+        spec=spec, bridge=bridge, hf_model=hf_model, tokenizer=tokenizer, device=device,
+        dtype=torch_dtype, n_layers=int(cfg.n_layers), n_heads=n_heads, n_kv_heads=n_kv,
+        d_head=int(cfg.d_head), d_model=int(cfg.d_model), d_vocab=int(cfg.d_vocab), n_ctx=n_ctx,
+        architecture=hf_model.config.architectures[0], fingerprint=_fingerprint(spec, hf_model),
+    )
+
+
+def _load_tiny(name: str, device: str | None, dtype: str) -> LoadedModel:
+    from probe import tiny
+
+    tokenizer = tiny.word_tokenizer(name=f"probe/{name}")
+    vocab = len(tokenizer)
+    if name == "tiny-llama":
+        model = tiny.tiny_llama(vocab, n_heads=4, n_kv_heads=4)
+    elif name == "tiny-gqa":
+        model = tiny.tiny_llama(vocab, n_heads=4, n_kv_heads=2, seed=1)
+    else:
+        model = tiny.tiny_gpt2(vocab)
+    return wrap_hf_model(model, tokenizer, name, hub_name=f"probe/{name}", device=device, dtype=dtype)
+
+
+def _load_pretrained(source: str, spec: str, gguf_file: str | None, hub_name: str,
+                     device: str | None, dtype: str) -> LoadedModel:
+    kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        with _quiet():
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
+    except (OSError, ValueError) as error:
+        raise UnknownModelError(
+            f"Could not load {spec!r} from {source!r}: {str(error).splitlines()[0]}\n"
+            "A hub id needs network or a filled Hugging Face cache; a local folder needs config.json "
+            "and weights; a GGUF path must point at a .gguf file."
+        ) from error
+    return wrap_hf_model(model, tokenizer, spec, hub_name=hub_name or source, device=device, dtype=dtype)
+
+
+def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "float32",
+               progress: Callable[[str], None] | None = None) -> LoadedModel:
+    """Load a model by spec (see module docstring). Raises `ProbeError` subclasses with the fix."""
+    if dtype not in DTYPES:
+        raise ProbeError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    say = progress or (lambda message: None)
+    if spec in SPECS:
+        named = SPECS[spec]
+        if named.asset is None:
+            return _load_tiny(spec, device, dtype)
+        path = assets.asset_file(named.asset)
+        say(f"loading {spec} from {path} (de-quantising GGUF; ~15-40 s on CPU)")
+        return _load_pretrained(str(path.parent), spec, named.gguf_file, named.hub_name, device, dtype)
+    if spec.startswith("hf:"):
+        source = spec[3:]
+        say(f"loading {source} with transformers")
+        return _load_pretrained(source, spec, None, "", device, dtype)
+    if spec.startswith("gguf:"):
+        path = Path(spec[5:]).expanduser()
+        if not path.is_file():
+            raise UnknownModelError(f"GGUF file {path} does not exist.")
+        say(f"loading {path} (de-quantising GGUF)")
+        return _load_pretrained(str(path.parent), spec, path.name, "", device, dtype)
+    raise UnknownModelError(
+        f"Unknown model spec {spec!r}. Valid specs: {', '.join(SPECS)}, "
+        "or hf:<local dir or hub id>, or gguf:<path to .gguf>."
+    )
+
+
+def spec_summary() -> str:
+    """Text for `probe models`: each spec, what it is, and whether it is available offline now."""
+    lines = []
+    for spec, available in list_specs():
+        state = "ready" if available else f"missing: run `probe fetch {spec.asset}`"
+        lines.append(f"{spec.name:14s} {state:40s} {spec.description}")
+    lines.append(f"{'hf:<dir|id>':14s} {'':40s} any Hugging Face causal LM (local folder, or hub id with network)")
+    lines.append(f"{'gguf:<path>':14s} {'':40s} any GGUF file transformers can read")
+    return "\n".join(lines)
+
+
+def facts(model: LoadedModel) -> dict[str, Any]:
+    """The architecture facts as a plain dict (for reports, the app and `--json`)."""
+    return {
+        "spec": model.spec, "architecture": model.architecture, "n_layers": model.n_layers,
+        "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "group_size": model.group_size,
+        "d_head": model.d_head, "d_model": model.d_model, "d_vocab": model.d_vocab,
+        "n_ctx": model.n_ctx, "device": model.device, "dtype": str(model.dtype).replace("torch.", ""),
+        "chat_template": bool(model.chat_template), "fingerprint": model.fingerprint,
+    }
+
+
+def facts_json(model: LoadedModel) -> str:
+    return json.dumps(facts(model), indent=2)

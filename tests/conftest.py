@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models (milliseconds) and the embedded models (loaded once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from probe import assets  # noqa: E402
+from probe.models import LoadedModel, load_model  # noqa: E402
+
+
+def _embedded(spec: str, asset: str) -> LoadedModel:
+    if not assets.is_available(asset):
+        pytest.fail(f"asset {asset} missing: run `make fetch` (or `probe fetch {asset}`) before the tests")
+    return load_model(spec, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> LoadedModel:
+    return _embedded("smollm2-135m", "smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3() -> LoadedModel:
+    return _embedded("gemma3-270m", "gemma3-270m")
+
+
+@pytest.fixture()
+def tiny_llama() -> LoadedModel:
+    return load_model("tiny-llama", device="cpu")
+
+
+@pytest.fixture()
+def tiny_gqa() -> LoadedModel:
+    return load_model("tiny-gqa", device="cpu")
+
+
+@pytest.fixture()
+def tiny_gpt2() -> LoadedModel:
+    return load_model("tiny-gpt2", device="cpu")
