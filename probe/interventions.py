@@ -220,7 +220,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention]) 
     if isinstance(interventions, Intervention):
         interventions = [interventions]
     hooks = build_hooks(model, list(interventions))
-    with model.bridge.hooks(fwd_hooks=hooks):
+    with model.lock, model.bridge.hooks(fwd_hooks=hooks):
         yield model
 
 

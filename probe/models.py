@@ -17,6 +17,7 @@ import io
 import json
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -102,6 +103,9 @@ class LoadedModel:
     architecture: str
     fingerprint: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Held while hooks are attached and while running: a model shared between threads (the app's
+    # sessions) never runs one session's prompt through another session's interventions.
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     # ---- heads ------------------------------------------------------------------------------
     @property
@@ -166,7 +170,8 @@ class LoadedModel:
     def logits(self, ids: torch.Tensor) -> torch.Tensor:
         """Logits `[batch, pos, vocab]` of one forward pass through the bridge (hooks in effect)."""
         self.check_fits(ids.shape[-1])
-        return self.bridge(ids)
+        with self.lock:
+            return self.bridge(ids)
 
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 16,
@@ -176,8 +181,9 @@ class LoadedModel:
         stops = set(stop_ids or ())
         if self.tokenizer.eos_token_id is not None:
             stops.add(self.tokenizer.eos_token_id)
-        out = self.bridge.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                   stop_at_eos=False, verbose=False, return_type="tokens")
+        with self.lock:
+            out = self.bridge.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                       stop_at_eos=False, verbose=False, return_type="tokens")
         new = out[:, ids.shape[-1]:]
         tokens = new[0].tolist()
         for index, token in enumerate(tokens):

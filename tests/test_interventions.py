@@ -205,3 +205,29 @@ def test_bad_interventions_are_clear_errors(tiny_llama):
     with pytest.raises(InterventionError, match="cover 3 positions"):
         with intervene(model, mean_ablation([Head(0, 0)], per_pos)):
             model.logits(model.encode(PROMPT))
+
+
+def test_a_concurrent_thread_never_runs_through_another_threads_hooks(tiny_llama):
+    """The app shares one model between sessions (threads): the model lock keeps them apart."""
+    import threading
+
+    model = tiny_llama
+    ids = model.encode(PROMPT)
+    clean = model.logits(ids)
+    results: list[torch.Tensor] = []
+    entered, release = threading.Event(), threading.Event()
+
+    def other_session():
+        entered.wait()
+        results.append(model.logits(ids))
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    with intervene(model, zero_ablation(model.all_heads())):
+        entered.set()
+        thread.join(timeout=0.5)
+        assert thread.is_alive()  # blocked while this thread's hooks are attached
+        intervened = model.logits(ids)
+    thread.join(timeout=10)
+    assert not torch.allclose(intervened, clean)
+    torch.testing.assert_close(results[0], clean)

@@ -1,0 +1,21 @@
+"""The probe Streamlit app: `streamlit run app/streamlit_app.py` (or `make app`)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `app.*` importable under streamlit run
+
+PAGES = Path(__file__).parent / "pages"
+
+st.set_page_config(page_title="probe", layout="wide")
+navigation = st.navigation([
+    st.Page(PAGES / "model.py", title="Model", default=True),
+    st.Page(PAGES / "attention.py", title="Attention explorer"),
+    st.Page(PAGES / "playground.py", title="Intervention playground"),
+    st.Page(PAGES / "atlas.py", title="Head atlas"),
+])
+navigation.run()
