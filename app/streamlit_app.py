@@ -9,7 +9,7 @@ import streamlit as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `app.*` importable under streamlit run
 
-PAGES = Path(__file__).parent / "pages"
+PAGES = Path(__file__).parent / "views"  # not "pages/": Streamlit would list that folder itself
 
 st.set_page_config(page_title="probe", layout="wide")
 navigation = st.navigation([

@@ -12,7 +12,7 @@ pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 os.environ["PROBE_APP_MODEL"] = "tiny-gqa"
-PAGES = str(Path(__file__).resolve().parent.parent / "app" / "pages")
+PAGES = str(Path(__file__).resolve().parent.parent / "app" / "views")
 
 
 def page(name: str) -> AppTest:

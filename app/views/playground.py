@@ -13,7 +13,6 @@ from probe.interventions import ablation, head_means, reference_prompts, scale
 
 st.title("Intervention playground")
 model = current_model()
-sidebar(model)
 if model is not None:
     prompt = st.text_input("Prompt", value="The capital of France is", key="pg_prompt")
     st.session_state.setdefault("heads_text", "")
@@ -69,3 +68,4 @@ if model is not None:
                 figure = go.Figure(go.Bar(x=["original", "intervened"], y=[before, after]))
                 figure.update_layout(height=260, margin={"l": 10, "r": 10, "t": 10, "b": 10})
                 st.plotly_chart(figure, width="stretch")
+sidebar(model)

@@ -45,4 +45,4 @@ if model is not None:
                                   columns=["analysis", str(picked), "units"]))
         if st.button("Send top 5 heads of this analysis to the playground"):
             set_selected_heads([h for h, _ in chosen.top(5)])
-            st.switch_page("pages/playground.py")
+            st.switch_page("views/playground.py")

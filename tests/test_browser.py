@@ -1,0 +1,82 @@
+"""End to end in a real headless Chromium: start the app, ablate a head, see the probabilities change."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url():
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install Debian's chromium (see .ci/run)")
+        pytest.skip("Debian chromium is not installed here (apt-get install chromium)")
+    port = _free_port()
+    env = {**os.environ, "PROBE_APP_MODEL": "tiny-gqa", "HF_HUB_OFFLINE": "1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"),
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
+         "--browser.gatherUsageStats", "false"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("streamlit did not start")
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+
+
+def test_ablating_a_head_changes_the_shown_probabilities(app_url):
+    playwright = pytest.importorskip("playwright.sync_api")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(f"{app_url}/playground", timeout=60_000)
+        page.get_by_text("Intervention playground").first.wait_for(timeout=90_000)
+        target = page.get_by_label("Target token to track (optional)")
+        target.fill("mary")
+        target.press("Enter")
+        page.get_by_text("Applied: nothing").wait_for(timeout=60_000)
+        heads = page.get_by_label("Heads (e.g. L5H3, 2.1, L0H*)")
+        heads.fill("L1H0, L1H1, L1H2")
+        heads.press("Enter")
+        page.get_by_text("Applied: zero-ablate L1H0, L1H1, L1H2").wait_for(timeout=60_000)
+        time.sleep(1.0)
+        metric = page.locator('[data-testid="stMetric"]').filter(has_text="total variation")
+        value = float(metric.locator('[data-testid="stMetricValue"]').inner_text())
+        delta = page.locator('[data-testid="stMetric"]').filter(has_text="p(").locator(
+            '[data-testid="stMetricDelta"]').inner_text()
+        page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
+        browser.close()
+    assert value > 0
+    assert float(delta.split()[-1].replace("+", "")) != 0.0
