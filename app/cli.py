@@ -98,6 +98,83 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_overrides(path: str | None) -> dict:
+    if not path:
+        return {}
+    import yaml
+
+    try:
+        data = yaml.safe_load(open(path)) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ProbeError(f"Cannot read config {path}: {error}") from error
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise ProbeError(f"{path} must map analysis names to settings, e.g. `retrieval: {{lengths: [512, 1024]}}`.")
+    return data
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    import shlex
+    from pathlib import Path
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from analyses.registry import resolve
+    from analyses.report import write_reports
+    from analyses.scan import ScanSettings, run_scan
+
+    entries = resolve(args.analyses)
+    if not entries:
+        raise ProbeError("No analysis to run.")
+    settings = ScanSettings(analyses=[e.name for e in entries], preset=args.preset, seed=args.seed,
+                            overrides=_read_overrides(args.config), force=args.force,
+                            command="probe " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    model = _load(args)
+    out = Path(args.out)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console) as bars:
+        overall = bars.add_task(f"scan of {model.spec}", total=len(entries))
+        current: dict[str, int] = {}
+
+        def on_event(kind: str, name: str, payload: dict) -> None:
+            if kind == "skip":
+                console.print(f"{name}: already done ({payload['seconds']:.1f} s), skipped (use --force to redo)")
+                bars.advance(overall)
+            elif kind == "start":
+                current[name] = bars.add_task(name, total=1.0)
+            elif kind == "progress":
+                bars.update(current[name], completed=payload["fraction"],
+                            description=f"{name}: {payload['message']}"[:70])
+            elif kind in ("done", "error"):
+                bars.update(current[name], completed=1.0, description=f"{name}: {kind}")
+                bars.advance(overall)
+                if kind == "error":
+                    console.print(f"[red]{name} failed:[/red] {payload['error']}")
+
+        document = run_scan(model, entries, settings, out, on_event)
+    html_path, md_path = write_reports(out, document)
+    for name, record in document["analyses"].items():
+        top = ", ".join(f"{h} ({s:.3g})" for h, s in record["top_heads"][:3])
+        console.print(f"{name:10s} {record['seconds']:7.1f} s   top: {top}")
+    console.print(f"report: {html_path.resolve()}\n        {md_path.resolve()}\n        {(out / 'results.json').resolve()}")
+    return 1 if document["errors"] else 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analyses.report import write_reports
+
+    html_path, md_path = write_reports(args.dir)
+    console.print(f"report: {html_path}\n        {md_path}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from analyses.report import compare_documents, load_document
+
+    print(compare_documents(load_document(args.dir_a), load_document(args.dir_b), top=args.top))
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `probe models`)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -127,6 +204,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--top", type=int, default=10, help="how many next tokens to show")
     run.add_argument("--json", action="store_true", help="machine-readable output")
     run.set_defaults(func=cmd_run)
+
+    scan = sub.add_parser("scan", help="run analyses on a model and write a report (resumable)")
+    _add_model_options(scan)
+    scan.add_argument("--analyses", default="all", help="comma-separated analyses, or all")
+    scan.add_argument("--out", required=True, help="output folder (report.html, report.md, results.json)")
+    scan.add_argument("--preset", default="quick", choices=["quick", "default"],
+                      help="quick: settings sized for a 2-core CPU (default); default: the full settings")
+    scan.add_argument("--config", help="YAML file: {analysis: {setting: value}} overrides")
+    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--force", action="store_true", help="recompute analyses that are already done")
+    scan.set_defaults(func=cmd_scan)
+
+    report = sub.add_parser("report", help="rebuild report.html/report.md from a scan folder (no model needed)")
+    report.add_argument("dir")
+    report.set_defaults(func=cmd_report)
+
+    comp = sub.add_parser("compare", help="how head scores differ between two scan folders")
+    comp.add_argument("dir_a")
+    comp.add_argument("dir_b")
+    comp.add_argument("--top", type=int, default=10)
+    comp.set_defaults(func=cmd_compare)
     return parser
 
 

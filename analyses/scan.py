@@ -1,0 +1,96 @@
+"""A batch scan: several analyzers on one model, resumable, written to a folder as JSON + arrays.
+
+Each finished analysis is written at once (atomically) to `<out>/results/<name>.json` with the key
+of everything that determines it (model fingerprint, analyzer version, config, seed). A rerun skips
+every analysis whose file carries the same key, so an interrupted scan (Ctrl-C, kill) loses only the
+analysis that was running. `<out>/results.json` gathers them (schema: docs/results.schema.json).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analyses.registry import AnalyzerEntry, make_config
+from probe.models import LoadedModel, facts
+from probe.results import ResultCache, stable_hash, to_jsonable, write_json_atomic
+
+SCHEMA = "probe.scan/1"
+
+# on_event(kind, name, payload): kind in {"skip", "start", "progress", "done", "error"}
+ScanEvents = Callable[[str, str, dict[str, Any]], None]
+
+
+@dataclass
+class ScanSettings:
+    analyses: list[str]
+    preset: str = "quick"
+    seed: int = 0
+    overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
+    force: bool = False
+    command: str = ""
+
+
+def analysis_key(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: int) -> str:
+    return stable_hash({"model": model.fingerprint, "analyzer": entry.name, "version": entry.version(),
+                        "config": to_jsonable(config), "seed": seed})
+
+
+def _entry_record(entry: AnalyzerEntry, key: str, config: Any, result: Any, seconds: float) -> dict[str, Any]:
+    module = entry.load()
+    scores = result.scores
+    summary = module.summary(result) if hasattr(module, "summary") else ""
+    return {"name": entry.name, "key": key, "version": entry.version(), "config": to_jsonable(config),
+            "seconds": round(seconds, 2), "summary": summary, "units": scores.units,
+            "top_heads": [[str(h), s] for h, s in scores.top(10)], "result": result.to_json()}
+
+
+def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: ScanSettings, out: Path,
+             on_event: ScanEvents | None = None) -> dict[str, Any]:
+    """Run (or resume) the scan into `out`; returns the results document."""
+    emit = on_event or (lambda kind, name, payload: None)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "arrays").mkdir(exist_ok=True)
+    records: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
+    for entry in entries:
+        config = make_config(entry, settings.preset, settings.overrides.get(entry.name), settings.seed)
+        key = analysis_key(model, entry, config, settings.seed)
+        path = out / "results" / f"{entry.name}.json"
+        if path.exists() and not settings.force:
+            saved = json.loads(path.read_text())
+            if saved.get("key") == key:
+                records[entry.name] = saved
+                emit("skip", entry.name, {"seconds": saved["seconds"]})
+                continue
+        emit("start", entry.name, {})
+        start = time.perf_counter()
+        try:
+            result = entry.load().run(
+                model, config, progress=lambda fraction, message, name=entry.name: emit(
+                    "progress", name, {"fraction": fraction, "message": message}))
+        except KeyboardInterrupt:
+            raise
+        except Exception as error:  # noqa: BLE001 - one failing analysis must not lose the others
+            errors[entry.name] = f"{type(error).__name__}: {error}"
+            emit("error", entry.name, {"error": errors[entry.name]})
+            continue
+        record = _entry_record(entry, key, config, result, time.perf_counter() - start)
+        write_json_atomic(path, record)
+        np.savez(out / "arrays" / f"{entry.name}.npz", scores=result.scores.scores.double().numpy())
+        if result.scores.provenance is not None:
+            ResultCache().put(result.scores.provenance, {"scores": result.scores.to_json(), "summary": record["summary"]})
+        records[entry.name] = record
+        emit("done", entry.name, {"seconds": record["seconds"]})
+    document = {"schema": SCHEMA, "model": facts(model), "command": settings.command,
+                "settings": {"analyses": [e.name for e in entries], "preset": settings.preset, "seed": settings.seed,
+                             "overrides": settings.overrides},
+                "analyses": records, "errors": errors}
+    write_json_atomic(out / "results.json", document)
+    return document
