@@ -12,6 +12,7 @@ heads that share the key/value head are left alone):
 | SCALE_QUERY    | `blocks.{l}.attn.hook_attn_scores` | visible scores × s (== scaling the rotated query by s) |
 | SCALE_VALUE    | `blocks.{l}.attn.hook_z`       | z[h] × s (== scaling the values head h reads: z = A·v)    |
 | SCALE_OUTPUT   | `blocks.{l}.attn.hook_z`       | z[h] × s (== scaling the head's output z·W_O)            |
+| STREAMING      | `blocks.{l}.attn.hook_attn_scores` | keys outside sink ∪ recent window masked (DuoAttention) |
 
 Notes:
 - Query scaling is done on the scores, not on `hook_rot_q`: identical maths (the score is linear in
@@ -48,9 +49,10 @@ class Kind(Enum):
     SCALE_QUERY = "scale_query"
     SCALE_VALUE = "scale_value"
     SCALE_OUTPUT = "scale_output"
+    STREAMING = "streaming"
 
 
-ON_SCORES = {Kind.UNIFORM, Kind.SCALE_QUERY}
+ON_SCORES = {Kind.UNIFORM, Kind.SCALE_QUERY, Kind.STREAMING}
 ON_Z = {Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT}
 SCALE_KINDS = {"query": Kind.SCALE_QUERY, "value": Kind.SCALE_VALUE, "output": Kind.SCALE_OUTPUT}
 ABLATION_KINDS = {"zero": Kind.ZERO, "mean": Kind.MEAN, "resample": Kind.RESAMPLE, "uniform": Kind.UNIFORM}
@@ -67,12 +69,14 @@ class Intervention:
     start: int = 0
     stop: int | None = None
     rows: tuple[int, ...] | None = None
+    window: tuple[int, int] | None = None  # STREAMING: (sink tokens, recent tokens)
 
     def describe(self) -> str:
         what = {
             Kind.ZERO: "zero-ablate", Kind.MEAN: "mean-ablate", Kind.RESAMPLE: "resample-ablate",
             Kind.UNIFORM: "uniform-attention", Kind.SCALE_QUERY: f"scale query x{self.factor:g}",
             Kind.SCALE_VALUE: f"scale value x{self.factor:g}", Kind.SCALE_OUTPUT: f"scale output x{self.factor:g}",
+            Kind.STREAMING: "streaming attention (sink {}, recent {})".format(*(self.window or (0, 0))),
         }[self.kind]
         where = "" if (self.start == 0 and self.stop is None) else f" at positions [{self.start}, {self.stop or 'end'})"
         rows = "" if self.rows is None else f" on batch rows {list(self.rows)}"
@@ -98,6 +102,21 @@ def resample_ablation(heads: Sequence[Head], source_z: Mapping[Head, torch.Tenso
 
 def uniform_attention(heads: Sequence[Head], **where: Any) -> Intervention:
     return Intervention(Kind.UNIFORM, tuple(heads), **where)
+
+
+def streaming_attention(heads: Sequence[Head], sink: int, recent: int, **where: Any) -> Intervention:
+    """Each query sees only the first `sink` keys and the `recent` keys up to itself (DuoAttention's
+    streaming heads); `start=prompt_len` restricts decoding only, `start=0` every position."""
+    if sink < 0 or recent < 1:
+        raise InterventionError(f"Streaming attention needs sink >= 0 and recent >= 1, got {sink}, {recent}.")
+    return Intervention(Kind.STREAMING, tuple(heads), window=(int(sink), int(recent)), **where)
+
+
+def streaming_mask(q_positions: torch.Tensor, k_len: int, sink: int, recent: int) -> torch.Tensor:
+    """`[q, k]` True where key j is in sink ∪ recent for the query at absolute position t (causality is
+    left to the model's own mask)."""
+    keys = torch.arange(k_len, device=q_positions.device)
+    return (keys.unsqueeze(0) < sink) | (keys.unsqueeze(0) > q_positions.unsqueeze(1) - recent)
 
 
 def scale(heads: Sequence[Head], component: str, factor: float, **where: Any) -> Intervention:
@@ -185,6 +204,11 @@ def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple
                 rows = _row_index(intervention, scores.shape[0])
                 lo, hi = _position_window(intervention, state["offset"], q_len)
                 block = scores[rows, head.head, lo:hi]
+                if intervention.kind is Kind.STREAMING:
+                    q_positions = torch.arange(lo, hi, device=scores.device) + state["offset"]
+                    keep = streaming_mask(q_positions, k_len, *intervention.window)  # type: ignore[misc]
+                    scores[rows, head.head, lo:hi] = block.masked_fill(~keep, torch.finfo(block.dtype).min)
+                    continue
                 visible = _visible(block)
                 new = torch.zeros_like(block) if intervention.kind is Kind.UNIFORM else block * intervention.factor
                 scores[rows, head.head, lo:hi] = torch.where(visible, new, block)

@@ -231,3 +231,26 @@ def test_a_concurrent_thread_never_runs_through_another_threads_hooks(tiny_llama
     thread.join(timeout=10)
     assert not torch.allclose(intervened, clean)
     torch.testing.assert_close(results[0], clean)
+
+
+def test_streaming_attention_keeps_only_sink_and_recent_keys(tiny_gqa):
+    from probe.interventions import streaming_attention
+
+    model, head = tiny_gqa, Head(0, 1)
+    ids = model.encode(PROMPT)
+    n = ids.shape[1]
+    with intervene(model, streaming_attention([head], sink=2, recent=3)):
+        _, cache = _run(model, ids, 0)
+    pattern = cache["blocks.0.attn.hook_pattern"][0, head.head]
+    for t in range(n):
+        allowed = {j for j in range(t + 1) if j < 2 or j > t - 3}
+        nonzero = {j for j in range(n) if pattern[t, j] > 0}
+        assert nonzero == allowed, t
+        assert abs(float(pattern[t].sum()) - 1) < 1e-5
+    # decode-only: prompt positions keep full attention, cached generation matches full recomputation
+    with intervene(model, streaming_attention([head], sink=1, recent=2, start=n)):
+        cached = model.generate(ids, max_new_tokens=4)
+        sequence = ids
+        for _ in range(4):
+            sequence = torch.cat([sequence, model.logits(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert cached.tolist() == sequence[:, n:].tolist()
