@@ -24,6 +24,7 @@ fetch: install
 
 demo: fetch
 	$(BIN)/python -m app.demo --out reports/demo
+	$(BIN)/probe scan --model smollm2-135m --analyses all --preset quick --out reports/demo/scan
 
 test: fetch
 	$(BIN)/python -m pytest -q -p no:cacheprovider
