@@ -1,0 +1,756 @@
+"""Successor heads (Gould, Ong, Ogden, Conmy, ICLR 2024): heads whose OV circuit increments ordinal tokens.
+
+The score is read from the weights alone. For every task token t (see `analyses.data.succession`):
+
+    e(t)          = MLP0(norm_mlp0(W_E[t]))                     effective embedding (options below)
+    logits_LH(t)  = norm_in_L(e(t)) @ W_V[L, kv(H)] @ W_O[L, H] @ norms_after @ W_U[:, task tokens]
+
+and head (L, H) "increments" t when, among the tokens of t's own task variant, the logit of t's
+successor is the largest (restricted argmax: a full-vocabulary argmax rewards copy heads). The
+successor score is the share of incremented task tokens; a successor head scores above `threshold`.
+
+Beyond the score: an index-mod-10 linear probe on the effective embeddings (leave one task out),
+vector arithmetic through the top head (e(t) - d_r + d_j), and a causal check in context
+(mean-ablating the top head vs random heads on "Monday, Tuesday, Wednesday," style prompts).
+
+Norm conventions (`norm_convention`, see docs/successor.md): the norm before MLP0 is always applied
+exactly (MLP0 is non-linear). Downstream of MLP0, "weight" keeps the norms' diagonal weights and
+LayerNorm centring but drops the per-token RMS/LN scale, which is a positive scalar per source token
+and cannot change the restricted argmax; "module" applies the norm modules themselves to e(t) and to
+the head's output (the slow reference does this); "none" uses no norm after MLP0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import plotly.graph_objects as go
+import torch
+from torch import nn
+
+from analyses.common import Progress, no_progress, provenance, random_head_sets
+from analyses.data.succession import TaskSet, TokenTask, build_tasks
+from probe.errors import ProbeError
+from probe.heads import Head
+from probe.interventions import head_means, intervene, mean_ablation
+from probe.models import LoadedModel
+from probe.results import HeadScores, Provenance, to_jsonable
+
+ANALYZER = "successor"
+VERSION = "1"
+NORM_CONVENTIONS = ("weight", "module", "none")
+
+
+class SuccessorError(ProbeError):
+    """A successor-heads analysis that cannot be run as configured."""
+
+
+class UnsupportedArchitectureError(SuccessorError):
+    """The model's modules are not laid out like Llama/Gemma/Qwen (`model.layers`) or GPT-2 (`transformer.h`)."""
+
+
+@dataclass(frozen=True)
+class SuccessorConfig:
+    """Every knob of the analysis, with the defaults used in docs/successor.md."""
+
+    number_max: int = 200               # numbers task 0..number_max (where single tokens)
+    wrap_around: bool = False           # Sunday -> Monday, December -> January (cyclic tasks only)
+    min_items: int = 3                  # a task variant with fewer single-token items is dropped
+    tasks: tuple[str, ...] = ()         # () = all eight task classes
+    variants: tuple[str, ...] = ()      # () = bare, cap, space, space_cap
+    require_numbers: bool = True        # no number tokens -> NoNumberTokensError
+    include_residual: bool = False      # e(t) = W_E[t] (+ attn0) + MLP0(...) instead of MLP0(...) alone
+    include_attn0: bool = False         # add attention layer 0 on a one-token context before MLP0
+    norm_convention: str = "weight"     # weight | module | none (after MLP0; see module docstring)
+    include_biases: bool = False        # b_V, LayerNorm biases (weight convention), b_U
+    threshold: float = 0.5              # successor head: score > threshold
+    top_k: int = 10                     # heads listed with per-task scores
+    run_probe: bool = True              # index-mod-10 probe, leave one task out
+    probe_l2: float = 1e-2
+    run_arithmetic: bool = True
+    arithmetic_min_items: int = 10      # tasks with at least this many items (one variant)
+    arithmetic_scale: float = 1.0       # e - s*d_r + s*d_j
+    run_causal: bool = True
+    ablate_top_k: int = 1               # how many top heads are mean-ablated together
+    random_draws: int = 10              # random head sets of the same size (excluding the top heads)
+    prompts_per_task: int = 6
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.norm_convention not in NORM_CONVENTIONS:
+            raise SuccessorError(f"norm_convention must be one of {NORM_CONVENTIONS}, not {self.norm_convention!r}.")
+        if not 0.0 <= self.threshold <= 1.0:
+            raise SuccessorError(f"threshold must lie in [0, 1], not {self.threshold}.")
+        if self.top_k < 1 or self.ablate_top_k < 1 or self.random_draws < 1:
+            raise SuccessorError("top_k, ablate_top_k and random_draws must be at least 1.")
+
+
+# ---- the model's pieces ------------------------------------------------------------------------
+
+@dataclass
+class Circuit:
+    """Weights of every head's effective OV circuit, stacked over layers (row-vector convention)."""
+
+    in_norms: list[nn.Module]
+    in_weight: torch.Tensor            # [L, d] diagonal of each head-input norm
+    in_bias: torch.Tensor | None       # [L, d] (LayerNorm)
+    centre: bool                       # LayerNorm models centre before the weight
+    W_V: torch.Tensor                  # [L, K, d, dh]
+    b_V: torch.Tensor | None           # [L, K, dh]
+    W_O: torch.Tensor                  # [L, H, dh, d]
+    post_norms: list[nn.Module] | None  # Gemma: post-attention norm on the attention output
+    post_weight: torch.Tensor | None   # [L, d]
+    final_norm: nn.Module
+    final_weight: torch.Tensor         # [d]
+    final_bias: torch.Tensor | None
+    unembed: torch.Tensor              # [vocab, d] (lm_head weight; columns of W_U are its rows)
+    b_U: torch.Tensor | None
+    kv_of: torch.Tensor                # [H] key/value head of each query head
+
+    def W_U(self, ids: Sequence[int]) -> torch.Tensor:
+        """Unembedding columns `[d, n]` of `ids` only (never the full vocabulary)."""
+        return self.unembed[torch.as_tensor(list(ids), device=self.unembed.device)].T.float()
+
+
+def _orig(module: Any) -> Any:
+    """The Hugging Face module under a TransformerBridge wrapper (the bridge swaps them in place).
+
+    Reading weights and applying norms/MLPs on the originals keeps hooks that a caller may have
+    attached to the bridge out of a weight-only computation.
+    """
+    while hasattr(module, "_original_component"):
+        module = module._original_component
+    return module
+
+
+def _family(model: LoadedModel) -> str:
+    hf = model.hf_model
+    if hasattr(hf, "model") and hasattr(hf.model, "layers") and hasattr(hf.model, "embed_tokens"):
+        return "llama"
+    if hasattr(hf, "transformer") and hasattr(hf.transformer, "h"):
+        return "gpt2"
+    raise UnsupportedArchitectureError(
+        f"{model.spec} ({model.architecture}): the successor analysis reads weights from Llama-like "
+        "(model.layers, e.g. Llama, Gemma 3, Qwen, Mistral) or GPT-2-like (transformer.h) modules.")
+
+
+def _norm_diagonal(norm: nn.Module, d_model: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """(diagonal weight, bias, centres?) of a norm module; RMS-type weights are read by probing.
+
+    Feeding sqrt(d) * e_i (RMS = 1) to an RMSNorm returns weight_i * e_i whatever the parametrisation
+    (Llama's w, Gemma's 1 + w), so one code path serves every RMSNorm class.
+    """
+    if isinstance(norm, nn.LayerNorm):
+        return norm.weight.detach().float(), (None if norm.bias is None else norm.bias.detach().float()), True
+    weight = next((p for p in norm.parameters()), None)
+    probe_in = torch.eye(d_model, device=weight.device if weight is not None else "cpu") * math.sqrt(d_model)
+    with torch.no_grad():
+        out = norm(probe_in.to(weight.dtype if weight is not None else torch.float32)).float()
+    diagonal = out.diagonal().clone()
+    if (out - torch.diag(diagonal)).abs().max() > 1e-4 * max(1.0, float(diagonal.abs().max())):
+        raise UnsupportedArchitectureError(f"{type(norm).__name__} is not a diagonal RMS norm.")
+    return diagonal, None, False
+
+
+def _layer_modules(model: LoadedModel) -> list[dict[str, Any]]:
+    """Per layer: head-input norm, value/output weights, post-attention norm (or None)."""
+    family = _family(model)
+    hf, H, d = model.hf_model, model.n_heads, model.d_model
+    layers: list[dict[str, Any]] = []
+    if family == "llama":
+        for wrapped in hf.model.layers:
+            block = _orig(wrapped)
+            attn = _orig(block.self_attn)
+            v_proj, o_proj = _orig(attn.v_proj), _orig(attn.o_proj)
+            n_kv = model.n_kv_heads
+            dh = v_proj.out_features // n_kv
+            W_V = v_proj.weight.detach().float().view(n_kv, dh, d).transpose(1, 2)
+            b_V = None if v_proj.bias is None else v_proj.bias.detach().float().view(n_kv, dh)
+            W_O = o_proj.weight.detach().float().view(d, H, dh).permute(1, 2, 0)
+            sandwich = hasattr(block, "pre_feedforward_layernorm")
+            layers.append({"in_norm": _orig(block.input_layernorm), "W_V": W_V, "b_V": b_V, "W_O": W_O,
+                           "post_norm": _orig(block.post_attention_layernorm) if sandwich else None})
+    else:
+        for wrapped in hf.transformer.h:
+            block = _orig(wrapped)
+            attn = _orig(block.attn)
+            c_attn, c_proj = _orig(attn.c_attn), _orig(attn.c_proj)
+            dh = d // H
+            weight, bias = c_attn.weight.detach().float(), c_attn.bias.detach().float()
+            W_V = weight[:, 2 * d:].reshape(d, H, dh).permute(1, 0, 2)
+            b_V = bias[2 * d:].reshape(H, dh)
+            W_O = c_proj.weight.detach().float().reshape(H, dh, d)
+            layers.append({"in_norm": _orig(block.ln_1), "W_V": W_V, "b_V": b_V, "W_O": W_O, "post_norm": None})
+    return layers
+
+
+def build_circuit(model: LoadedModel) -> Circuit:
+    """Stack every layer's OV weights and norm diagonals (weights only; no forward pass)."""
+    family = _family(model)
+    d = model.d_model
+    layers = _layer_modules(model)
+    in_diag = [_norm_diagonal(layer["in_norm"], d) for layer in layers]
+    post = [layer["post_norm"] for layer in layers]
+    has_post = all(p is not None for p in post)
+    final_norm = _orig(model.hf_model.model.norm if family == "llama" else model.hf_model.transformer.ln_f)
+    final_weight, final_bias, _ = _norm_diagonal(final_norm, d)
+    head = _orig(model.hf_model.get_output_embeddings())
+    b_V = [layer["b_V"] for layer in layers]
+    return Circuit(
+        in_norms=[layer["in_norm"] for layer in layers],
+        in_weight=torch.stack([w for w, _, _ in in_diag]),
+        in_bias=torch.stack([b for _, b, _ in in_diag]) if in_diag[0][1] is not None else None,
+        centre=in_diag[0][2],
+        W_V=torch.stack([layer["W_V"] for layer in layers]),
+        b_V=torch.stack(b_V) if all(b is not None for b in b_V) else None,
+        W_O=torch.stack([layer["W_O"] for layer in layers]),
+        post_norms=post if has_post else None,  # type: ignore[arg-type]
+        post_weight=(torch.stack([_norm_diagonal(p, d)[0] for p in post])  # type: ignore[arg-type]
+                     if has_post else None),
+        final_norm=final_norm, final_weight=final_weight, final_bias=final_bias,
+        unembed=head.weight.detach(),
+        b_U=None if getattr(head, "bias", None) is None else head.bias.detach().float(),
+        kv_of=torch.tensor([model.kv_head_of(h) for h in range(model.n_heads)]),
+    )
+
+
+@torch.no_grad()
+def effective_embeddings(model: LoadedModel, token_ids: Sequence[int], include_residual: bool = False,
+                         include_attn0: bool = False) -> torch.Tensor:
+    """e(t) `[n, d]` for many tokens at once: block 0's MLP (with its exact norms) on the embedding.
+
+    Llama: MLP0(ln2(W_E[t])). Gemma 3: post_ff_norm(MLP0(pre_ff_norm(sqrt(d) * W_E[t]))) (the
+    embedding module applies the sqrt(d) scale). GPT-2: MLP0(ln_2(W_E[t])), no positional embedding.
+    `include_attn0` adds attention 0 on a one-token context (the token attends only to itself, so
+    its output is o_proj(v_proj(ln1(x)))), `include_residual` adds the residual stream to MLP0's output.
+    """
+    family = _family(model)
+    hf = model.hf_model
+    ids = torch.as_tensor(list(token_ids), device=model.device, dtype=torch.long)
+    if family == "llama":
+        block = _orig(hf.model.layers[0])
+        x = _orig(hf.model.embed_tokens)(ids)
+        sandwich = hasattr(block, "pre_feedforward_layernorm")
+        if include_attn0:
+            attn = _orig(block.self_attn)
+            v = _orig(attn.v_proj)(_orig(block.input_layernorm)(x)).view(len(ids), model.n_kv_heads, -1)
+            v = v[:, torch.tensor([model.kv_head_of(h) for h in range(model.n_heads)])]
+            out = _orig(attn.o_proj)(v.reshape(len(ids), -1))
+            x = x + (_orig(block.post_attention_layernorm)(out) if sandwich else out)
+        pre = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
+        e = _orig(block.mlp)(_orig(pre)(x))
+        if sandwich:
+            e = _orig(block.post_feedforward_layernorm)(e)
+    else:
+        block = _orig(hf.transformer.h[0])
+        x = _orig(hf.transformer.wte)(ids)
+        if include_attn0:
+            d = model.d_model
+            attn = _orig(block.attn)
+            v = _orig(attn.c_attn)(_orig(block.ln_1)(x))[:, 2 * d:]
+            x = x + _orig(attn.c_proj)(v)
+        e = _orig(block.mlp)(_orig(block.ln_2)(x))
+    if include_residual:
+        e = e + x
+    return e.float()
+
+
+# ---- effective OV logits (fast path) -----------------------------------------------------------
+
+@torch.no_grad()
+def ov_logits(circuit: Circuit, inputs: torch.Tensor, target_ids: Sequence[int], convention: str = "weight",
+              include_biases: bool = False) -> torch.Tensor:
+    """Logits `[L, H, n, m]` of every head's effective OV circuit: `inputs` `[n, d]` -> `target_ids` (m).
+
+    All layers and heads in a few batched products; only the m unembedding columns are formed.
+    """
+    X = inputs.float()
+    L = circuit.W_V.shape[0]
+    if convention == "module":
+        X_in = torch.stack([circuit.in_norms[layer](X.to(circuit.unembed.dtype)).float() for layer in range(L)])
+    elif convention == "weight":
+        Xc = X - X.mean(-1, keepdim=True) if circuit.centre else X
+        X_in = Xc.unsqueeze(0) * circuit.in_weight[:, None, :]
+        if include_biases and circuit.in_bias is not None:
+            X_in = X_in + circuit.in_bias[:, None, :]
+    else:
+        X_in = X.unsqueeze(0).expand(L, -1, -1)
+    V = torch.einsum("lnd,lkde->lkne", X_in, circuit.W_V)
+    if include_biases and circuit.b_V is not None:
+        V = V + circuit.b_V[:, :, None, :]
+    V = V[:, circuit.kv_of]                                                  # [L, H, n, dh]
+    U = circuit.W_U(target_ids)                                              # [d, m]
+    if convention == "module":
+        out = torch.einsum("lhne,lhed->lhnd", V, circuit.W_O)
+        if circuit.post_norms is not None:
+            out = torch.stack([circuit.post_norms[layer](out[layer]) for layer in range(L)])
+        logits = circuit.final_norm(out) @ U
+    else:
+        M = U
+        if convention == "weight":
+            M = circuit.final_weight[:, None] * U
+            if circuit.centre:
+                M = M - M.mean(0, keepdim=True)
+        M = M.unsqueeze(0).expand(L, -1, -1)
+        if convention == "weight" and circuit.post_weight is not None:
+            M = circuit.post_weight[:, :, None] * M
+        logits = V @ torch.einsum("lhed,ldm->lhem", circuit.W_O, M)
+        if include_biases and convention == "weight" and circuit.final_bias is not None:
+            logits = logits + (circuit.final_bias @ U)
+    if include_biases and circuit.b_U is not None:
+        logits = logits + circuit.b_U[torch.as_tensor(list(target_ids))]
+    return logits
+
+
+@dataclass
+class TaskHits:
+    """Restricted-argmax hits of every head on one task variant."""
+
+    task: TokenTask
+    hits: torch.Tensor        # [L, H, n_scored] bool
+    rows: list[int]           # the scored items
+
+
+@torch.no_grad()
+def score_tasks(model: LoadedModel, task_set: TaskSet, config: SuccessorConfig,
+                circuit: Circuit | None = None, embeddings: torch.Tensor | None = None) -> list[TaskHits]:
+    """Hits of every head on every task variant (the fast path: no loop over tokens or heads)."""
+    circuit = circuit or build_circuit(model)
+    all_ids = [i for t in task_set.tasks for i in t.token_ids]
+    if embeddings is None:
+        embeddings = effective_embeddings(model, all_ids, config.include_residual, config.include_attn0)
+    out: list[TaskHits] = []
+    start = 0
+    for task in task_set.tasks:
+        n = len(task.token_ids)
+        E = embeddings[start:start + n]
+        start += n
+        rows = [i for i, s in enumerate(task.successor) if s >= 0]
+        logits = ov_logits(circuit, E[rows], task.token_ids, config.norm_convention, config.include_biases)
+        best = logits.argmax(-1)                                              # [L, H, n_scored]
+        want = torch.tensor([task.successor[i] for i in rows], device=best.device)
+        out.append(TaskHits(task, best == want, rows))
+    return out
+
+
+# ---- slow reference (the paper's algorithm, one head and one token at a time) -----------------
+
+@torch.no_grad()
+def reference_logits(model: LoadedModel, task: TokenTask, head: Head, token_index: int,
+                     config: SuccessorConfig, weights: tuple[Any, ...] | None = None) -> torch.Tensor:
+    """Effective-OV logits of one head for one token over its task, from the bridge's weights.
+
+    Norms are applied as modules (the exact per-token computation); under the default "weight"
+    convention the fast path must reach the same argmax because the dropped scales are positive.
+    """
+    family = _family(model)
+    hf = model.hf_model
+    token = task.token_ids[token_index]
+    e = effective_embeddings(model, [token], config.include_residual, config.include_attn0)[0]
+    block = _orig(hf.model.layers[head.layer] if family == "llama" else hf.transformer.h[head.layer])
+    if config.norm_convention == "none":
+        x = e
+    else:
+        x = _orig(block.input_layernorm if family == "llama" else block.ln_1)(e)
+    W_V, W_O, W_U, b_V = weights or bridge_weights(model)
+    kv = model.kv_head_of(head.head) if W_V.shape[1] == model.n_kv_heads else head.head
+    v = x @ W_V[head.layer, kv]
+    if config.include_biases and b_V is not None:
+        v = v + b_V[head.layer, kv]
+    out = v @ W_O[head.layer, head.head]
+    if config.norm_convention != "none":
+        if family == "llama" and hasattr(block, "pre_feedforward_layernorm"):
+            out = _orig(block.post_attention_layernorm)(out)
+        out = _orig(hf.model.norm if family == "llama" else hf.transformer.ln_f)(out)
+    columns = W_U[:, torch.tensor(task.token_ids)]
+    return out @ columns
+
+
+def bridge_weights(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(W_V, W_O, W_U, b_V) as the TransformerBridge exposes them (the bridge stacks them on every access)."""
+    bridge = model.bridge
+    b_V = getattr(bridge, "b_V", None)
+    return bridge.W_V, bridge.W_O, bridge.W_U, b_V
+
+
+def reference_scores(model: LoadedModel, task_set: TaskSet, config: SuccessorConfig,
+                     heads: Sequence[Head] | None = None) -> dict[Head, float]:
+    """Successor score per head by the naive loop: for each head, each task token, restricted argmax."""
+    heads = list(heads) if heads is not None else model.all_heads()
+    weights = bridge_weights(model)
+    scores: dict[Head, float] = {}
+    for head in heads:
+        hits = total = 0
+        for task in task_set.tasks:
+            for index, successor in enumerate(task.successor):
+                if successor < 0:
+                    continue
+                logits = reference_logits(model, task, head, index, config, weights)
+                hits += int(int(torch.argmax(logits)) == successor)
+                total += 1
+        scores[head] = hits / total
+    return scores
+
+
+# ---- mod-10 probe and vector arithmetic ---------------------------------------------------------
+
+def _unique_items(task_set: TaskSet, embeddings: torch.Tensor) -> tuple[list[int], list[int], list[str], torch.Tensor]:
+    """Every distinct task token once: ids, indices, task names and effective embeddings."""
+    ids, indices, tasks, rows = [], [], [], []
+    seen: set[int] = set()
+    position = 0
+    for task in task_set.tasks:
+        for token, index in zip(task.token_ids, task.indices):
+            if token not in seen:
+                seen.add(token)
+                ids.append(token)
+                indices.append(index)
+                tasks.append(task.task)
+                rows.append(position)
+            position += 1
+    return ids, indices, tasks, embeddings[rows]
+
+
+def _fit_softmax_probe(X: torch.Tensor, y: torch.Tensor, n_classes: int,
+                       l2: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression (L2, LBFGS) on centred, globally scaled features; returns (W, b)."""
+    torch.manual_seed(0)
+    W = torch.zeros(X.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([W, b], lr=1.0, max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimiser.zero_grad()
+        loss = nn.functional.cross_entropy(X @ W + b, y) + l2 * (W ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimiser.step(closure)
+    return W.detach(), b.detach()
+
+
+def mod10_probe(task_set: TaskSet, embeddings: torch.Tensor, l2: float = 1e-2) -> dict[str, dict[str, float]]:
+    """Leave-one-task-out probe of index mod 10 on the effective embeddings.
+
+    Chance is 0.1; `majority` is the accuracy of always answering the commonest training residue.
+    """
+    _, indices, tasks, E = _unique_items(task_set, embeddings)
+    X = E.double()
+    y = torch.tensor([i % 10 for i in indices])
+    names = list(dict.fromkeys(tasks))
+    mask_of = {name: torch.tensor([t == name for t in tasks]) for name in names}
+    results: dict[str, dict[str, float]] = {}
+    for held_out in names:
+        test = mask_of[held_out]
+        train = ~test
+        if int(train.sum()) < 10 or len(set(y[train].tolist())) < 2:
+            continue
+        # One scale for all features: per-feature standardising would blow up directions that only
+        # vary by noise in the training tasks (e.g. decades that only the held-out task has).
+        mean = X[train].mean(0)
+        std = (X[train] - mean).pow(2).sum(-1).mean().sqrt() / math.sqrt(X.shape[1]) + 1e-12
+        W, b = _fit_softmax_probe((X[train] - mean) / std, y[train], 10, l2)
+        predicted = (((X[test] - mean) / std) @ W + b).argmax(-1)
+        commonest = int(torch.bincount(y[train], minlength=10).argmax())
+        results[held_out] = {
+            "accuracy": float((predicted == y[test]).double().mean()),
+            "n_test": int(test.sum()), "n_train": int(train.sum()), "chance": 0.1,
+            "majority": float((y[test] == commonest).double().mean()),
+        }
+    return results
+
+
+def residue_directions(task_set: TaskSet, embeddings: torch.Tensor) -> torch.Tensor:
+    """`[10, d]`: mean effective embedding of the tokens with index ≡ r (mod 10), minus the grand mean."""
+    _, indices, _, E = _unique_items(task_set, embeddings)
+    residues = torch.tensor([i % 10 for i in indices])
+    grand = E.mean(0)
+    directions = torch.zeros(10, E.shape[1])
+    for r in range(10):
+        if bool((residues == r).any()):
+            directions[r] = E[residues == r].mean(0) - grand
+    return directions
+
+
+@torch.no_grad()
+def vector_arithmetic(circuit: Circuit, task_set: TaskSet, embeddings: torch.Tensor, head: Head,
+                      config: SuccessorConfig) -> list[dict[str, Any]]:
+    """e(t) - s*d_r + s*d_j through `head`: success iff the top task logit is succ(item with residue j).
+
+    The target item is the one in t's decade with residue j (23, r=3, j=7 -> 27, expected 28).
+    """
+    directions = residue_directions(task_set, embeddings)
+    rows: list[dict[str, Any]] = []
+    start = 0
+    for task in task_set.tasks:
+        n = len(task.token_ids)
+        E = embeddings[start:start + n]
+        start += n
+        if n < config.arithmetic_min_items:
+            continue
+        position_of = {index: i for i, index in enumerate(task.indices)}
+        vectors, expected = [], []
+        for i, index in enumerate(task.indices):
+            r = index % 10
+            for j in range(10):
+                target = position_of.get(index - r + j)
+                if j == r or target is None or task.successor[target] < 0:
+                    continue
+                vectors.append(E[i] - config.arithmetic_scale * directions[r] + config.arithmetic_scale * directions[j])
+                expected.append(task.successor[target])
+        if not vectors:
+            continue
+        logits = ov_logits(circuit, torch.stack(vectors), task.token_ids, config.norm_convention,
+                           config.include_biases)[head.layer, head.head]
+        hits = logits.argmax(-1) == torch.tensor(expected)
+        rows.append({"task": task.key, "trials": len(expected), "successes": int(hits.sum()),
+                     "rate": float(hits.double().mean()), "chance": 1.0 / n})
+    return rows
+
+
+# ---- causal check in context -------------------------------------------------------------------
+
+LIST_ITEMS = ("milk", "eggs", "bread", "apples", "rice", "tea", "soap", "salt", "butter", "cheese")
+
+
+def causal_prompts(model: LoadedModel, task_set: TaskSet, per_task: int = 6) -> list[dict[str, Any]]:
+    """In-context succession prompts whose answer is one token, checked by re-tokenising prompt+answer.
+
+    Comma lists ("Monday, Tuesday, Wednesday," -> " Thursday") for every task that has a spaced
+    variant, and numbered listings ("1. milk\\n2. eggs\\n3. bread\\n" -> "4").
+    """
+    prompts: list[dict[str, Any]] = []
+
+    def add(text: str, answer: str, family: str) -> None:
+        ids = model.tokenizer(text, add_special_tokens=True).input_ids
+        full = model.tokenizer(text + answer, add_special_tokens=True).input_ids
+        unk = getattr(model.tokenizer, "unk_token_id", None)
+        if len(full) == len(ids) + 1 and full[:len(ids)] == ids and unk not in full:
+            prompts.append({"text": text, "answer": answer, "answer_id": full[-1], "family": family})
+
+    for task in task_set.tasks:
+        if not task.variant.startswith("space"):
+            continue
+        starts = [i for i in range(len(task.texts)) if i + 3 < len(task.texts)
+                  and all(task.indices[i + k + 1] == task.indices[i + k] + 1 for k in range(3))]
+        if not starts:
+            continue
+        chosen = sorted({starts[round(k * (len(starts) - 1) / max(1, per_task - 1))] for k in range(per_task)})
+        for i in chosen:
+            first = task.texts[i].lstrip(" ")
+            add(first + "," + ",".join(task.texts[i + 1:i + 3]) + ",", task.texts[i + 3], f"{task.task}/{task.variant}")
+    for length in range(2, 2 + per_task):
+        text = "".join(f"{k + 1}. {LIST_ITEMS[k % len(LIST_ITEMS)]}\n" for k in range(length))
+        add(text, str(length + 1), "numbered_list")
+    return prompts
+
+
+@torch.no_grad()
+def _answer_probabilities(model: LoadedModel, prompts: list[dict[str, Any]], interventions: list[Any]) -> torch.Tensor:
+    """P(answer) at the last position for every prompt (batched by token length)."""
+    groups: dict[int, list[int]] = defaultdict(list)
+    encoded = [model.encode(p["text"])[0] for p in prompts]
+    for i, ids in enumerate(encoded):
+        groups[len(ids)].append(i)
+    probabilities = torch.zeros(len(prompts))
+    for _, members in sorted(groups.items()):
+        batch = torch.stack([encoded[i] for i in members])
+        with intervene(model, interventions):
+            logits = model.logits(batch)[:, -1].float()
+        answers = torch.tensor([prompts[i]["answer_id"] for i in members], device=logits.device)
+        probs = logits.softmax(-1).gather(1, answers[:, None])[:, 0]
+        probabilities[members] = probs.cpu()
+    return probabilities
+
+
+def causal_check(model: LoadedModel, task_set: TaskSet, heads: Sequence[Head], config: SuccessorConfig,
+                 progress: Progress = no_progress) -> dict[str, Any]:
+    """Mean-ablate `heads` (all positions) vs `random_draws` random head sets of the same size."""
+    prompts = causal_prompts(model, task_set, config.prompts_per_task)
+    if len(prompts) < 2:
+        return {"error": "fewer than 2 in-context prompts have a single-token answer for this tokenizer"}
+    draws = random_head_sets(model, len(heads), config.random_draws, exclude=heads, seed=config.seed)
+    needed = sorted(set(heads) | {h for draw in draws for h in draw})
+    means = head_means(model, [model.encode(p["text"]) for p in prompts], needed)
+    clean = _answer_probabilities(model, prompts, [])
+    ablated = _answer_probabilities(model, prompts, [mean_ablation(list(heads), means)])
+    random_effects, random_log_effects = [], []
+    for k, draw in enumerate(draws):
+        progress(0.8 + 0.2 * k / len(draws), f"ablating random heads {k + 1}/{len(draws)}")
+        probs = _answer_probabilities(model, prompts, [mean_ablation(draw, means)])
+        random_effects.append(float((clean - probs).mean()))
+        random_log_effects.append(float((clean.log() - probs.log()).mean()))
+    effect = float((clean - ablated).mean())
+    spread = torch.tensor(random_effects)
+    families: dict[str, list[int]] = defaultdict(list)
+    for i, p in enumerate(prompts):
+        families[p["family"]].append(i)
+    return {
+        "heads": [str(h) for h in heads], "n_prompts": len(prompts),
+        "clean_prob": float(clean.mean()), "ablated_prob": float(ablated.mean()),
+        "effect": effect, "log_effect": float((clean.log() - ablated.log()).mean()),
+        "random_heads": [[str(h) for h in draw] for draw in draws],
+        "random_effects": random_effects, "random_log_effects": random_log_effects,
+        "random_mean": float(spread.mean()), "random_std": float(spread.std()) if len(spread) > 1 else 0.0,
+        "random_max": float(spread.max()),
+        "share_random_below": float((spread < effect).double().mean()),
+        "per_family": {name: {"n": len(idx), "clean": float(clean[idx].mean()),
+                              "ablated": float(ablated[idx].mean())} for name, idx in families.items()},
+        "examples": [p["text"] + " -> " + repr(p["answer"]) for p in prompts[:: max(1, len(prompts) // 6)]],
+    }
+
+
+# ---- the analyzer -------------------------------------------------------------------------------
+
+@dataclass
+class SuccessorResult:
+    scores: HeadScores                          # successor score per head
+    task_names: list[str]
+    per_task: torch.Tensor                      # [T, L, H] score on each task (variants pooled)
+    task_chance: dict[str, float]               # mean 1/|task variant| over scored tokens
+    chance: float
+    n_scored: dict[str, int]
+    top_heads: list[dict[str, Any]]
+    successor_heads: list[str]
+    threshold: float
+    mapping: list[dict[str, Any]]
+    dropped: list[str]
+    probe: dict[str, dict[str, float]] = field(default_factory=dict)
+    arithmetic: list[dict[str, Any]] = field(default_factory=list)
+    arithmetic_head: str = ""
+    causal: dict[str, Any] = field(default_factory=dict)
+    provenance: Provenance | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: to_jsonable(v) for k, v in asdict(self).items() if k not in ("scores", "per_task", "provenance")}
+        data["scores"] = self.scores.to_json()
+        data["per_task"] = self.per_task.double().tolist()
+        data["provenance"] = to_jsonable(self.provenance) if self.provenance else None
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SuccessorResult:
+        fields = dict(data)
+        fields["scores"] = HeadScores.from_json(data["scores"])
+        fields["per_task"] = torch.tensor(data["per_task"], dtype=torch.float64)
+        fields["provenance"] = Provenance.from_json(data["provenance"]) if data.get("provenance") else None
+        return cls(**fields)
+
+
+def run(model: LoadedModel, config: SuccessorConfig = SuccessorConfig(),
+        progress: Progress | None = None) -> SuccessorResult:
+    """Score every head, then (as configured) probe, arithmetic and the causal check."""
+    config.validate()
+    say = progress or no_progress
+    say(0.0, "building succession tasks")
+    task_set = build_tasks(model.tokenizer, config.number_max, config.wrap_around, config.min_items,
+                           config.tasks or None, config.variants or None, config.require_numbers)
+    all_ids = [i for t in task_set.tasks for i in t.token_ids]
+    say(0.1, f"effective embeddings of {len(all_ids)} task tokens")
+    circuit = build_circuit(model)
+    embeddings = effective_embeddings(model, all_ids, config.include_residual, config.include_attn0)
+    say(0.2, "effective OV circuits of every head")
+    task_hits = score_tasks(model, task_set, config, circuit, embeddings)
+
+    L, H = model.n_layers, model.n_heads
+    names = task_set.task_names
+    hits_by_task = {n: torch.zeros(L, H, dtype=torch.float64) for n in names}
+    count_by_task = {n: 0 for n in names}
+    chance_sum = {n: 0.0 for n in names}
+    for th in task_hits:
+        hits_by_task[th.task.task] += th.hits.double().sum(-1).cpu()
+        count_by_task[th.task.task] += len(th.rows)
+        chance_sum[th.task.task] += len(th.rows) / len(th.task.token_ids)
+    total = sum(count_by_task.values())
+    if total == 0:
+        raise SuccessorError("No task token has a single-token successor; nothing to score.")
+    scores = sum(hits_by_task.values()) / total
+    per_task = torch.stack([hits_by_task[n] / max(1, count_by_task[n]) for n in names])
+    task_chance = {n: chance_sum[n] / max(1, count_by_task[n]) for n in names}
+    chance = sum(chance_sum.values()) / total
+
+    prov = provenance(model, ANALYZER, VERSION, config, task_set.mapping(), config.seed)
+    head_scores = HeadScores("successor score", "share of task tokens whose successor wins the restricted argmax",
+                             scores, prov, "Gould et al. 2023 effective-OV successor score")
+    top = head_scores.top(config.top_k)
+    top_heads = [{"head": str(h), "score": s,
+                  "per_task": {n: float(per_task[i, h.layer, h.head]) for i, n in enumerate(names)}} for h, s in top]
+    result = SuccessorResult(
+        scores=head_scores, task_names=names, per_task=per_task, task_chance=task_chance, chance=chance,
+        n_scored=count_by_task, top_heads=top_heads,
+        successor_heads=[str(h) for h, _ in head_scores.above(config.threshold)], threshold=config.threshold,
+        mapping=task_set.mapping(), dropped=task_set.dropped, provenance=prov)
+
+    if config.run_probe:
+        say(0.4, "index-mod-10 probe")
+        result.probe = mod10_probe(task_set, embeddings, config.probe_l2)
+    if config.run_arithmetic:
+        say(0.5, "vector arithmetic through the top head")
+        result.arithmetic_head = str(top[0][0])
+        result.arithmetic = vector_arithmetic(circuit, task_set, embeddings, top[0][0], config)
+    if config.run_causal:
+        say(0.6, "causal check in context")
+        result.causal = causal_check(model, task_set, [h for h, _ in top[: config.ablate_top_k]], config, say)
+    say(1.0, "done")
+    return result
+
+
+# ---- figures ------------------------------------------------------------------------------------
+
+def figures(result: SuccessorResult) -> dict[str, go.Figure]:
+    """Heatmap of scores, per-task bars of the top heads, probe accuracy, arithmetic table, ablation."""
+    figs: dict[str, go.Figure] = {}
+    s = result.scores.scores
+    figs["scores"] = go.Figure(go.Heatmap(z=s.tolist(), x=[f"H{h}" for h in range(s.shape[1])],
+                                          y=[f"L{l}" for l in range(s.shape[0])], colorscale="Viridis",
+                                          zmin=0, zmax=1, colorbar={"title": "score"}))
+    figs["scores"].update_layout(title=f"Successor score per head (chance {result.chance:.3f}, "
+                                       f"threshold {result.threshold})", xaxis_title="head", yaxis_title="layer")
+    bars = go.Figure()
+    for entry in result.top_heads[:5]:
+        bars.add_bar(name=entry["head"], x=result.task_names, y=[entry["per_task"][n] for n in result.task_names])
+    bars.add_scatter(name="chance", x=result.task_names, y=[result.task_chance[n] for n in result.task_names],
+                     mode="markers", marker={"symbol": "line-ew-open", "size": 30, "color": "black"})
+    bars.update_layout(title="Per-task successor score of the top heads", barmode="group", yaxis_range=[0, 1.05],
+                       yaxis_title="score")
+    figs["per_task"] = bars
+    if result.probe:
+        tasks = list(result.probe)
+        probe = go.Figure()
+        probe.add_bar(name="held-out accuracy", x=tasks, y=[result.probe[t]["accuracy"] for t in tasks])
+        probe.add_bar(name="majority baseline", x=tasks, y=[result.probe[t]["majority"] for t in tasks])
+        probe.add_hline(y=0.1, line_dash="dash", annotation_text="chance 0.1")
+        probe.update_layout(title="Index mod 10 probe on effective embeddings (task held out)",
+                            yaxis_range=[0, 1.05], barmode="group")
+        figs["probe"] = probe
+    if result.arithmetic:
+        rows = result.arithmetic
+        figs["arithmetic"] = go.Figure(go.Table(
+            header={"values": ["task", "trials", "successes", "rate", "chance"]},
+            cells={"values": [[r["task"] for r in rows], [r["trials"] for r in rows], [r["successes"] for r in rows],
+                              [f"{r['rate']:.3f}" for r in rows], [f"{r['chance']:.3f}" for r in rows]]}))
+        figs["arithmetic"].update_layout(title=f"Vector arithmetic through {result.arithmetic_head}")
+    causal = result.causal
+    if causal and "effect" in causal:
+        ablation = go.Figure()
+        ablation.add_box(y=causal["random_effects"], name="random heads", boxpoints="all", jitter=0.3)
+        ablation.add_scatter(x=["top heads"], y=[causal["effect"]], mode="markers", name=", ".join(causal["heads"]),
+                             marker={"size": 14, "color": "crimson"})
+        ablation.update_layout(title="Drop in P(correct next item) under mean ablation", yaxis_title="mean ΔP")
+        figs["ablation"] = ablation
+    return figs
+
+
+def summary(result: SuccessorResult) -> str:
+    """A plain-text summary (for the CLI and reports)."""
+    lines = [f"chance {result.chance:.3f}; successor heads (> {result.threshold}): "
+             f"{', '.join(result.successor_heads) or 'none'}"]
+    for entry in result.top_heads:
+        tasks = " ".join(f"{n}={v:.2f}" for n, v in entry["per_task"].items())
+        lines.append(f"  {entry['head']:8s} {entry['score']:.3f}  {tasks}")
+    return "\n".join(lines)
