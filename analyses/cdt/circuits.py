@@ -1,0 +1,367 @@
+"""Head-level relevance sweeps, the iterative CD-T circuit search, and faithfulness under mean ablation.
+
+One sweep decomposes every head as a source (β = its output minus the reference mean, at every
+position; γ = the mean) and reads, in the same pass, its relevance to every later head's inputs
+(q, k, v), to every later head's output z, and to the task's logit difference. Cost: one two-stream
+pass per source layer (all heads of the layer and all prompts as batch rows), from that layer's
+cached residual stream onwards.
+
+Relevance to a target vector t (a head's q/k/v or z, on one prompt, all positions):
+    dot(β_t, t − μ_t) / ‖t − μ_t‖²     (the code's `dot` metric, normalised: the share of the target's
+                                        deviation from its reference mean that the source causes)
+Relevance to the output: β of logit(good) − logit(bad) at the last position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from analyses.cdt import rules
+from analyses.cdt.engine import Engine, Hooks
+from analyses.cdt.rules import Pair
+from analyses.cdt.tasks import LogitDiffBatch
+from probe.heads import Head
+from probe.interventions import intervene, mean_ablation
+
+COMPONENTS = ("q", "k", "v")
+
+
+@dataclass
+class Reference:
+    """Clean activations of a batch and the per-position reference means (per layer)."""
+
+    resid_pre: list[torch.Tensor]  # [P, T, d_model]
+    z: list[torch.Tensor]  # [P, T, H, d_head]
+    z_mean: list[torch.Tensor]  # [T, H, d_head]
+    qkv: dict[str, list[torch.Tensor]]  # clean q [P,T,H,dh], k/v [P,T,KV,dh]
+    qkv_mean: dict[str, list[torch.Tensor]]  # [T, H or KV, dh]
+
+
+def _names(n_layers: int) -> set[str]:
+    names = set()
+    for layer in range(n_layers):
+        names |= {f"blocks.{layer}.hook_resid_pre", f"blocks.{layer}.attn.hook_z", f"blocks.{layer}.attn.hook_q",
+                  f"blocks.{layer}.attn.hook_k", f"blocks.{layer}.attn.hook_v"}
+    return names
+
+
+@torch.no_grad()
+def reference(model, batch: LogitDiffBatch, dtype: torch.dtype = torch.float32) -> Reference:
+    """Cache the clean run of `batch.ids` and the mean run of `batch.ref_ids` (one bridge call each)."""
+    names = _names(model.n_layers)
+    _, clean = model.bridge.run_with_cache(batch.ids, names_filter=lambda n: n in names)
+    _, ref = model.bridge.run_with_cache(batch.ref_ids, names_filter=lambda n: n in {x for x in names if "resid" not in x})
+    L = model.n_layers
+
+    def get(cache, name):
+        return cache[name].to(dtype)
+
+    return Reference(
+        resid_pre=[get(clean, f"blocks.{l}.hook_resid_pre") for l in range(L)],
+        z=[get(clean, f"blocks.{l}.attn.hook_z") for l in range(L)],
+        z_mean=[get(ref, f"blocks.{l}.attn.hook_z").mean(0) for l in range(L)],
+        qkv={c: [get(clean, f"blocks.{l}.attn.hook_{c}") for l in range(L)] for c in COMPONENTS},
+        qkv_mean={c: [get(ref, f"blocks.{l}.attn.hook_{c}").mean(0) for l in range(L)] for c in COMPONENTS},
+    )
+
+
+def _normalised_dot(beta: torch.Tensor, deviation: torch.Tensor, n_src: int) -> torch.Tensor:
+    """beta `[S*P, T, H, d]`, deviation `[P, T, H, d]` → `[S, P, H]`: dot / ‖deviation‖² per head."""
+    P = deviation.shape[0]
+    b = beta.reshape(n_src, P, *beta.shape[1:])
+    dots = torch.einsum("sptha,ptha->sph", b, deviation)
+    norms = deviation.pow(2).sum((1, 3)).clamp_min(1e-12)  # [P, H]
+    return dots / norms
+
+
+class _SweepHooks(Hooks):
+    """Inject one source head per row group at `layer`; read relevance at every later head."""
+
+    def __init__(self, layer: int, ref: Reference, n_heads: int, n_kv: int, sources: Sequence[int],
+                 out_heads: torch.Tensor, out_inputs: dict[str, torch.Tensor]) -> None:
+        self.layer, self.ref, self.sources = layer, ref, list(sources)
+        self.n_heads, self.n_kv = n_heads, n_kv
+        self.out_heads, self.out_inputs = out_heads, out_inputs  # [S, P, L, H] and per component
+
+    def on_qkv(self, layer: int, q: Pair, k: Pair, v: Pair) -> None:
+        if layer <= self.layer:
+            return
+        S = len(self.sources)
+        for name, pair in (("q", q), ("k", k), ("v", v)):
+            deviation = self.ref.qkv[name][layer] - self.ref.qkv_mean[name][layer]
+            self.out_inputs[name][:, :, layer, : pair[0].shape[2]] = _normalised_dot(pair[0], deviation, S)
+
+    def on_z(self, layer: int, z: Pair) -> Pair:
+        S = len(self.sources)
+        if layer == self.layer:
+            beta, gamma = z[0].clone(), z[1].clone()
+            P = self.ref.z[layer].shape[0]
+            total = beta + gamma
+            mean = self.ref.z_mean[layer]  # [T, H, d]
+            for group, head in enumerate(self.sources):
+                rows = slice(group * P, (group + 1) * P)
+                beta[rows, :, head] = total[rows, :, head] - mean[:, head]
+                gamma[rows, :, head] = mean[:, head].expand_as(total[rows, :, head])
+            return beta, gamma
+        if layer > self.layer:
+            deviation = self.ref.z[layer] - self.ref.z_mean[layer]
+            self.out_heads[:, :, layer] = _normalised_dot(z[0], deviation, S)
+        return z
+
+
+def logit_diff_pair(engine: Engine, normed: Pair, good: torch.Tensor, bad: torch.Tensor, n_src: int) -> Pair:
+    """(β, γ) of logit(good) − logit(bad) at the last position; rows are (source, prompt) pairs."""
+    P = good.shape[0]
+    columns = torch.stack([good, bad], dim=1)  # [P, 2]
+    W = engine.w.W_U[:, columns].to(engine.dtype)  # [d, P, 2]
+    nb = normed[0][:, -1].reshape(n_src, P, -1)
+    ng = normed[1][:, -1].reshape(n_src, P, -1)
+    lb = torch.einsum("spd,dpc->spc", nb, W)
+    lg = torch.einsum("spd,dpc->spc", ng, W)
+    if engine.w.b_U is not None:
+        lb, lg = rules.split_bias(lb, lg, engine.w.b_U[columns].to(engine.dtype))
+    if engine.w.logit_softcap:
+        cap = engine.w.logit_softcap
+        lb, lg = rules.activation((lb, lg), lambda x: torch.tanh(x / cap) * cap)
+    return lb[..., 0] - lb[..., 1], lg[..., 0] - lg[..., 1]
+
+
+@dataclass
+class Sweep:
+    """Relevance of every head (source) to every later head and to the output, averaged over prompts.
+
+    to_output[l, h]: β of the logit difference. to_z[l, h, l', h']: normalised dot at z of (l', h').
+    to_input[c][l, h, l', h']: normalised dot at component c (q per query head; k, v per KV head
+    expanded to the query heads that read it). clean_metric: the full model's mean logit difference.
+    """
+
+    to_output: torch.Tensor
+    to_z: torch.Tensor
+    to_input: dict[str, torch.Tensor]
+    clean_metric: float
+    n_prompts: int
+
+    def to_target(self, target: Head, mode: str = "input") -> torch.Tensor:
+        """`[L, H]` relevance of every source head to `target` (0 for heads not upstream of it)."""
+        if mode == "z":
+            return self.to_z[:, :, target.layer, target.head]
+        return sum(self.to_input[c][:, :, target.layer, target.head].abs() for c in COMPONENTS)  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers: Sequence[int] | None = None,
+          progress: Callable[[float, str], None] | None = None) -> Sweep:
+    """One decomposition pass per (batch, source layer): all heads of the layer × all prompts as rows."""
+    model = engine.model
+    L, H, KV = engine.w.n_layers, engine.w.n_heads, engine.w.n_kv_heads
+    layers = list(range(L)) if source_layers is None else list(source_layers)
+    to_output = torch.zeros(L, H, dtype=torch.float64)
+    to_z = torch.zeros(L, H, L, H, dtype=torch.float64)
+    to_input = {c: torch.zeros(L, H, L, H, dtype=torch.float64) for c in COMPONENTS}
+    total_prompts = sum(b.n_prompts for b in batches)
+    clean = 0.0
+    steps = len(batches) * len(layers)
+    done = 0
+    for batch in batches:
+        ref = reference(model, batch, engine.dtype)
+        P = batch.n_prompts
+        weight = P / total_prompts
+        logits = model.logits(batch.ids)[:, -1]
+        rows = torch.arange(P)
+        clean += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum()) / total_prompts
+        for layer in layers:
+            out_heads = torch.zeros(H, P, L, H, dtype=engine.dtype)
+            out_inputs = {c: torch.zeros(H, P, L, H if c == "q" else KV, dtype=engine.dtype) for c in COMPONENTS}
+            hooks = _SweepHooks(layer, ref, H, KV, range(H), out_heads, out_inputs)
+            start = ref.resid_pre[layer].repeat(H, 1, 1)
+            resid = engine.propagate((torch.zeros_like(start), start), layer, None, hooks)
+            normed = engine.final_norm(resid)
+            beta_metric, _ = logit_diff_pair(engine, normed, batch.good, batch.bad, H)
+            to_output[layer] += weight * beta_metric.mean(1).double()
+            to_z[layer] += weight * out_heads.mean(1).double()
+            for c in COMPONENTS:
+                values = out_inputs[c].mean(1).double()  # [H, L, H or KV]
+                if c != "q" and KV != H:
+                    values = values.repeat_interleave(H // KV, dim=2)
+                to_input[c][layer] += weight * values
+            done += 1
+            if progress:
+                progress(done / steps, f"CD-T sweep {batch.name}: source layer {layer}")
+    return Sweep(to_output, to_z, to_input, clean, total_prompts)
+
+
+# ---- iterative search ----------------------------------------------------------------------------
+
+@dataclass
+class Circuit:
+    """Heads in discovery order, with the score that selected each, and scored edges."""
+
+    method: str
+    heads: list[Head]
+    scores: dict[Head, float]
+    iterations: list[list[Head]]
+    edges: list[tuple[str, str, float]] = field(default_factory=list)  # (source, target|"logits", score)
+
+    def prefix(self, size: int) -> list[Head]:
+        return self.heads[:size]
+
+    def to_json(self) -> dict:
+        return {"method": self.method, "heads": [str(h) for h in self.heads],
+                "scores": {str(h): s for h, s in self.scores.items()},
+                "iterations": [[str(h) for h in it] for it in self.iterations],
+                "edges": [list(e) for e in self.edges]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Circuit:
+        return cls(data["method"], [Head.parse(h) for h in data["heads"]],
+                   {Head.parse(h): s for h, s in data["scores"].items()},
+                   [[Head.parse(h) for h in it] for it in data["iterations"]],
+                   [tuple(e) for e in data["edges"]])
+
+
+# score_fn(targets) -> (scores [L, H] for every candidate sender (NaN = not a candidate),
+#                       per-target edge scores {target: [L, H]})
+ScoreFn = Callable[[list[Head] | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def iterative_search(score_fn: ScoreFn, n_layers: int, n_heads: int, per_iteration: int, max_heads: int,
+                     method: str, min_relative: float = 0.0) -> Circuit:
+    """Alg. 1: score senders against the current targets, keep the top `per_iteration` by |score|
+    (and only those with |score| ≥ `min_relative` × the best one: the outliers), make them the next
+    targets; stop at `max_heads` or when no sender is upstream of the targets."""
+    heads: list[Head] = []
+    scores: dict[Head, float] = {}
+    iterations: list[list[Head]] = []
+    edges: list[tuple[str, str, float]] = []
+    targets: list[Head] | None = None
+    while len(heads) < max_heads:
+        values, per_target = score_fn(targets)
+        ranked = []
+        for layer in range(n_layers):
+            for head in range(n_heads):
+                value = float(values[layer, head])
+                candidate = Head(layer, head)
+                if value == value and candidate not in scores:
+                    if targets is None or any(layer < t.layer for t in targets):
+                        ranked.append((abs(value), candidate, value))
+        ranked.sort(key=lambda item: -item[0])
+        best = ranked[0][0] if ranked else 0.0
+        chosen = [(h, v) for magnitude, h, v in ranked[: min(per_iteration, max_heads - len(heads))]
+                  if magnitude > 0 and magnitude >= min_relative * best]
+        if not chosen:
+            break
+        for head, value in chosen:
+            heads.append(head)
+            scores[head] = value
+            for target, edge_scores in per_target.items():
+                edges.append((str(head), target, float(edge_scores[head.layer, head.head])))
+        iterations.append([h for h, _ in chosen])
+        targets = [h for h, _ in chosen]
+    return Circuit(method, heads, scores, iterations, edges)
+
+
+def cdt_score_fn(result: Sweep, mode: str = "input") -> ScoreFn:
+    """Scores from a finished sweep: output relevance first, then per-target normalised relevance."""
+
+    def score(targets: list[Head] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if targets is None:
+            return result.to_output.clone(), {"logits": result.to_output.clone()}
+        total = torch.zeros_like(result.to_output)
+        per_target = {}
+        for target in targets:
+            values = result.to_target(target, mode).clone()
+            values[target.layer:] = 0.0  # only upstream heads can feed the target
+            norm = values.abs().sum()
+            per_target[str(target)] = values
+            if norm > 0:
+                total += values.abs() / norm
+        return total, per_target
+
+    return score
+
+
+# ---- evaluation ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def batch_means(model, batch: LogitDiffBatch) -> dict[Head, torch.Tensor]:
+    """Per-position reference mean of every head's z `[T, d_head]` (template-grouped mean ablation)."""
+    names = {f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)}
+    _, cache = model.bridge.run_with_cache(batch.ref_ids, names_filter=lambda n: n in names)
+    return {h: cache[f"blocks.{h.layer}.attn.hook_z"][:, :, h.head].mean(0) for h in model.all_heads()}
+
+
+@torch.no_grad()
+def metric_with_circuit(model, batches: Sequence[LogitDiffBatch], means: Sequence[dict[Head, torch.Tensor]],
+                        keep: Sequence[Head] | None) -> float:
+    """Mean logit difference with every head outside `keep` mean-ablated (`keep=None`: the full model)."""
+    total, count = 0.0, 0
+    kept = None if keep is None else set(keep)
+    for batch, mu in zip(batches, means):
+        ablated = [] if kept is None else [h for h in model.all_heads() if h not in kept]
+        rows = torch.arange(batch.n_prompts)
+        if ablated:
+            with intervene(model, mean_ablation(ablated, mu)):
+                logits = model.logits(batch.ids)[:, -1]
+        else:
+            logits = model.logits(batch.ids)[:, -1]
+        total += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum())
+        count += batch.n_prompts
+    return total / count
+
+
+@dataclass
+class Faithfulness:
+    full: float
+    empty: float
+
+    def of(self, value: float) -> float:
+        """(m(C) − m(∅)) / (m(M) − m(∅))."""
+        return (value - self.empty) / (self.full - self.empty)
+
+
+def faithfulness_baselines(model, batches, means) -> Faithfulness:
+    return Faithfulness(metric_with_circuit(model, batches, means, None), metric_with_circuit(model, batches, means, []))
+
+
+def prune(model, batches, means, heads: Sequence[Head]) -> list[Head]:
+    """Greedy pruning (Alg. 1): drop any head whose removal raises the circuit's metric."""
+    kept = list(heads)
+    best = metric_with_circuit(model, batches, means, kept)
+    for head in reversed(list(heads)):
+        trial = [h for h in kept if h != head]
+        value = metric_with_circuit(model, batches, means, trial)
+        if value > best:
+            kept, best = trial, value
+    return kept
+
+
+@dataclass
+class Relevance:
+    """One source head → one target head relevance, with a plain statement when it is 0 by construction."""
+
+    value: float
+    depends: bool
+    note: str
+
+
+@torch.no_grad()
+def head_relevance(engine: Engine, batch: LogitDiffBatch, source: Head, target: Head,
+                   component: str = "z") -> Relevance:
+    """Relevance of `source` (all positions) to `target`'s `component` (z, q, k or v) on `batch`.
+
+    A target that is not downstream of the source (same or earlier layer) cannot depend on it: the
+    answer is 0 and says so, rather than a number that looks measured.
+    """
+    if component not in ("z", *COMPONENTS):
+        raise ValueError(f"component must be z, q, k or v, not {component!r}")
+    if target.layer <= source.layer:
+        return Relevance(0.0, False, f"{target} is in layer {target.layer}, not downstream of {source} "
+                                     f"(layer {source.layer}): it does not depend on the source; relevance is 0.")
+    result = sweep(engine, [batch], source_layers=[source.layer])
+    values = result.to_z if component == "z" else result.to_input[component]
+    value = float(values[source.layer, source.head, target.layer, target.head])
+    return Relevance(value, True, f"{source} → {target}.{component}: {value:.4g} of the target's deviation "
+                                  "from its reference mean")

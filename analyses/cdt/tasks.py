@@ -1,0 +1,136 @@
+"""Tasks for circuit discovery: batches of equal-length prompts with a logit-difference metric.
+
+A `LogitDiffBatch` holds prompts of one template (so one token length: no padding, and position-wise
+reference means make sense), the answer token `good` and foil token `bad` of each prompt, and the
+reference prompts (same template, no answer information) whose mean activations define β = a − μ.
+Metric: logit(good) − logit(bad) at the last position.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from analyses.cdt.arch import CDTError
+from analyses.data import ioi
+
+
+@dataclass
+class LogitDiffBatch:
+    name: str
+    ids: torch.Tensor  # [P, T]
+    good: torch.Tensor  # [P]
+    bad: torch.Tensor  # [P]
+    ref_ids: torch.Tensor  # [R, T]
+    texts: list[str]
+
+    @property
+    def n_prompts(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _single_id(tokenizer, word: str) -> int:
+    ids = tokenizer(word, add_special_tokens=False).input_ids
+    if len(ids) != 1:
+        raise CDTError(f"{word!r} is not a single token for this tokenizer.")
+    return ids[0]
+
+
+def _stack_same_length(model, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
+    """Token ids of the texts with the most common length; returns ids and the kept indices."""
+    encoded = [model.encode(text)[0] for text in texts]
+    lengths: dict[int, list[int]] = defaultdict(list)
+    for index, ids in enumerate(encoded):
+        lengths[len(ids)].append(index)
+    keep = max(lengths.values(), key=len)
+    return torch.stack([encoded[i] for i in keep]), keep
+
+
+def ioi_batches(model, n_per_template: int, seed: int = 0, templates: tuple[int, ...] | None = None,
+                n_reference: int = 20) -> list[LogitDiffBatch]:
+    """IOI prompts grouped by template; reference = ABC prompts of the same template."""
+    chosen = templates if templates is not None else tuple(range(len(ioi.TEMPLATES)))
+    batches = []
+    for template in chosen:
+        prompts = ioi.ioi_prompts(model.tokenizer, n_per_template, seed=seed + 101 * template, templates=(template,))
+        ids, keep = _stack_same_length(model, [p.text for p in prompts])
+        prompts = [prompts[i] for i in keep]
+        refs = ioi.abc_prompts(model.tokenizer, n_reference, seed=seed + 7 + 101 * template, templates=(template,))
+        ref_ids, _ = _stack_same_length(model, refs)
+        if ref_ids.shape[1] != ids.shape[1]:
+            continue
+        batches.append(LogitDiffBatch(
+            name=f"ioi-t{template}", ids=ids,
+            good=torch.tensor([_single_id(model.tokenizer, p.io) for p in prompts], device=ids.device),
+            bad=torch.tensor([_single_id(model.tokenizer, p.s) for p in prompts], device=ids.device),
+            ref_ids=ref_ids, texts=[p.text for p in prompts]))
+    if not batches:
+        raise CDTError("No IOI template gives prompts of one token length for this tokenizer.")
+    return batches
+
+
+# ---- a second task: next item of a known sequence (days, months, counting words) -------------------
+
+SEQUENCES: dict[str, tuple[str, ...]] = {
+    "days": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
+    "months": ("January", "February", "March", "April", "May", "June", "July", "August", "September",
+               "October", "November", "December"),
+    "numbers": ("one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+}
+
+
+def successor_batches(model, kinds: tuple[str, ...] = ("days", "months"), run: int = 3,
+                      n_reference: int = 20, seed: int = 0) -> list[LogitDiffBatch]:
+    """"Monday, Tuesday, Wednesday," → " Thursday"; foil = the last item shown (" Wednesday").
+
+    Reference prompts list `run` items of the same kind in a shuffled order (no successor rule).
+    """
+    import random
+
+    rng = random.Random(seed)
+    batches = []
+    for kind in kinds:
+        items = SEQUENCES[kind]
+        texts, good, bad = [], [], []
+        for start in range(len(items)):
+            shown = [items[(start + i) % len(items)] for i in range(run)]
+            answer = items[(start + run) % len(items)]
+            texts.append(", ".join(shown) + ",")
+            good.append(" " + answer)
+            bad.append(" " + shown[-1])
+        try:
+            good_ids = [_single_id(model.tokenizer, w) for w in good]
+            bad_ids = [_single_id(model.tokenizer, w) for w in bad]
+        except CDTError:
+            continue
+        ids, keep = _stack_same_length(model, texts)
+        refs = []
+        for _ in range(n_reference):
+            refs.append(", ".join(rng.sample(items, run)) + ",")
+        ref_ids, _ = _stack_same_length(model, refs)
+        if ref_ids.shape[1] != ids.shape[1]:
+            continue
+        batches.append(LogitDiffBatch(
+            name=f"successor-{kind}", ids=ids, good=torch.tensor([good_ids[i] for i in keep], device=ids.device),
+            bad=torch.tensor([bad_ids[i] for i in keep], device=ids.device), ref_ids=ref_ids,
+            texts=[texts[i] for i in keep]))
+    if not batches:
+        raise CDTError("No successor sequence is single-token for this tokenizer.")
+    return batches
+
+
+@torch.no_grad()
+def accuracy(model, batches: list[LogitDiffBatch]) -> dict[str, float]:
+    """Share of prompts whose top-1 next token is the answer, and the mean logit difference."""
+    correct = total = 0
+    diffs = []
+    for batch in batches:
+        logits = model.logits(batch.ids)[:, -1]
+        correct += int((logits.argmax(-1) == batch.good).sum())
+        total += batch.n_prompts
+        rows = torch.arange(batch.n_prompts)
+        diffs.append(logits[rows, batch.good] - logits[rows, batch.bad])
+    return {"top1_accuracy": correct / total, "mean_logit_diff": float(torch.cat(diffs).mean()),
+            "positive_diff_rate": float((torch.cat(diffs) > 0).float().mean()), "n_prompts": total}
