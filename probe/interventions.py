@@ -96,7 +96,8 @@ def mean_ablation(heads: Sequence[Head], means: Mapping[Head, torch.Tensor], **w
 
 
 def resample_ablation(heads: Sequence[Head], source_z: Mapping[Head, torch.Tensor], **where: Any) -> Intervention:
-    """`source_z[head]` is `[pos, d_head]` from another prompt (see `capture_z`)."""
+    """`source_z[head]` is `[pos, d_head]` from another prompt (see `capture_z`), or `[batch, pos, d_head]`
+    with one source per batch row."""
     return Intervention(Kind.RESAMPLE, tuple(heads), values=dict(source_z), **where)
 
 
@@ -165,15 +166,21 @@ def _position_window(intervention: Intervention, offset: int, length: int) -> tu
 
 
 def _replacement(intervention: Intervention, head: Head, offset: int, lo: int, hi: int,
-                 like: torch.Tensor) -> torch.Tensor:
+                 like: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
+    """The values written into z: `[d_head]` (broadcast), `[pos, d_head]` (per position) or
+    `[batch, pos, d_head]` (per batch row and position, e.g. a different source prompt per row)."""
     value = intervention.values[head].to(like.device, like.dtype)  # type: ignore[index]
     if value.dim() == 1:
         return value
-    if offset + hi > value.shape[0]:
+    if offset + hi > value.shape[-2]:
         raise InterventionError(
-            f"{intervention.kind.value} values for {head} cover {value.shape[0]} positions but the "
+            f"{intervention.kind.value} values for {head} cover {value.shape[-2]} positions but the "
             f"prompt reaches position {offset + hi}; use averaged means or a source prompt as long."
         )
+    if value.dim() == 3:
+        if value.shape[0] != like.shape[0]:
+            raise InterventionError(f"Per-row values for {head} have {value.shape[0]} rows; the batch has {like.shape[0]}.")
+        return value[rows, offset + lo: offset + hi]
     return value[offset + lo: offset + hi]
 
 
@@ -228,7 +235,7 @@ def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple
                     elif intervention.kind in (Kind.SCALE_VALUE, Kind.SCALE_OUTPUT):
                         z[rows, lo:hi, head.head] = z[rows, lo:hi, head.head] * intervention.factor
                     else:
-                        z[rows, lo:hi, head.head] = _replacement(intervention, head, state["offset"], lo, hi, z)
+                        z[rows, lo:hi, head.head] = _replacement(intervention, head, state["offset"], lo, hi, z, rows)
                 return z
 
             hooks.append((f"blocks.{layer}.attn.hook_z", on_z))

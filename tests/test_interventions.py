@@ -254,3 +254,16 @@ def test_streaming_attention_keeps_only_sink_and_recent_keys(tiny_gqa):
         for _ in range(4):
             sequence = torch.cat([sequence, model.logits(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert cached.tolist() == sequence[:, n:].tolist()
+
+
+def test_resample_with_one_source_per_batch_row(tiny_llama):
+    model, head = tiny_llama, Head(1, 3)
+    ids = torch.cat([model.encode("the capital of mary is"), model.encode("a key to the park")])
+    sources = torch.cat([model.encode("alice gave the book to"), model.encode("bob went to the store")])
+    source_z = capture_z(model, sources, [head])[head]  # [2, pos, d_head]
+    with intervene(model, resample_ablation([head], {head: source_z})):
+        _, cache = _run(model, ids, 1)
+    torch.testing.assert_close(cache["blocks.1.attn.hook_z"][:, :, head.head], source_z)
+    with pytest.raises(InterventionError, match="rows"):
+        with intervene(model, resample_ablation([head], {head: source_z[:1]})):
+            model.logits(ids)
