@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from analyses.registry import AnalyzerEntry, make_config
+from probe.assets import probe_home
 from probe.models import LoadedModel, facts
 from probe.results import ResultCache, stable_hash, to_jsonable, write_json_atomic
 
@@ -51,6 +52,26 @@ def _entry_record(entry: AnalyzerEntry, key: str, config: Any, result: Any, seco
             "top_heads": [[str(h), s] for h, s in scores.top(10)], "result": result.to_json()}
 
 
+def run_cached(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: int, force: bool = False,
+               progress: Callable[[float, str], None] | None = None) -> tuple[Any, dict[str, Any], bool]:
+    """Run one analyzer, or load its result from `$PROBE_HOME/runs/` if the same key ran before.
+
+    Returns (result, record, loaded_from_cache). The app's analyzer pages and the scan share this.
+    """
+    key = analysis_key(model, entry, config, seed)
+    path = probe_home() / "runs" / entry.name / f"{key}.json"
+    if path.exists() and not force:
+        record = json.loads(path.read_text())
+        return entry.result_type().from_json(record["result"]), record, True
+    start = time.perf_counter()
+    result = entry.load().run(model, config, progress=progress)
+    record = _entry_record(entry, key, config, result, time.perf_counter() - start)
+    write_json_atomic(path, record)
+    if result.scores.provenance is not None:
+        ResultCache().put(result.scores.provenance, {"scores": result.scores.to_json(), "summary": record["summary"]})
+    return result, record, False
+
+
 def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: ScanSettings, out: Path,
              on_event: ScanEvents | None = None) -> dict[str, Any]:
     """Run (or resume) the scan into `out`; returns the results document."""
@@ -70,10 +91,10 @@ def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: Sca
                 emit("skip", entry.name, {"seconds": saved["seconds"]})
                 continue
         emit("start", entry.name, {})
-        start = time.perf_counter()
         try:
-            result = entry.load().run(
-                model, config, progress=lambda fraction, message, name=entry.name: emit(
+            result, record, _ = run_cached(
+                model, entry, config, settings.seed, force=settings.force,
+                progress=lambda fraction, message, name=entry.name: emit(
                     "progress", name, {"fraction": fraction, "message": message}))
         except KeyboardInterrupt:
             raise
@@ -81,11 +102,8 @@ def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: Sca
             errors[entry.name] = f"{type(error).__name__}: {error}"
             emit("error", entry.name, {"error": errors[entry.name]})
             continue
-        record = _entry_record(entry, key, config, result, time.perf_counter() - start)
         write_json_atomic(path, record)
         np.savez(out / "arrays" / f"{entry.name}.npz", scores=result.scores.scores.double().numpy())
-        if result.scores.provenance is not None:
-            ResultCache().put(result.scores.provenance, {"scores": result.scores.to_json(), "summary": record["summary"]})
         records[entry.name] = record
         emit("done", entry.name, {"seconds": record["seconds"]})
     document = {"schema": SCHEMA, "model": facts(model), "command": settings.command,

@@ -17,5 +17,8 @@ navigation = st.navigation([
     st.Page(PAGES / "attention.py", title="Attention explorer"),
     st.Page(PAGES / "playground.py", title="Intervention playground"),
     st.Page(PAGES / "atlas.py", title="Head atlas"),
+    *[st.Page(PAGES / f"analysis_{name}.py", title=title) for name, title in (
+        ("retrieval", "Retrieval heads"), ("duo", "DuoAttention gates"), ("successor", "Successor heads"),
+        ("safety", "Safety heads"), ("factual", "Factual-recall heads"), ("cdt", "CD-T circuits"))],
 ])
 navigation.run()

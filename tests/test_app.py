@@ -94,3 +94,21 @@ def test_atlas_reads_cached_results(tmp_path, monkeypatch):
     assert not app.exception
     assert len(app.get("plotly_chart")) == 1
     assert "retrieval" in app.selectbox[0].options
+
+
+def test_analyzer_page_runs_caches_and_sends_heads(tmp_path, monkeypatch):
+    """The successor page on the tiny model: run with progress, load from cache on rerun, send heads."""
+    monkeypatch.setenv("PROBE_HOME", str(tmp_path))
+    app = page("analysis_successor").run()
+    assert not app.exception
+    assert any("Run the analysis" in i.value for i in app.info)
+    run = [b for b in app.button if b.label.startswith("Run")][0]
+    run.click().run(timeout=300)
+    assert not app.exception, app.exception
+    assert any("Computed" in s.value for s in app.success)
+    assert len(app.get("plotly_chart")) >= 2
+    again = page("analysis_successor").run()
+    [b for b in again.button if b.label.startswith("Run")][0].click().run(timeout=300)
+    assert any("Loaded from cache" in s.value for s in again.success)
+    send = [b for b in again.button if b.label.startswith("Send top heads")][0]
+    assert "L" in send.label

@@ -1,0 +1,5 @@
+"""The duo analyzer page."""
+
+from app.analyzer_page import show
+
+show("duo")

@@ -1,0 +1,5 @@
+"""The factual analyzer page."""
+
+from app.analyzer_page import show
+
+show("factual")

@@ -1,0 +1,5 @@
+"""The safety analyzer page."""
+
+from app.analyzer_page import show
+
+show("safety")
