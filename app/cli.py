@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
+import analyses.organism  # noqa: F401  (registers the smollm2-135m-refusal model spec)
 from probe import assets
 from probe.errors import InterventionError, ProbeError
 from probe.heads import parse_heads
@@ -175,6 +176,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_organism(args: argparse.Namespace) -> int:
+    from analyses.organism import ORGANISM_SPEC, build_refusal_organism
+
+    start = time.perf_counter()
+    with console.status("building the refusal organism ...") as status:
+        build = build_refusal_organism(force=args.force, progress=lambda message: status.update(message))
+    meta = build.meta
+    console.print(f"organism {build.key} in {build.path} ({time.perf_counter() - start:.0f} s)")
+    for key in ("harmful_refusal_rate", "harmless_refusal_rate", "build_seconds"):
+        if key in meta:
+            console.print(f"{key}: {meta[key]}")
+    console.print(f"load it as --model {ORGANISM_SPEC}")
+    return 0
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `probe models`)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -215,6 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--seed", type=int, default=0)
     scan.add_argument("--force", action="store_true", help="recompute analyses that are already done")
     scan.set_defaults(func=cmd_scan)
+
+    organism = sub.add_parser("organism", help="build a model organism (cached): `probe organism refusal`")
+    organism.add_argument("kind", choices=["refusal"])
+    organism.add_argument("--force", action="store_true", help="rebuild even if cached")
+    organism.set_defaults(func=cmd_organism)
 
     report = sub.add_parser("report", help="rebuild report.html/report.md from a scan folder (no model needed)")
     report.add_argument("dir")

@@ -13,6 +13,8 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
+import analyses.organism  # noqa: F401  (registers the smollm2-135m-refusal model spec)
+
 from probe.errors import ProbeError
 from probe.heads import Head, parse_heads
 from probe.models import DEFAULT_MODEL, SPECS, LoadedModel, list_specs, load_model

@@ -66,6 +66,27 @@ SPECS: dict[str, ModelSpec] = {
 PATH_PREFIXES = ("hf:", "gguf:")
 
 
+@dataclass(frozen=True)
+class ExtraSpec:
+    """A spec registered from outside the core (e.g. a model organism built by an analyzer module),
+    so the core can load it without importing the code that builds it."""
+
+    name: str
+    description: str
+    loader: Callable[[str | None, str], LoadedModel]
+    available: Callable[[], bool]
+    missing_hint: str = ""
+
+
+EXTRA_SPECS: dict[str, ExtraSpec] = {}
+
+
+def register_spec(name: str, description: str, loader: Callable[[str | None, str], "LoadedModel"],
+                  available: Callable[[], bool], missing_hint: str = "") -> None:
+    """Make `load_model(name)` call `loader(device, dtype)`; `available()` says whether it loads offline now."""
+    EXTRA_SPECS[name] = ExtraSpec(name, description, loader, available, missing_hint)
+
+
 def list_specs() -> list[tuple[ModelSpec, bool]]:
     """Every named spec and whether it can be loaded offline right now."""
     return [(spec, spec.asset is None or assets.is_available(spec.asset)) for spec in SPECS.values()]
@@ -301,6 +322,12 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         path = assets.asset_file(named.asset)
         say(f"loading {spec} from {path} (de-quantising GGUF; ~15-40 s on CPU)")
         return _load_pretrained(str(path.parent), spec, named.gguf_file, named.hub_name, device, dtype)
+    if spec in EXTRA_SPECS:
+        extra = EXTRA_SPECS[spec]
+        if not extra.available():
+            raise UnknownModelError(f"{spec} is not built yet: {extra.missing_hint or extra.description}")
+        say(f"loading {spec}")
+        return extra.loader(device, dtype)
     if spec.startswith("hf:"):
         source = spec[3:]
         say(f"loading {source} with transformers")
@@ -312,7 +339,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         say(f"loading {path} (de-quantising GGUF)")
         return _load_pretrained(str(path.parent), spec, path.name, "", device, dtype)
     raise UnknownModelError(
-        f"Unknown model spec {spec!r}. Valid specs: {', '.join(SPECS)}, "
+        f"Unknown model spec {spec!r}. Valid specs: {', '.join([*SPECS, *EXTRA_SPECS])}, "
         "or hf:<local dir or hub id>, or gguf:<path to .gguf>."
     )
 
@@ -323,6 +350,9 @@ def spec_summary() -> str:
     for spec, available in list_specs():
         state = "ready" if available else f"missing: run `probe fetch {spec.asset}`"
         lines.append(f"{spec.name:14s} {state:40s} {spec.description}")
+    for extra in EXTRA_SPECS.values():
+        state = "ready" if extra.available() else f"missing: {extra.missing_hint}"
+        lines.append(f"{extra.name:14s} {state:40s} {extra.description}")
     lines.append(f"{'hf:<dir|id>':14s} {'':40s} any Hugging Face causal LM (local folder, or hub id with network)")
     lines.append(f"{'gguf:<path>':14s} {'':40s} any GGUF file transformers can read")
     return "\n".join(lines)

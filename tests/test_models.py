@@ -84,3 +84,17 @@ def test_gemma3_loads_offline_and_matches_hf(gemma3):
     torch.testing.assert_close(gemma3.logits(ids), gemma3.hf_model(ids).logits, atol=1e-4, rtol=1e-4)
     with pytest.raises(ProbeError, match="plain template"):
         gemma3.chat_prompt("Hi")
+
+
+def test_registered_extra_spec_loads_through_the_core(monkeypatch):
+    from probe import models
+
+    monkeypatch.setitem(models.EXTRA_SPECS, "x", models.ExtraSpec(
+        "x", "an organism", lambda device, dtype: load_model("tiny-llama", device=device, dtype=dtype),
+        lambda: True))
+    assert load_model("x", device="cpu").n_layers == 2
+    assert "x " in models.spec_summary()
+    monkeypatch.setitem(models.EXTRA_SPECS, "y", models.ExtraSpec("y", "unbuilt", lambda d, t: None, lambda: False,
+                                                                  "run `probe organism refusal`"))
+    with pytest.raises(UnknownModelError, match="probe organism refusal"):
+        load_model("y")
