@@ -1,0 +1,103 @@
+"""A planted factual-recall model: one head copies the context city, one head writes the memorised capital.
+
+Hand-set Llama weights (2 layers x 4 heads, d_model 64, RMSNorm, RoPE made negligible by a huge
+base) over a word tokenizer that splits punctuation, so the counterfactual prompts of
+`analyses.data.counterfactual` tokenize word by word:
+
+- every token has a one-hot embedding;
+- L1H0 (*in-context head*): its query is constant, its key is large on city tokens, so it attends
+  to the context city; its OV circuit maps a city token to that city's unembedding (gain `copy_gain`);
+- L1H1 (*memory head*): attends to the country tokens; its OV circuit maps a country to the
+  unembedding of its capital (gain `memory_gain`);
+- L0H2 and L1H2 write into unused residual dimensions (they change the final norm's scale but not
+  the answer), the other heads and all MLPs are zero.
+
+With copy_gain > memory_gain the model answers in context; scaling L1H0 below memory_gain/copy_gain
+or L1H1 above copy_gain/memory_gain makes it answer from memory. The known answer for attribution:
+L1H0 > 0, L1H1 < 0, every other head 0.
+"""
+
+from __future__ import annotations
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from probe.heads import Head
+from probe.models import LoadedModel, wrap_hf_model
+
+PLANTED_TABLE: tuple[tuple[str, str], ...] = (
+    ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"),
+    ("Egypt", "Cairo"), ("Peru", "Lima"), ("Kenya", "Nairobi"), ("Chile", "Santiago"),
+)
+TEMPLATE_WORDS = ("The", "capital", "of", "is", ".", "Q", ":", "What", "the", "?", "A")
+SPECIALS = ("<unk>", "<bos>", "<eos>", "<pad>")
+IN_CONTEXT_HEAD = Head(1, 0)
+MEMORY_HEAD = Head(1, 1)
+
+
+def planted_tokenizer(table: tuple[tuple[str, str], ...] = PLANTED_TABLE) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer that also splits punctuation ("London." -> "London", ".")."""
+    words = list(SPECIALS) + list(TEMPLATE_WORDS) + [c for c, _ in table] + [city for _, city in table]
+    vocab = {w: i for i, w in enumerate(words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="<bos> $A",
+                                                           special_tokens=[("<bos>", vocab["<bos>"])])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<bos>",
+                                   eos_token="<eos>", pad_token="<pad>", add_bos_token=True,
+                                   name_or_path="probe/factual-planted")
+
+
+@torch.no_grad()
+def planted_factual_model(copy_gain: float = 3.0, memory_gain: float = 2.0,
+                          table: tuple[tuple[str, str], ...] = PLANTED_TABLE, device: str = "cpu") -> LoadedModel:
+    """The planted model wrapped as a `LoadedModel` (see the module docstring)."""
+    tokenizer = planted_tokenizer(table)
+    vocab = tokenizer.get_vocab()
+    V, d_model, n_heads, d_head = len(vocab), 64, 4, 16
+    if V > 40:
+        raise ValueError("The planted table is too large for d_model 64 (one-hot embeddings + spare dims).")
+    config = LlamaConfig(vocab_size=V, hidden_size=d_model, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=d_head,
+                         max_position_embeddings=256, tie_word_embeddings=False,
+                         bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"],
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e9})
+    model = LlamaForCausalLM(config).eval()
+    for param in model.parameters():
+        param.zero_()
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight") or "layernorm" in name:
+            param.fill_(1.0)
+    model.model.embed_tokens.weight[:, :V] = torch.eye(V)
+
+    norm_gain = d_model ** 0.5  # RMSNorm of a one-hot vector: the 1 becomes sqrt(d_model)
+    slow = d_head // 2 - 1      # the slowest-rotating RoPE dimension: rotation ~ position * 1e-8
+    score = 40.0                # q.k / sqrt(d_head) on the attended tokens
+    amplitude = (score * d_head ** 0.5) ** 0.5 / norm_gain
+    cities = [vocab[city] for _, city in table]
+    countries = [vocab[country] for country, _ in table]
+    attn = model.model.layers[1].self_attn
+    model.lm_head.weight[cities, cities] = 1.0  # only cities have a logit: the answer is a city
+
+    def plant(head: int, keys: list[int], targets: list[int], gain: float) -> None:
+        rows = slice(head * d_head, (head + 1) * d_head)
+        attn.q_proj.weight[rows][slow, :V] = amplitude            # constant query
+        attn.k_proj.weight[rows][slow, keys] = amplitude           # keys only on these tokens
+        for slot, (source, target) in enumerate(zip(keys, targets)):
+            attn.v_proj.weight[rows][slot, source] = 1.0 / norm_gain   # value: one slot per source token
+            attn.o_proj.weight[target, head * d_head + slot] = gain     # output: the target's unembedding
+
+    plant(IN_CONTEXT_HEAD.head, cities, cities, copy_gain)
+    plant(MEMORY_HEAD.head, countries, cities, memory_gain)
+    # Distractors: write into spare dimensions (changes the norm scale, not the answer).
+    generator = torch.Generator().manual_seed(0)
+    for layer in (0, 1):
+        block = model.model.layers[layer].self_attn
+        rows = slice(2 * d_head, 3 * d_head)
+        block.v_proj.weight[rows][:, :V] = torch.randn(d_head, V, generator=generator) / norm_gain
+        block.o_proj.weight[V + 4:, 2 * d_head:3 * d_head] = torch.randn(d_model - V - 4, d_head,
+                                                                        generator=generator) * 0.05
+    model.config.architectures = ["LlamaForCausalLM"]
+    return wrap_hf_model(model, tokenizer, "tiny-factual-planted", hub_name="probe/tiny-factual-planted",
+                         device=device)
