@@ -99,6 +99,11 @@ class FactualConfig:
             raise FactualError(f"ablate_top_k must be in 1..{n_heads // 2} for {model.spec}.")
 
 
+# CPU-sized settings for the demo scan (the defaults above are the full run of docs/factual.md).
+QUICK = FactualConfig(n_tuning=24, n_heldout=24, candidates_per_direction=1, factors=(-2.0, 0.0, 2.0),
+                      ablate_top_k=2, random_draws=2)
+
+
 # ---- behaviour -----------------------------------------------------------------------------------
 
 def cut_answer(text: str) -> str:

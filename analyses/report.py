@@ -30,7 +30,7 @@ def load_document(folder: Path) -> dict[str, Any]:
 
 
 def head_scores(document: dict[str, Any]) -> dict[str, HeadScores]:
-    return {name: HeadScores.from_json(rec["result"]["scores"]) for name, rec in document["analyses"].items()}
+    return {name: HeadScores.from_json(rec["scores"]) for name, rec in document["analyses"].items()}
 
 
 def analysis_figures(name: str, record: dict[str, Any]) -> dict[str, go.Figure]:

@@ -586,7 +586,10 @@ class SafetyConfig:
 
 @dataclass
 class SafetyResult:
-    """Ships heat map, the Sahara group and trace, validation numbers and example generations."""
+    """Ships heat map, the Sahara group and trace, validation numbers and example generations.
+
+    `scores` (the query-level Ships map) is what the atlas and the reports rank heads by.
+    """
 
     ships: HeadScores  # mean query-level Ships over the Ships prompts (KL, nats)
     generalized: HeadScores  # dataset-level score of each single head (Sahara step 1 pool; NaN outside)
@@ -602,6 +605,10 @@ class SafetyResult:
     @property
     def group(self) -> list[Head]:
         return [s.head for s in self.sahara_steps]
+
+    @property
+    def scores(self) -> HeadScores:
+        return self.ships
 
     def to_json(self) -> dict[str, Any]:
         from probe.results import to_jsonable
@@ -713,6 +720,25 @@ def _sahara_on_pool(model: LoadedModel, prompts: Sequence[torch.Tensor], config:
                                 {str(h): float(a) for h, a in zip(options, angles)}))
         say(0.3 + 0.3 * (step + 1) / config.group_size, f"Sahara step {step + 1}: {options[best]}")
     return steps
+
+
+# CPU-sized settings for the demo scan: 2 Ships prompts, Sahara over the 9 best Ships heads on
+# 4 prompts, validation on 12 harmful / 6 harmless prompts with 2 random draws.
+QUICK = SafetyConfig(n_ships_prompts=2, n_sahara_prompts=4, sahara_pool=9, n_eval_harmful=12,
+                     n_eval_harmless=6, max_new_tokens=24, random_draws=2)
+
+
+def summary(result: SafetyResult) -> str:
+    """Plain text for the CLI and reports: top Ships heads, the Sahara trace, ASR by group size."""
+    lines = ["top Ships heads: " + ", ".join(f"{h} {s:.3f}" for h, s in result.ships.top(5)),
+             "Sahara: " + " -> ".join(f"{step.head} ({step.score:.2f} deg)" for step in result.sahara_steps)]
+    valid = result.summary
+    if valid:
+        lines.append(f"base ASR {valid['base_asr']:.2f}, harmless refusal {valid['base_harmless_refusal']}")
+        for row in valid["by_size"]:
+            lines.append(f"  {row['size']} heads: ASR {row['asr']:.2f} (delta {row['delta_asr']:+.2f}); random "
+                         f"{row['random_asr_mean']:.2f} +- {row['random_asr_std']:.2f}; beats random: {row['beats_random']}")
+    return "\n".join(lines)
 
 
 # ==== figures ======================================================================================

@@ -49,7 +49,8 @@ def _entry_record(entry: AnalyzerEntry, key: str, config: Any, result: Any, seco
     summary = module.summary(result) if hasattr(module, "summary") else ""
     return {"name": entry.name, "key": key, "version": entry.version(), "config": to_jsonable(config),
             "seconds": round(seconds, 2), "summary": summary, "units": scores.units,
-            "top_heads": [[str(h), s] for h, s in scores.top(10)], "result": result.to_json()}
+            "top_heads": [[str(h), s] for h, s in scores.top(10)], "scores": scores.to_json(),
+            "result": result.to_json()}
 
 
 def run_cached(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: int, force: bool = False,

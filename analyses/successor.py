@@ -606,7 +606,6 @@ def causal_check(model: LoadedModel, task_set: TaskSet, heads: Sequence[Head], c
 
 
 # ---- the analyzer -------------------------------------------------------------------------------
-
 @dataclass
 class SuccessorResult:
     scores: HeadScores                          # successor score per head
@@ -640,6 +639,10 @@ class SuccessorResult:
         fields["per_task"] = torch.tensor(data["per_task"], dtype=torch.float64)
         fields["provenance"] = Provenance.from_json(data["provenance"]) if data.get("provenance") else None
         return cls(**fields)
+
+
+# CPU-sized settings for the demo scan: fewer random draws and prompts in the causal check.
+QUICK = SuccessorConfig(random_draws=5, prompts_per_task=3)
 
 
 def run(model: LoadedModel, config: SuccessorConfig = SuccessorConfig(),

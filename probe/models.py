@@ -197,20 +197,32 @@ class LoadedModel:
     @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 16,
                  stop_ids: Sequence[int] | None = None) -> torch.Tensor:
-        """Greedy continuation `[1, n_new]` (KV cache on; hooks in effect at every step)."""
+        """Greedy continuation `[1, n_new]`, stopping after an EOS/stop token (not included).
+
+        Runs the wrapped HF model (whose modules the bridge has replaced, so every hook fires) with a
+        full `DynamicCache`: unlike a sliding-window cache it keeps every key in every layer, so the
+        interventions' absolute positions (KV length - query length) stay right on Gemma's windowed layers.
+        """
+        from transformers import DynamicCache
+
+        if ids.shape[0] != 1:
+            raise ProbeError("generate() takes one prompt; loop over prompts (or batch with equal lengths).")
         self.check_fits(ids.shape[-1] + max_new_tokens)
         stops = set(stop_ids or ())
         if self.tokenizer.eos_token_id is not None:
             stops.add(self.tokenizer.eos_token_id)
+        new: list[int] = []
         with self.lock:
-            out = self.bridge.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                       stop_at_eos=False, verbose=False, return_type="tokens")
-        new = out[:, ids.shape[-1]:]
-        tokens = new[0].tolist()
-        for index, token in enumerate(tokens):
-            if token in stops:
-                return new[:, :index]
-        return new
+            cache = DynamicCache()
+            logits = self.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+            for _ in range(max_new_tokens):
+                token = int(logits[0, -1].argmax())
+                if token in stops:
+                    break
+                new.append(token)
+                step = torch.tensor([[token]], device=ids.device)
+                logits = self.hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        return torch.tensor([new], dtype=torch.long, device=ids.device)
 
 
 # ---- loading -------------------------------------------------------------------------------------

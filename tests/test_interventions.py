@@ -267,3 +267,28 @@ def test_resample_with_one_source_per_batch_row(tiny_llama):
     with pytest.raises(InterventionError, match="rows"):
         with intervene(model, resample_ablation([head], {head: source_z[:1]})):
             model.logits(ids)
+
+
+def test_position_windows_hold_on_sliding_window_layers_during_generation():
+    """Gemma-style windowed layers: the cache must keep every key so absolute positions stay right."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from probe import tiny
+    from probe.models import wrap_hf_model
+
+    tokenizer = tiny.word_tokenizer()
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=128,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    model = wrap_hf_model(Gemma3ForCausalLM(config).eval(), tokenizer, "tiny-gemma3", hub_name="probe/tiny-gemma3",
+                          device="cpu")
+    ids = model.encode("the capital of mary is the book of john")
+    head = Head(0, 1)
+    with intervene(model, uniform_attention([head], start=ids.shape[1])):
+        cached = model.generate(ids, max_new_tokens=6)
+        sequence = ids
+        for _ in range(6):
+            sequence = torch.cat([sequence, model.logits(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    assert cached.tolist() == sequence[:, ids.shape[1]:].tolist()

@@ -1,0 +1,777 @@
+"""Retrieval heads (Wu et al. 2024, arXiv 2404.15574): heads that copy the needle while the answer is written.
+
+A copy event of query head (l, h) at answer step t: the head's argmax attention key j* lies inside the
+needle's answer span [s, e) and the prompt token there is the token being generated (`P[j*] == w_t`).
+Scores per head (spec §2), both computed on every run:
+
+- `events` (reference code): events over all answer steps / |answer span|; can exceed 1;
+- `unique` (paper): distinct answer-span positions copied / |answer span|; at most 1.
+
+Samples count only when the model actually retrieved the answer (ROUGE-1 recall of the answer phrase in
+the response > 0.5, switchable); ungated scores are kept for diagnosis (spec pitfall 11).
+
+Fast path (why it is fast): one greedy generation with a KV cache; the prefill runs with no pattern
+hook and keeps only the rotated keys (`hook_rot_k`); each decode step keeps its rotated query
+(`hook_rot_q`). The attention rows of the answer positions are then recomputed from those queries and
+keys (GQA expansion, the layer's own score scaling, soft-capping, causal and sliding-window masks):
+memory is linear in the context, never an L x L pattern. `reference_sample` is the slow reference:
+no cache, a full forward per decode step, the argmax read from the model's own `hook_pattern`.
+
+Masking (spec §4): NIAH accuracy with the top-k heads masked vs k random heads drawn from the
+complement of the top set, as uniform attention (the reference's masking) and as zero-ablation, on the
+answer rows only (from the last prompt token on, as the reference's decode loop does). All masking
+conditions of a prompt share one unmasked prefill and decode together as rows of one batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from analyses.common import Progress, no_progress, provenance, random_head_sets
+from analyses.data.haystack import (
+    NiahGrid,
+    NiahSample,
+    build_grid,
+    rouge1_recall,
+)
+from analyses.data.needles import NEEDLES, Needle
+from probe.errors import ProbeError, PromptTooLongError
+from probe.heads import Head
+from probe.interventions import Intervention, intervene, uniform_attention, zero_ablation
+from probe.models import LoadedModel
+from probe.results import HeadScores, Provenance, to_jsonable
+
+ANALYZER = "retrieval"
+VERSION = "1"
+SCORE_MODES = ("events", "unique")
+MATCH_MODES = ("id", "text")
+MASK_KINDS = ("uniform", "zero")
+
+
+class RetrievalError(ProbeError):
+    """A retrieval-heads run that cannot be carried out as configured."""
+
+
+class NoRetrievalError(RetrievalError):
+    """No sample passed the ROUGE gate: there is nothing to score. `.result` holds the ungated run."""
+
+    def __init__(self, message: str, result: RetrievalResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+# ---- configuration -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RetrievalConfig:
+    """Every knob of a run. Lengths count haystack + needle tokens (the prompt adds the question)."""
+
+    lengths: tuple[int, ...] = (512, 1024, 1536)
+    depths: tuple[float, ...] = (0.0, 50.0, 100.0)
+    needles: tuple[int, ...] = (0, 1, 2)
+    template: str = "auto"  # auto (chat if the model has a chat template) | base | chat
+    max_new_tokens: int = 24
+    score_mode: str = "events"  # which score is the headline: events (reference code) | unique (paper)
+    match: str = "id"  # copy test: id (token ids equal) | text (decoded, whitespace-stripped strings equal)
+    rouge_gate: bool = True
+    rouge_threshold: float = 0.5
+    threshold: float = 0.1
+    # masking experiment (skipped when mask_ks is empty)
+    mask_ks: tuple[int, ...] = ()
+    mask_kinds: tuple[str, ...] = MASK_KINDS
+    mask_random_draws: int = 3
+    mask_needles: tuple[int, ...] | None = None  # None: the detection grid's
+    mask_lengths: tuple[int, ...] | None = None
+    mask_depths: tuple[float, ...] | None = None
+    mask_batch: int = 16  # masking conditions decoded together per batch
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.score_mode not in SCORE_MODES:
+            raise RetrievalError(f"score_mode must be one of {SCORE_MODES}, got {self.score_mode!r}.")
+        if self.match not in MATCH_MODES:
+            raise RetrievalError(f"match must be one of {MATCH_MODES}, got {self.match!r}.")
+        if self.template not in ("auto", "base", "chat"):
+            raise RetrievalError(f"template must be auto, base or chat, got {self.template!r}.")
+        bad = [k for k in self.mask_kinds if k not in MASK_KINDS]
+        if bad:
+            raise RetrievalError(f"Unknown mask kinds {bad}; choose from {MASK_KINDS}.")
+        if any(k <= 0 for k in self.mask_ks):
+            raise RetrievalError("mask_ks must be positive head counts.")
+        if not self.lengths or not self.depths or not self.needles:
+            raise RetrievalError("The grid needs at least one length, one depth and one needle.")
+        if self.max_new_tokens < 1:
+            raise RetrievalError("max_new_tokens must be at least 1.")
+
+
+# quick preset (spec §8): 3 lengths <= 1,536 x 3 depths x 3 needles = 27 samples
+QUICK = RetrievalConfig()
+DEFAULT = RetrievalConfig(lengths=(512, 1024, 1536, 2048, 3072, 4096), depths=(0.0, 25.0, 50.0, 75.0, 100.0))
+
+
+def resolve_template(model: LoadedModel, template: str) -> str:
+    if template == "auto":
+        return "chat" if model.chat_template else "base"
+    if template == "chat" and not model.chat_template:
+        raise RetrievalError(f"{model.spec} has no chat template; use template='base'.")
+    return template
+
+
+# ---- attention geometry --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """What the model does between q.k and softmax in one layer (read from the HF attention module)."""
+
+    scaling: float
+    softcap: float | None
+    window: int | None  # sliding window: key k visible from query q iff q - k < window
+
+
+def attention_geometry(model: LoadedModel) -> list[LayerGeometry]:
+    """Per-layer scaling, soft-capping and sliding window, as the bridge's attention uses them."""
+    layers = []
+    for layer in range(model.n_layers):
+        attn = model.bridge.blocks[layer].attn
+        hf_attn = getattr(attn, "original_component", None) or attn
+        scaling = float(getattr(hf_attn, "scaling", model.d_head ** -0.5))
+        softcap = getattr(hf_attn, "attn_logit_softcapping", None)
+        window = getattr(hf_attn, "sliding_window", None)
+        layers.append(LayerGeometry(scaling, float(softcap) if softcap else None, int(window) if window else None))
+    return layers
+
+
+def _qk_hook_names(model: LoadedModel) -> tuple[str, str]:
+    """Rotated query/key hooks where the model has RoPE, the plain ones otherwise (learned positions)."""
+    if "blocks.0.attn.hook_rot_q" in model.bridge.hook_dict:
+        return "hook_rot_q", "hook_rot_k"
+    return "hook_q", "hook_k"
+
+
+def answer_rows(queries: torch.Tensor, keys: torch.Tensor, first_position: int, geometry: LayerGeometry,
+                group_size: int) -> torch.Tensor:
+    """Attention weights `[n_heads, T, N]` of T consecutive query rows, from rotated q/k alone.
+
+    `queries` `[T, n_heads, d]` sit at positions first_position .. first_position+T-1; `keys`
+    `[N, n_kv, d]` at positions 0..N-1 (N >= first_position + T). Same operations and order as the
+    bridge: matmul, x scaling, soft-cap, mask, float32 softmax.
+    """
+    n_rows, n_keys = queries.shape[0], keys.shape[0]
+    q = queries.transpose(0, 1)  # [H, T, d]
+    k = keys.transpose(0, 1).repeat_interleave(group_size, dim=0)  # [H, N, d]
+    scores = torch.matmul(q, k.transpose(-2, -1)) * geometry.scaling
+    if geometry.softcap is not None:
+        scores = torch.tanh(scores / geometry.softcap) * geometry.softcap
+    rows = torch.arange(first_position, first_position + n_rows, device=scores.device)[:, None]
+    cols = torch.arange(n_keys, device=scores.device)[None, :]
+    visible = cols <= rows
+    if geometry.window is not None:
+        visible = visible & (rows - cols < geometry.window)
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
+
+
+# ---- per-sample scoring ---------------------------------------------------------------------------
+
+@dataclass
+class SampleTrace:
+    """One sample's greedy answer and, per head, its copy events (answer steps where it copied)."""
+
+    answer_ids: list[int]
+    response: str
+    events: torch.Tensor  # [L, H] number of copy events
+    unique: torch.Tensor  # [L, H] distinct answer-span positions copied
+    argmax: torch.Tensor  # [L, H, T] argmax key position per answer step
+
+
+class _TokenText:
+    """Decoded, whitespace-stripped token strings (for `match='text'`), cached per id."""
+
+    def __init__(self, model: LoadedModel) -> None:
+        self.model, self.cache = model, {}
+
+    def __call__(self, token: int) -> str:
+        if token not in self.cache:
+            self.cache[token] = self.model.tokenizer.decode([token]).strip()
+        return self.cache[token]
+
+
+def _copy_counts(argmax: torch.Tensor, prompt_ids: Sequence[int], answer: Sequence[int], span: tuple[int, int],
+                 match: str, text: _TokenText | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Events and unique copied positions per head from the argmax keys `[L, H, T]`."""
+    n_layers, n_heads, n_steps = argmax.shape
+    start, stop = span
+    inside = (argmax >= start) & (argmax < stop)
+    ids = torch.tensor(list(prompt_ids), dtype=torch.long)
+    clipped = argmax.clamp(max=len(ids) - 1)
+    copied_ids = ids[clipped]
+    generated = torch.tensor(list(answer)[:n_steps], dtype=torch.long)
+    if match == "id":
+        same = copied_ids == generated.view(1, 1, -1)
+    else:
+        if text is None:
+            raise RetrievalError("match='text' needs the token decoder.")
+        same = torch.zeros_like(inside)
+        for index in inside.nonzero().tolist():
+            layer, head, step = index
+            word = text(int(generated[step]))
+            same[layer, head, step] = bool(word) and text(int(copied_ids[layer, head, step])) == word
+    event = inside & same
+    events = event.sum(-1)
+    unique = torch.zeros(n_layers, n_heads, dtype=torch.long)
+    for layer, head in (events > 0).nonzero().tolist():
+        unique[layer, head] = len(set(argmax[layer, head][event[layer, head]].tolist()))
+    return events, unique
+
+
+def _stop_ids(model: LoadedModel) -> set[int]:
+    stops = set(model.tokenizer.all_special_ids or ())
+    if model.tokenizer.eos_token_id is not None:
+        stops.add(int(model.tokenizer.eos_token_id))
+    return stops
+
+
+def _is_stop(model: LoadedModel, token: int, stops: set[int]) -> bool:
+    """The reference stops at a newline; we also stop at end-of-turn/special tokens."""
+    return token in stops or "\n" in model.tokenizer.decode([token])
+
+
+@torch.no_grad()
+def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, match: str = "id",
+                geometry: list[LayerGeometry] | None = None, stop: bool = True) -> SampleTrace:
+    """Greedy answer + copy events from captured rotated q/k (see module docstring).
+
+    `stop=False` decodes exactly `max_new_tokens` (benchmarks on random weights)."""
+    geometry = geometry or attention_geometry(model)
+    q_name, k_name = _qk_hook_names(model)
+    ids = sample.ids(model.device)
+    n = ids.shape[-1]
+    model.check_fits(n + max_new_tokens)
+    keys: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
+    queries: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
+    state = {"decoding": False}
+
+    def keep_k(tensor: torch.Tensor, hook: Any) -> None:
+        keys[int(hook.name.split(".")[1])].append(tensor[0].detach().clone())
+
+    def keep_q(tensor: torch.Tensor, hook: Any) -> None:
+        if state["decoding"]:
+            queries[int(hook.name.split(".")[1])].append(tensor[0].detach().clone())
+
+    hooks = [(f"blocks.{layer}.attn.{k_name}", keep_k) for layer in range(model.n_layers)]
+    hooks += [(f"blocks.{layer}.attn.{q_name}", keep_q) for layer in range(model.n_layers)]
+    stops = _stop_ids(model)
+    answer: list[int] = []
+    cache = _new_cache(model)
+    with model.bridge.hooks(fwd_hooks=hooks):
+        if n > 1:
+            model.hf_model(ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        state["decoding"] = True
+        token = ids[:, -1:]
+        for _ in range(max_new_tokens):
+            out = model.hf_model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            next_id = int(out.logits[0, -1].argmax())
+            if stop and _is_stop(model, next_id, stops):
+                break
+            answer.append(next_id)
+            if len(answer) == max_new_tokens:
+                break  # the row that would predict one more token is not needed
+            token = torch.tensor([[next_id]], device=model.device)
+    n_steps = len(answer)
+    argmax = torch.zeros(model.n_layers, model.n_heads, n_steps, dtype=torch.long)
+    if n_steps:
+        for layer in range(model.n_layers):
+            k = torch.cat(keys[layer], dim=0)[: n - 1 + n_steps]
+            q = torch.cat(queries[layer], dim=0)[:n_steps]
+            rows = answer_rows(q, k, n - 1, geometry[layer], model.group_size)
+            argmax[layer] = rows.argmax(-1).cpu()
+    text = _TokenText(model) if match == "text" else None
+    events, unique = _copy_counts(argmax, sample.input_ids, answer, sample.answer_tokens, match, text)
+    return SampleTrace(answer, model.decode(answer), events, unique, argmax)
+
+
+def _new_cache(model: LoadedModel) -> Any:
+    """A cache that keeps every position in every layer.
+
+    Not the config's sliding-window cache: that one truncates keys to the window, and the core's
+    position-window interventions (`start=`) read absolute positions from the key length, so on
+    Gemma's sliding layers masking from the answer on would silently do nothing."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+@torch.no_grad()
+def reference_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, match: str = "id",
+                     stop: bool = True) -> SampleTrace:
+    """Slow reference: no KV cache, one full forward per decode step; at each step the argmax of the
+    last row of every layer's full `hook_pattern` (the model's own attention weights)."""
+    ids = sample.ids(model.device)
+    n = ids.shape[-1]
+    model.check_fits(n + max_new_tokens)
+    rows: dict[int, torch.Tensor] = {}
+
+    def keep_last_row(pattern: torch.Tensor, hook: Any) -> None:
+        rows[int(hook.name.split(".")[1])] = pattern[0, :, -1, :].argmax(-1).cpu()
+
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_last_row) for layer in range(model.n_layers)]
+    stops = _stop_ids(model)
+    answer: list[int] = []
+    steps: list[torch.Tensor] = []
+    sequence = ids
+    for _ in range(max_new_tokens):
+        with model.bridge.hooks(fwd_hooks=hooks):  # full forward, full patterns; logits of the last row only
+            logits = model.hf_model(sequence, use_cache=False, logits_to_keep=1).logits
+        next_id = int(logits[0, -1].argmax())
+        if stop and _is_stop(model, next_id, stops):
+            break
+        answer.append(next_id)
+        steps.append(torch.stack([rows[layer] for layer in range(model.n_layers)]))
+        if len(answer) == max_new_tokens:
+            break
+        sequence = torch.cat([sequence, torch.tensor([[next_id]], device=model.device)], dim=1)
+    argmax = (torch.stack(steps, dim=-1) if steps
+              else torch.zeros(model.n_layers, model.n_heads, 0, dtype=torch.long))
+    text = _TokenText(model) if match == "text" else None
+    events, unique = _copy_counts(argmax, sample.input_ids, answer, sample.answer_tokens, match, text)
+    return SampleTrace(answer, model.decode(answer), events, unique, argmax)
+
+
+# ---- result --------------------------------------------------------------------------------------
+
+@dataclass
+class MaskingResult:
+    """NIAH ROUGE-1 recall per prompt under each masking condition.
+
+    `conditions[i]` = {kind, selection ('none'|'top'|'random'), k, draw, heads}; `recall[i][j]` is the
+    recall on prompt j (`prompts[j]`) under condition i.
+    """
+
+    conditions: list[dict[str, Any]]
+    prompts: list[dict[str, Any]]
+    recall: list[list[float]]
+    responses: list[list[str]]
+    seconds: float = 0.0
+
+    def accuracy(self, index: int) -> float:
+        values = self.recall[index]
+        return float(sum(values) / len(values)) if values else float("nan")
+
+    def find(self, kind: str, selection: str, k: int) -> list[int]:
+        return [i for i, c in enumerate(self.conditions)
+                if c["selection"] == selection and (selection == "none" or (c["kind"] == kind and c["k"] == k))]
+
+    def table(self) -> list[dict[str, Any]]:
+        """One row per (kind, k): accuracy with the top heads, every random draw, and no masking."""
+        base = self.accuracy(self.find("", "none", 0)[0])
+        rows = []
+        kinds = sorted({c["kind"] for c in self.conditions if c["selection"] != "none"})
+        ks = sorted({c["k"] for c in self.conditions if c["selection"] != "none"})
+        for kind in kinds:
+            for k in ks:
+                top = [self.accuracy(i) for i in self.find(kind, "top", k)]
+                random_acc = [self.accuracy(i) for i in self.find(kind, "random", k)]
+                if not top:
+                    continue
+                rows.append({"kind": kind, "k": k, "none": base, "top": top[0], "random": random_acc,
+                             "random_mean": sum(random_acc) / len(random_acc) if random_acc else float("nan")})
+        return rows
+
+    def to_json(self) -> dict[str, Any]:
+        return to_jsonable(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MaskingResult:
+        return cls(**data)
+
+
+@dataclass
+class RetrievalResult:
+    """Scores (headline: config.score_mode, gated), both variants gated and ungated, per-sample detail."""
+
+    scores: HeadScores
+    variants: dict[str, HeadScores]  # events, unique, events_ungated, unique_ungated
+    per_sample: dict[str, torch.Tensor]  # events|unique -> [S, L, H], already divided by |answer span|
+    samples: list[dict[str, Any]]  # summary + response + rouge + retained + distance
+    skipped: list[dict[str, Any]]
+    config: dict[str, Any]
+    template: str
+    group_size: int
+    n_kv_heads: int
+    provenance: Provenance
+    masking: MaskingResult | None = None
+    seconds: float = 0.0
+
+    @property
+    def attempted(self) -> int:
+        return len(self.samples) + len(self.skipped)
+
+    @property
+    def retained(self) -> int:
+        return sum(1 for s in self.samples if s["retained"])
+
+    @property
+    def threshold(self) -> float:
+        return float(self.config["threshold"])
+
+    def retrieval_heads(self) -> list[tuple[Head, float]]:
+        return self.scores.above(self.threshold)
+
+    def kv_scores(self, how: str = "max") -> torch.Tensor:
+        """Headline scores per KV group `[L, n_kv]`: max or mean over the group's query heads."""
+        grouped = self.scores.scores.view(self.scores.n_layers, self.n_kv_heads, self.group_size)
+        if how == "max":
+            return grouped.max(-1).values
+        if how == "mean":
+            return grouped.mean(-1)
+        raise RetrievalError(f"KV aggregation must be max or mean, got {how!r}.")
+
+    def split_by_distance(self, window: int) -> dict[str, tuple[torch.Tensor, int]]:
+        """Headline per-head means over retained samples whose needle ends < window / >= window tokens
+        before the first answer row (Gemma 3: only global layers see past the 512-token window)."""
+        mode = self.config["score_mode"]
+        parts: dict[str, tuple[torch.Tensor, int]] = {}
+        for name, test in (("near", lambda d: d < window), ("far", lambda d: d >= window)):
+            picked = [i for i, s in enumerate(self.samples) if s["retained"] and test(s["needle_distance"])]
+            values = (self.per_sample[mode][picked].mean(0) if picked
+                      else torch.full(self.scores.scores.shape, float("nan"), dtype=torch.float64))
+            parts[name] = (values, len(picked))
+        return parts
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "scores": self.scores.to_json(),
+            "variants": {k: v.to_json() for k, v in self.variants.items()},
+            "per_sample": {k: to_jsonable(v.to(torch.float64)) for k, v in self.per_sample.items()},
+            "samples": to_jsonable(self.samples), "skipped": to_jsonable(self.skipped),
+            "config": to_jsonable(self.config), "template": self.template, "group_size": self.group_size,
+            "n_kv_heads": self.n_kv_heads, "provenance": to_jsonable(self.provenance),
+            "masking": self.masking.to_json() if self.masking else None, "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RetrievalResult:
+        return cls(
+            scores=HeadScores.from_json(data["scores"]),
+            variants={k: HeadScores.from_json(v) for k, v in data["variants"].items()},
+            per_sample={k: torch.tensor(v, dtype=torch.float64) for k, v in data["per_sample"].items()},
+            samples=data["samples"], skipped=data["skipped"], config=data["config"], template=data["template"],
+            group_size=data["group_size"], n_kv_heads=data["n_kv_heads"],
+            provenance=Provenance.from_json(data["provenance"]),
+            masking=MaskingResult.from_json(data["masking"]) if data.get("masking") else None,
+            seconds=data.get("seconds", 0.0),
+        )
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+def check_context(model: LoadedModel, lengths: Sequence[int], max_new_tokens: int, margin: int = 64) -> None:
+    """Refuse, before any work, contexts that cannot fit in the model's window with the question."""
+    too_long = [n for n in lengths if n + margin + max_new_tokens > model.n_ctx]
+    if too_long:
+        raise PromptTooLongError(
+            f"Context lengths {too_long} do not fit {model.spec}'s window of {model.n_ctx} tokens "
+            f"(plus ~{margin} tokens of question/template and {max_new_tokens} answer tokens); "
+            f"use lengths <= {model.n_ctx - margin - max_new_tokens}.")
+
+
+def build_samples(model: LoadedModel, needles: Sequence[int], lengths: Sequence[int], depths: Sequence[float],
+                  template: str, needle_set: Sequence[Needle] = NEEDLES,
+                  sentences: Sequence[str] | None = None) -> NiahGrid:
+    """The NIAH grid in this model's tokens; every prompt must fit the model's window."""
+    grid = build_grid(model.tokenizer, lengths, depths, needles, template, needles=needle_set, sentences=sentences)
+    for sample in grid.samples:
+        model.check_fits(sample.prompt_len)
+    return grid
+
+
+def _mean(tensors: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
+    if not tensors:
+        return torch.full(shape, float("nan"), dtype=torch.float64)
+    return torch.stack(tensors).mean(0)
+
+
+def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress | None = None,
+        needle_set: Sequence[Needle] = NEEDLES, sentences: Sequence[str] | None = None) -> RetrievalResult:
+    """Detect retrieval heads over the config's NIAH grid; then the masking experiment if asked.
+
+    `needle_set` / `sentences` replace the project's needles / the Shakespeare haystack (planted tests).
+
+    Raises `PromptTooLongError` for contexts beyond the window, `NoRetrievalError` (with the ungated
+    result attached) when the gate keeps no sample, `RetrievalError` when no needle could be located.
+    """
+    config.validate()
+    say = progress or no_progress
+    started = time.perf_counter()
+    template = resolve_template(model, config.template)
+    check_context(model, config.lengths, config.max_new_tokens)
+    say(0.0, "building the needle-in-a-haystack prompts")
+    grid = build_samples(model, config.needles, config.lengths, config.depths, template, needle_set, sentences)
+    if not grid.samples:
+        raise RetrievalError(f"No needle could be located in any prompt: {grid.skipped[:3]}")
+    geometry = attention_geometry(model)
+    shape = (model.n_layers, model.n_heads)
+    samples: list[dict[str, Any]] = []
+    per_events: list[torch.Tensor] = []
+    per_unique: list[torch.Tensor] = []
+    detect_share = 0.6 if config.mask_ks else 1.0
+    for index, sample in enumerate(grid.samples):
+        say(detect_share * index / len(grid.samples), f"scoring {sample.label} ({sample.prompt_len} tokens)")
+        trace = fast_sample(model, sample, config.max_new_tokens, config.match, geometry)
+        span = sample.answer_tokens[1] - sample.answer_tokens[0]
+        recall = rouge1_recall(sample.needle.answer, trace.response)
+        retained = (recall > config.rouge_threshold) or not config.rouge_gate
+        per_events.append(trace.events.to(torch.float64) / span)
+        per_unique.append(trace.unique.to(torch.float64) / span)
+        samples.append({**sample.summary(), "response": trace.response, "answer_len": len(trace.answer_ids),
+                        "rouge1_recall": recall, "success": recall > config.rouge_threshold,
+                        "retained": retained, "needle_distance": sample.prompt_len - sample.answer_tokens[1]})
+    kept = [i for i, s in enumerate(samples) if s["retained"]]
+    per_sample = {"events": torch.stack(per_events), "unique": torch.stack(per_unique)}
+    prov = provenance(model, ANALYZER, VERSION, config,
+                      {"samples": [s for s in (x.summary() for x in grid.samples)], "template": template},
+                      config.seed)
+    variants: dict[str, HeadScores] = {}
+    for mode in SCORE_MODES:
+        units = "copy events / answer tokens" if mode == "events" else "distinct answer tokens copied / answer tokens"
+        variants[mode] = HeadScores(f"retrieval score ({mode})", units,
+                                    _mean([per_sample[mode][i] for i in kept], shape), prov,
+                                    f"mean over {len(kept)} retained of {len(grid.samples)} scored samples")
+        variants[f"{mode}_ungated"] = HeadScores(f"retrieval score ({mode}, ungated)", units,
+                                                 per_sample[mode].mean(0), prov,
+                                                 f"mean over all {len(grid.samples)} scored samples")
+    result = RetrievalResult(
+        scores=variants[config.score_mode], variants=variants, per_sample=per_sample, samples=samples,
+        skipped=grid.skipped, config=asdict(config), template=template, group_size=model.group_size,
+        n_kv_heads=model.n_kv_heads, provenance=prov,
+    )
+    if not kept:
+        result.scores = variants[f"{config.score_mode}_ungated"]
+        raise NoRetrievalError(
+            f"No sample passed the ROUGE-1 recall gate (> {config.rouge_threshold}) on {model.spec}: "
+            f"0 of {len(grid.samples)} retrieved the answer, so there are no gated scores. "
+            "Try shorter contexts, the other prompt template, or rouge_gate=False for diagnosis "
+            "(the ungated result is attached to this error as `.result`).", result)
+    if config.mask_ks:
+        top = [head for head, _ in result.scores.top(max(config.mask_ks))]
+        mask_grid = build_samples(model, config.mask_needles or config.needles,
+                                  config.mask_lengths or config.lengths, config.mask_depths or config.depths,
+                                  template, needle_set, sentences)
+        result.masking = masking_experiment(
+            model, mask_grid.samples, top, config.mask_ks, config.mask_kinds, config.mask_random_draws,
+            config.seed, config.max_new_tokens, config.mask_batch,
+            lambda f, m: say(detect_share + (1 - detect_share) * f, m))
+    result.seconds = time.perf_counter() - started
+    say(1.0, "done")
+    return result
+
+
+# ---- masking -------------------------------------------------------------------------------------
+
+def masking_conditions(model: LoadedModel, top: Sequence[Head], ks: Sequence[int], kinds: Sequence[str],
+                       draws: int, seed: int) -> list[dict[str, Any]]:
+    """No masking, then per kind and k: the top-k heads and `draws` seeded random k-sets drawn from the
+    heads outside the whole top list (so no random set contains a top head, spec pitfall 1)."""
+    if max(ks) > len(top):
+        raise RetrievalError(f"Cannot mask the top {max(ks)} heads: only {len(top)} are ranked.")
+    conditions: list[dict[str, Any]] = [{"kind": "", "selection": "none", "k": 0, "draw": 0, "heads": []}]
+    for kind in kinds:
+        for k in ks:
+            conditions.append({"kind": kind, "selection": "top", "k": k, "draw": 0, "heads": list(top[:k])})
+            for draw, heads in enumerate(random_head_sets(model, k, draws, exclude=list(top), seed=seed + 1000 * k)):
+                conditions.append({"kind": kind, "selection": "random", "k": k, "draw": draw, "heads": heads})
+    return conditions
+
+
+def _condition_intervention(condition: dict[str, Any], start: int, row: int) -> Intervention | None:
+    heads = condition["heads"]
+    if not heads:
+        return None
+    where = {"start": start, "rows": (row,)}
+    return uniform_attention(heads, **where) if condition["kind"] == "uniform" else zero_ablation(heads, **where)
+
+
+@torch.no_grad()
+def masked_answers(model: LoadedModel, sample: NiahSample, conditions: Sequence[dict[str, Any]],
+                   max_new_tokens: int, batch: int = 16) -> list[str]:
+    """Greedy answers under each condition. The prefill of `prompt[:-1]` runs once, unmasked; the
+    conditions decode as batch rows from the last prompt token on, each with its own heads masked."""
+    ids = sample.ids(model.device)
+    n = ids.shape[-1]
+    model.check_fits(n + max_new_tokens)
+    stops = _stop_ids(model)
+    prefill = _new_cache(model)
+    model.hf_model(ids[:, :-1], past_key_values=prefill, use_cache=True, logits_to_keep=1)
+    answers: list[str] = []
+    for first in range(0, len(conditions), batch):
+        chunk = conditions[first: first + batch]
+        cache = _copy_cache(prefill, len(chunk))
+        generated: list[list[int]] = [[] for _ in chunk]
+        active = list(range(len(chunk)))  # condition of each batch row; finished rows leave the batch
+        tokens = ids[:, -1:].repeat(len(chunk), 1)
+        steps = 0
+        while active and steps < max_new_tokens:
+            interventions = [i for row, slot in enumerate(active)
+                             if (i := _condition_intervention(chunk[slot], n - 1, row)) is not None]
+            with intervene(model, interventions):
+                while steps < max_new_tokens:
+                    out = model.hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache = out.past_key_values
+                    steps += 1
+                    next_ids = out.logits[:, -1].argmax(-1).tolist()
+                    keep = []
+                    for row, token in enumerate(next_ids):
+                        if not _is_stop(model, token, stops):
+                            generated[active[row]].append(token)
+                            keep.append(row)
+                    tokens = torch.tensor([next_ids[r] for r in keep], device=model.device).view(-1, 1)
+                    if len(keep) < len(active):
+                        active = [active[r] for r in keep]
+                        if keep:
+                            cache.batch_select_indices(torch.tensor(keep, device=model.device))
+                        break  # rebuild the per-row interventions for the smaller batch
+        answers.extend(model.decode(g) for g in generated)
+    return answers
+
+
+def _copy_cache(cache: Any, repeats: int) -> Any:
+    import copy
+
+    clone = copy.deepcopy(cache)
+    clone.batch_repeat_interleave(repeats)
+    return clone
+
+
+def masking_experiment(model: LoadedModel, samples: Sequence[NiahSample], top: Sequence[Head], ks: Sequence[int],
+                       kinds: Sequence[str] = MASK_KINDS, draws: int = 3, seed: int = 0, max_new_tokens: int = 24,
+                       batch: int = 16, progress: Progress | None = None) -> MaskingResult:
+    """ROUGE-1 recall of every prompt under no masking, top-k masking and random-k masking."""
+    say = progress or no_progress
+    started = time.perf_counter()
+    conditions = masking_conditions(model, top, ks, kinds, draws, seed)
+    recall: list[list[float]] = [[] for _ in conditions]
+    responses: list[list[str]] = [[] for _ in conditions]
+    for index, sample in enumerate(samples):
+        say(index / max(1, len(samples)), f"masking: {sample.label}")
+        for slot, answer in enumerate(masked_answers(model, sample, conditions, max_new_tokens, batch)):
+            recall[slot].append(rouge1_recall(sample.needle.answer, answer))
+            responses[slot].append(answer)
+    return MaskingResult(
+        conditions=[{**c, "heads": [str(h) for h in c["heads"]]} for c in conditions],
+        prompts=[s.summary() for s in samples], recall=recall, responses=responses,
+        seconds=time.perf_counter() - started)
+
+
+# ---- figures -------------------------------------------------------------------------------------
+
+def figures(result: RetrievalResult) -> dict[str, Any]:
+    """Heatmap of scores, ranked bar of the top heads, NIAH accuracy grids, accuracy-vs-k curves."""
+    import plotly.graph_objects as go
+
+    figs: dict[str, Any] = {}
+    scores = result.scores.scores
+    figs["heatmap"] = go.Figure(go.Heatmap(
+        z=scores.tolist(), x=[f"H{h}" for h in range(scores.shape[1])], y=[f"L{l}" for l in range(scores.shape[0])],
+        colorscale="Viridis", colorbar={"title": "score"}))
+    figs["heatmap"].update_layout(
+        title=f"Retrieval score ({result.config['score_mode']}), {result.retained}/{result.attempted} samples retained",
+        xaxis_title="query head", yaxis_title="layer", yaxis_autorange="reversed")
+
+    top = result.scores.top(min(20, scores.numel()))
+    figs["top_heads"] = go.Figure(go.Bar(x=[str(h) for h, _ in top], y=[s for _, s in top],
+                                         marker_color=["crimson" if s > result.threshold else "grey" for _, s in top]))
+    figs["top_heads"].add_hline(y=result.threshold, line_dash="dash", annotation_text=f"threshold {result.threshold:g}")
+    figs["top_heads"].update_layout(title="Top heads by retrieval score", xaxis_title="head", yaxis_title="score")
+
+    figs["niah_grid"] = _grid_figure(result.samples, [s["rouge1_recall"] for s in result.samples],
+                                     "NIAH ROUGE-1 recall (no masking)")
+    masking = result.masking
+    if masking:
+        kinds = sorted({c["kind"] for c in masking.conditions if c["selection"] != "none"})
+        k_max = max(c["k"] for c in masking.conditions)
+        for kind in kinds:
+            for selection in ("top", "random"):
+                picked = masking.find(kind, selection, k_max)
+                if not picked:
+                    continue
+                per_prompt = [sum(masking.recall[i][j] for i in picked) / len(picked)
+                              for j in range(len(masking.prompts))]
+                figs[f"niah_grid_{kind}_{selection}{k_max}"] = _grid_figure(
+                    masking.prompts, per_prompt,
+                    f"NIAH ROUGE-1 recall, {selection} {k_max} heads masked ({kind})"
+                    + (f", mean of {len(picked)} draws" if selection == "random" else ""))
+        figs["accuracy_vs_k"] = _curve_figure(masking)
+    return figs
+
+
+def _grid_figure(prompts: Sequence[dict[str, Any]], values: Sequence[float], title: str) -> Any:
+    import plotly.graph_objects as go
+
+    lengths = sorted({p["context_length"] for p in prompts})
+    depths = sorted({p["depth"] for p in prompts})
+    z = []
+    for depth in depths:
+        row = []
+        for length in lengths:
+            cell = [v for p, v in zip(prompts, values) if p["context_length"] == length and p["depth"] == depth]
+            row.append(100 * sum(cell) / len(cell) if cell else None)
+        z.append(row)
+    fig = go.Figure(go.Heatmap(z=z, x=[str(n) for n in lengths], y=[f"{d:g}%" for d in depths],
+                               zmin=0, zmax=100, colorscale="RdYlGn", colorbar={"title": "recall %"}))
+    fig.update_layout(title=title, xaxis_title="context length (tokens)", yaxis_title="needle depth")
+    return fig
+
+
+def _curve_figure(masking: MaskingResult) -> Any:
+    import plotly.graph_objects as go
+
+    fig = go.Figure()
+    kinds = sorted({c["kind"] for c in masking.conditions if c["selection"] != "none"})
+    base = masking.accuracy(masking.find("", "none", 0)[0])
+    for kind, dash in zip(kinds, ("solid", "dot")):
+        rows = [r for r in masking.table() if r["kind"] == kind]
+        ks = [0] + [r["k"] for r in rows]
+        fig.add_trace(go.Scatter(x=ks, y=[100 * base] + [100 * r["top"] for r in rows], mode="lines+markers",
+                                 name=f"top-k ({kind})", line={"color": "crimson", "dash": dash}))
+        fig.add_trace(go.Scatter(x=ks, y=[100 * base] + [100 * r["random_mean"] for r in rows], mode="lines",
+                                 name=f"random-k mean ({kind})", line={"color": "steelblue", "dash": dash}))
+        fig.add_trace(go.Scatter(x=[r["k"] for r in rows for _ in r["random"]],
+                                 y=[100 * a for r in rows for a in r["random"]], mode="markers",
+                                 name=f"random-k draws ({kind})", marker={"color": "steelblue", "opacity": 0.5}))
+    fig.update_layout(title="NIAH accuracy vs number of masked heads", xaxis_title="k heads masked",
+                      yaxis_title="mean ROUGE-1 recall (%)", yaxis_range=[0, 105])
+    return fig
+
+
+def summary_text(result: RetrievalResult, top: int = 10) -> str:
+    """A few lines for the CLI and reports."""
+    lines = [
+        f"retrieval heads on {result.provenance.model_spec} ({result.template} template): "
+        f"{result.retained}/{result.attempted} samples retained "
+        f"({sum(s['success'] for s in result.samples)} retrieved, {len(result.skipped)} skipped)",
+        f"heads > {result.threshold:g}: {len(result.retrieval_heads())} of {result.scores.scores.numel()}",
+        "top: " + ", ".join(f"{h} {s:.2f}" for h, s in result.scores.top(top)),
+    ]
+    if result.masking:
+        for row in result.masking.table():
+            lines.append(f"mask {row['kind']} k={row['k']}: none {100 * row['none']:.0f}%, top {100 * row['top']:.0f}%, "
+                         f"random {', '.join(f'{100 * a:.0f}' for a in row['random'])}%")
+    return "\n".join(lines)
+
+
+__all__ = [
+    "RetrievalConfig", "RetrievalResult", "MaskingResult", "RetrievalError", "NoRetrievalError", "QUICK", "DEFAULT",
+    "run", "figures", "fast_sample", "reference_sample", "answer_rows", "attention_geometry", "masking_experiment",
+    "masked_answers", "masking_conditions", "summary_text",
+]
+
+
+def summary(result: RetrievalResult) -> str:
+    """The plain-text summary the scan and the app show (same as `summary_text`)."""
+    return summary_text(result)

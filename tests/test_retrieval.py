@@ -1,0 +1,341 @@
+"""Retrieval heads: planted copy head, fast path == slow reference, NIAH builder, bad input, causal check."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+from analyses import retrieval
+from analyses.data.haystack import (
+    NeedleNotFoundError,
+    build_grid,
+    build_sample,
+    haystack_sentences,
+    locate_span,
+    rouge1_recall,
+)
+from analyses.data.needles import Needle
+from analyses.retrieval import (
+    NoRetrievalError,
+    RetrievalConfig,
+    RetrievalResult,
+    answer_rows,
+    attention_geometry,
+    fast_sample,
+    reference_sample,
+)
+from probe.errors import ProbeError, PromptTooLongError
+from probe.heads import Head
+from probe.models import LoadedModel, wrap_hf_model
+from probe.tiny import word_tokenizer
+
+# ---- a planted retrieval head ----------------------------------------------------------------------
+
+FILLER = "river stone walks under quiet green hills while birds sing softly near old bridges and tall trees".split()
+PLANTED_NEEDLE = Needle(fact="the secret code is red fox jumps high", question="what is the secret code ?",
+                        answer="red fox jumps high")
+TEMPLATE_WORDS = "Based on the content of book, Question: Answer: what is ? secret code".split()
+PLANTED, DECOY = Head(0, 2), Head(0, 3)
+
+
+def planted_model(copy_gain: float = 20.0) -> LoadedModel:
+    """One-layer Llama (4 query heads, 2 KV heads) whose head 2 copies the needle's answer.
+
+    Embeddings and unembedding are one-hot. KV head 1 keys/values are the token's one-hot, placed in
+    head dimensions where RoPE barely rotates (rope_theta 1e30), so matching is by content. Head 2's
+    query at token x looks for the answer word that follows x ("Answer:" -> first answer word), and its
+    output writes the attended token into the logits: greedy decoding copies the answer from the needle.
+    Head 3 (same KV head) looks one answer word further (inside the needle, wrong token: no copy event);
+    heads 0 and 1 have random queries and keys and no output.
+    """
+    words: list[str] = []
+    for word in FILLER + PLANTED_NEEDLE.fact.split() + TEMPLATE_WORDS:
+        if word not in words:
+            words.append(word)
+    tokenizer = word_tokenizer(words, name="probe/planted-retrieval")
+    vocab, d_model, head_dim = len(tokenizer), 64, 128
+    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=8, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
+                         max_position_embeddings=1024, rope_theta=1e30, tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, rms_norm_eps=1e-6)
+    model = LlamaForCausalLM(config).eval()
+    slots = list(range(32, 64)) + list(range(96, 128))  # rotary frequency ~0: content-only dimensions
+    assert vocab <= len(slots)
+    token = tokenizer.convert_tokens_to_ids
+    answer = [token(w) for w in PLANTED_NEEDLE.answer.split()]
+    successor = {token("Answer:"): answer[0], **dict(zip(answer, answer[1:]))}
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.zero_()
+        model.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
+        model.lm_head.weight[:, :vocab] = torch.eye(vocab)
+        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm,
+                     model.model.norm):
+            norm.weight.fill_(1.0)
+        attn = model.model.layers[0].self_attn
+        attn.q_proj.weight[: 2 * head_dim] = torch.randn(2 * head_dim, d_model, generator=generator) * 0.3
+        attn.k_proj.weight[:head_dim] = torch.randn(head_dim, d_model, generator=generator) * 0.3
+        for t in range(vocab):
+            attn.k_proj.weight[head_dim + slots[t], t] = 1.0
+            attn.v_proj.weight[head_dim + slots[t], t] = 1.0
+            attn.o_proj.weight[t, PLANTED.head * head_dim + slots[t]] = copy_gain
+        for x, y in successor.items():
+            attn.q_proj.weight[PLANTED.head * head_dim + slots[y], x] = 4.0
+            if y in successor:
+                attn.q_proj.weight[DECOY.head * head_dim + slots[successor[y]], x] = 4.0
+    return wrap_hf_model(model, tokenizer, "planted-retrieval", hub_name="probe/planted-retrieval", device="cpu")
+
+
+def filler_sentences(count: int = 80, seed: int = 0) -> list[str]:
+    rng, sentences = random.Random(seed), []
+    while len(sentences) < count:
+        sentence = " ".join(rng.sample(FILLER, 6)) + " ."
+        if sentence not in sentences:
+            sentences.append(sentence)
+    return sentences
+
+
+def planted_samples(model: LoadedModel, lengths=(60, 200), depths=(0, 50, 100)):
+    sentences = filler_sentences()
+    return [build_sample(model.tokenizer, PLANTED_NEEDLE, n, d, "base", sentences, 0, 0)
+            for n in lengths for d in depths]
+
+
+@pytest.fixture(scope="module")
+def planted() -> LoadedModel:
+    return planted_model()
+
+
+def test_planted_head_is_found_first_and_alone(planted):
+    samples = planted_samples(planted)
+    traces = [fast_sample(planted, s, 6) for s in samples]
+    spans = [s.answer_tokens[1] - s.answer_tokens[0] for s in samples]
+    events, unique = (torch.stack([getattr(t, mode).double() / n for t, n in zip(traces, spans)]).mean(0)
+                      for mode in ("events", "unique"))
+    assert all(t.response.startswith(PLANTED_NEEDLE.answer) for t in traces)
+    for scores in (events, unique):
+        flat = scores.flatten()
+        assert int(flat.argmax()) == PLANTED.layer * planted.n_heads + PLANTED.head
+        assert scores[PLANTED.layer, PLANTED.head] > 0.9
+        others = flat.clone()
+        others[int(flat.argmax())] = 0
+        assert others.max() <= 0.1
+    # the decoy attends inside the needle but never to the token being written: no copy events
+    assert all(int(t.argmax[0, DECOY.head, 0]) in range(*s.answer_tokens) for t, s in zip(traces, samples))
+    assert events[DECOY.layer, DECOY.head] == 0
+
+
+def test_planted_run_end_to_end_and_json_round_trip(planted):
+    config = RetrievalConfig(lengths=(80, 160), depths=(0.0, 100.0), needles=(0,), template="base",
+                             max_new_tokens=6, mask_ks=(1,), mask_random_draws=3)
+    result = retrieval.run(planted, config, needle_set=(PLANTED_NEEDLE,), sentences=filler_sentences())
+    assert result.retained == result.attempted == 4
+    assert [h for h, _ in result.retrieval_heads()] == [PLANTED]
+    assert result.kv_scores("max")[0, 1] == result.scores[PLANTED]
+    assert result.kv_scores("mean")[0, 1] == pytest.approx(result.scores[PLANTED] / 2)
+    # causal check on the planted model: uniform attention or zero output on the planted head kills
+    # retrieval; masking any one other head (3 seeded draws, never the planted one) does not
+    table = {row["kind"]: row for row in result.masking.table()}
+    for kind in ("uniform", "zero"):
+        assert table[kind]["none"] == 1.0 and table[kind]["top"] < 0.3
+        assert min(table[kind]["random"]) == 1.0
+    random_heads = [c["heads"] for c in result.masking.conditions if c["selection"] == "random"]
+    assert all(str(PLANTED) not in heads for heads in random_heads)
+    again = RetrievalResult.from_json(result.to_json())
+    torch.testing.assert_close(again.scores.scores, result.scores.scores.to(torch.float64))
+    assert again.masking.table() == result.masking.table()
+    figs = retrieval.figures(result)
+    assert {"heatmap", "top_heads", "niah_grid", "accuracy_vs_k"} <= set(figs)
+
+
+def test_fast_path_equals_reference_on_planted_and_random_models(planted, tiny_gqa):
+    for sample in planted_samples(planted, lengths=(60, 200), depths=(30, 100)):
+        fast, slow = fast_sample(planted, sample, 6), reference_sample(planted, sample, 6)
+        assert fast.answer_ids == slow.answer_ids
+        assert torch.equal(fast.argmax, slow.argmax)
+        assert torch.equal(fast.events, slow.events) and torch.equal(fast.unique, slow.unique)
+    # random weights, GQA: every head's argmax row must agree, not only the copy counts
+    ids = tiny_gqa.encode("the capital of mary is the book of john and the key to the park")
+    fake = _with_ids(ids, (2, 6))
+    fast, slow = fast_sample(tiny_gqa, fake, 8), reference_sample(tiny_gqa, fake, 8)
+    assert len(fast.answer_ids) > 0 and fast.answer_ids == slow.answer_ids
+    assert torch.equal(fast.argmax, slow.argmax)
+
+
+def _tiny_gemma3() -> LoadedModel:
+    tokenizer = word_tokenizer()
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=512,
+                              sliding_window=6, query_pre_attn_scalar=16,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    torch.manual_seed(0)
+    return wrap_hf_model(Gemma3ForCausalLM(config).eval(), tokenizer, "tiny-gemma3", hub_name="probe/tiny-gemma3",
+                         device="cpu")
+
+
+@pytest.mark.parametrize("builder", ["tiny_gqa", "gemma3_sliding"])
+def test_answer_rows_equal_the_models_own_pattern(builder, request):
+    """Rows recomputed from hook_rot_q/hook_rot_k == hook_pattern rows (GQA, scaling, sliding window)."""
+    model = _tiny_gemma3() if builder == "gemma3_sliding" else request.getfixturevalue(builder)
+    ids = model.encode("the capital of mary is the book of john and the key to the park on monday")
+    names = [f"blocks.{l}.attn.{n}" for l in range(model.n_layers) for n in ("hook_rot_q", "hook_rot_k", "hook_pattern")]
+    _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+    geometry = attention_geometry(model)
+    if builder == "gemma3_sliding":
+        assert [g.window for g in geometry] == [6, None, 6]
+    first = 9
+    for layer in range(model.n_layers):
+        q = cache[f"blocks.{layer}.attn.hook_rot_q"][0, first:]
+        k = cache[f"blocks.{layer}.attn.hook_rot_k"][0]
+        rows = answer_rows(q, k, first, geometry[layer], model.group_size)
+        expected = cache[f"blocks.{layer}.attn.hook_pattern"][0, :, first:]
+        torch.testing.assert_close(rows, expected, atol=1e-6, rtol=1e-5)
+        if geometry[layer].window:  # the window is really applied: row 9 cannot see key 0
+            assert rows[:, 0, 0].abs().max() == 0
+
+
+def _with_ids(ids: torch.Tensor, span: tuple[int, int]):
+    """A NIAH sample carrying arbitrary token ids (for random-weight models) and an answer span."""
+    template = build_sample(planted_model().tokenizer, PLANTED_NEEDLE, 40, 50, "base", filler_sentences(), 0, 0)
+    return dataclasses.replace(template, input_ids=tuple(ids[0].tolist()), answer_tokens=span)
+
+
+def test_gemma3_fast_path_equals_reference_beyond_the_window():
+    model = _tiny_gemma3()
+    ids = model.encode(" ".join(["mary went to the park with john and the book"] * 3) + " what is the key")
+    sample = _with_ids(ids, (3, 8))
+    fast, slow = fast_sample(model, sample, 8), reference_sample(model, sample, 8)
+    assert fast.answer_ids == slow.answer_ids and torch.equal(fast.argmax, slow.argmax)
+    # sliding layers (0 and 2, window 6) never look further back than 5 tokens
+    first = ids.shape[-1] - 1
+    for layer in (0, 2):
+        steps = torch.arange(first, first + fast.argmax.shape[-1])
+        assert ((steps - fast.argmax[layer]) < 6).all()
+
+
+# ---- the NIAH builder ------------------------------------------------------------------------------
+
+def test_haystack_is_clean_prose_without_repeats():
+    sentences = haystack_sentences()
+    assert len(sentences) > 20_000
+    assert len(set(s.lower() for s in sentences)) == len(sentences)
+    sample = " ".join(sentences[:2000])
+    for markup in ("**", "##", "_Enter", "_Exit"):
+        assert markup not in sample
+
+
+def test_needle_at_sentence_boundary_with_exact_spans(planted):
+    tok = planted.tokenizer
+    sentences = filler_sentences()
+    starts = []
+    for depth in (0, 25, 50, 75, 100):
+        sample = build_sample(tok, PLANTED_NEEDLE, 120, depth, "base", sentences, 0, 0)
+        assert sample.context_tokens <= 120
+        assert tok.decode(list(sample.answer_ids())) == PLANTED_NEEDLE.answer
+        s, e = sample.needle_tokens
+        assert tok.decode(list(sample.input_ids[s:e])) == PLANTED_NEEDLE.fact
+        before = sample.prompt[: sample.needle_chars[0]].rstrip()
+        assert before == "" or before.endswith(".")  # a sentence boundary
+        assert abs(sample.actual_depth - depth / 100) < 0.1
+        starts.append(s)
+    assert starts == sorted(starts) and starts[0] == 1 and len(set(starts)) == 5
+
+
+def test_unlocatable_needle_is_reported_not_scored(planted):
+    # a needle whose answer words are outside the tiny vocabulary decodes as <unk>: skipped, with why
+    alien = Needle(fact="the secret code is zebra quokka", question="what is the secret code ?",
+                   answer="zebra quokka")
+    grid = build_grid(planted.tokenizer, [60], [0, 100], (0, 1), "base", needles=(PLANTED_NEEDLE, alien),
+                      sentences=filler_sentences(), stride=0)
+    assert len(grid.samples) == 2 and len(grid.skipped) == 2
+    assert all(s["needle_index"] == 1 and "does not contain" in s["reason"] for s in grid.skipped)
+    with pytest.raises(NeedleNotFoundError):
+        locate_span([(0, 3), (4, 7)], 10, 12)
+    with pytest.raises(NeedleNotFoundError):
+        build_sample(planted.tokenizer, Needle("a b c", "q", "x y"), 40, 0, "base", filler_sentences())
+
+
+def test_rouge1_recall():
+    assert rouge1_recall("three spoons of smoked paprika", "Three spoons of paprika.") == pytest.approx(0.8)
+    assert rouge1_recall("a a b", "a b") == pytest.approx(2 / 3)
+    assert rouge1_recall("red fox", "nothing here") == 0.0
+    with pytest.raises(ProbeError):
+        rouge1_recall("", "x")
+
+
+# ---- bad input -------------------------------------------------------------------------------------
+
+def test_context_longer_than_the_window_is_refused_before_any_work(planted):
+    config = RetrievalConfig(lengths=(5000,), depths=(0.0,), needles=(0,), template="base")
+    with pytest.raises(PromptTooLongError, match="1024"):
+        retrieval.run(planted, config)
+
+
+def test_zero_successful_retrievals_is_an_error_with_the_ungated_result():
+    broken = planted_model(copy_gain=0.0)  # the head still attends, but writes nothing: no retrieval
+    config = RetrievalConfig(lengths=(80,), depths=(0.0, 100.0), needles=(0,), template="base", max_new_tokens=5)
+    with pytest.raises(NoRetrievalError, match="0 of 2") as caught:
+        retrieval.run(broken, config, needle_set=(PLANTED_NEEDLE,), sentences=filler_sentences())
+    result = caught.value.result
+    assert result is not None and result.retained == 0 and result.attempted == 2
+    assert torch.isnan(result.variants["events"].scores).all()  # no fake zeros
+    assert not torch.isnan(result.variants["events_ungated"].scores).any()
+
+
+def test_bad_config_values_are_probe_errors(planted):
+    for bad in (RetrievalConfig(score_mode="max"), RetrievalConfig(match="fuzzy"), RetrievalConfig(mask_kinds=("x",)),
+                RetrievalConfig(template="chat")):
+        with pytest.raises(ProbeError):
+            retrieval.run(planted, bad)
+
+
+# ---- the embedded models ---------------------------------------------------------------------------
+
+@pytest.mark.embedded
+def test_fast_path_equals_reference_on_smollm2(smollm2):
+    """20 samples, short contexts: identical answers, argmax rows and scores."""
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    grid = build_grid(smollm2.tokenizer, [160, 240], [0, 40, 70, 100], (0, 1, 2, 3, 4), "base")
+    samples = grid.samples[::2]
+    assert len(samples) == 20 and not grid.skipped
+    for sample in samples:
+        fast, slow = fast_sample(smollm2, sample, 4), reference_sample(smollm2, sample, 4)
+        assert fast.answer_ids == slow.answer_ids
+        span = sample.answer_tokens[1] - sample.answer_tokens[0]
+        for mode in ("events", "unique"):
+            torch.testing.assert_close(getattr(fast, mode).double() / span, getattr(slow, mode).double() / span,
+                                       atol=1e-6, rtol=0)
+        assert torch.equal(fast.argmax, slow.argmax)
+
+
+@pytest.mark.embedded
+def test_gemma3_sliding_window_fast_path_equals_reference(gemma3):
+    grid = build_grid(gemma3.tokenizer, [700], [0], (0,), "base")
+    sample = grid.samples[0]
+    assert sample.prompt_len - sample.answer_tokens[0] > 512  # the needle is outside the sliding window
+    fast, slow = fast_sample(gemma3, sample, 3), reference_sample(gemma3, sample, 3)
+    assert fast.answer_ids == slow.answer_ids and torch.equal(fast.argmax, slow.argmax)
+    sliding = [l for l, g in enumerate(attention_geometry(gemma3)) if g.window]
+    assert len(sliding) == 15
+    # sliding layers cannot reach the needle from the answer rows
+    start, stop = sample.answer_tokens
+    assert not ((fast.argmax[sliding] >= start) & (fast.argmax[sliding] < stop)).any()
+
+
+@pytest.mark.embedded
+def test_masking_smollm2_top_heads_hurts_retrieval_more_than_random_heads(smollm2):
+    """Causal check: uniform attention on the top-3 heads (answer rows only) lowers NIAH recall more
+    than on any of 3 seeded random 3-head sets drawn outside the top list."""
+    config = RetrievalConfig(lengths=(300,), depths=(0.0, 100.0), needles=(0, 1), template="chat",
+                             max_new_tokens=32, mask_ks=(3,), mask_kinds=("uniform",), mask_random_draws=3)
+    result = retrieval.run(smollm2, config)
+    assert result.retained >= 1
+    row = result.masking.table()[0]
+    assert row["top"] < min(row["random"])
+    assert row["none"] - row["top"] >= 0.2
