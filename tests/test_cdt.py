@@ -3,16 +3,34 @@ agreement with path patching, bad input, and a causal check on SmolLM2."""
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
 import torch
 
-from analyses.cdt import circuits, patching, rules, tasks
-from analyses.cdt.arch import UnsupportedArchitectureError, read_weights
+import analyses.cdt as cdt
+from analyses.cdt import circuits, fast, patching, rules, tasks
+from analyses.cdt.arch import CDTError, UnsupportedArchitectureError, read_weights
 from analyses.cdt.engine import Engine, RuleOptions
 from analyses.cdt.planted import PLANTED, induction_batch, planted_induction_model
 from probe.heads import Head
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread for these tests, restored after each: on the shared 2-core machine two
+    threads under contention made the small CD-T passes 10-40x slower (planted test 15.8 s vs 0.15 s)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """The planted previous-token → induction model (built once: ~2 s)."""
+    return planted_induction_model()
+
 
 TINY_PROMPT = "the capital of mary is the book of john and the key"
 IOI_PROMPT = "When Mary and John went to the store, John gave a drink to"
@@ -86,8 +104,8 @@ def test_nothing_relevant_means_beta_zero(tiny_llama):
     assert beta.abs().max() == 0.0
 
 
-def test_planted_circuit_is_found_exactly():
-    model = planted_induction_model()
+def test_planted_circuit_is_found_exactly(planted):
+    model = planted
     batch = induction_batch(model)
     assert tasks.accuracy(model, [batch])["top1_accuracy"] == 1.0  # the planted mechanism works
     result = circuits.sweep(Engine(model), [batch])
@@ -109,8 +127,8 @@ def test_planted_circuit_is_found_exactly():
     assert base.of(circuits.metric_with_circuit(model, [batch], means, [Head(0, 1), Head(1, 1)])) < 0.1
 
 
-def test_path_patching_agrees_on_the_planted_circuit():
-    model = planted_induction_model()
+def test_path_patching_agrees_on_the_planted_circuit(planted):
+    model = planted
     batch = induction_batch(model, n=6)
     circuit = circuits.iterative_search(patching.path_patching_score_fn(model, [batch]), 2, 4, per_iteration=3,
                                         max_heads=8, method="path-patching", min_relative=0.2)
@@ -143,10 +161,10 @@ def test_exact_on_gemma3(gemma3):
     assert _assert_exact(gemma3, IOI_PROMPT) >= 12 * gemma3.n_layers
 
 
-def test_word_relevance_points_at_the_copied_word_like_occlusion():
+def test_word_relevance_points_at_the_copied_word_like_occlusion(planted):
     from analyses.cdt.local import token_relevance
 
-    model = planted_induction_model()
+    model = planted
     result = token_relevance(model, "c f a h b d a", good="h", bad="a")
     assert result.words[max(range(len(result.words)), key=lambda i: result.cdt[i])] == "h"
     top_occluded = sorted(range(len(result.words)), key=lambda i: -result.occlusion[i])[:3]
@@ -155,10 +173,10 @@ def test_word_relevance_points_at_the_copied_word_like_occlusion():
     assert abs(result.cdt[2]) < 0.1 * result.cdt[3]
 
 
-def test_figures_and_json_round_trip():
+def test_figures_and_json_round_trip(planted):
     from analyses.cdt import plots as figs
 
-    model = planted_induction_model()
+    model = planted
     batch = induction_batch(model, n=4)
     result = circuits.sweep(Engine(model), [batch])
     circuit = circuits.iterative_search(circuits.cdt_score_fn(result), 2, 4, 3, 8, "cd-t", 0.2)
@@ -168,3 +186,78 @@ def test_figures_and_json_round_trip():
     assert len(graph.data) == 3  # two edges + the nodes
     assert figs.relevance_heatmap(result.to_output, "x").data[0].z is not None
     assert len(figs.faithfulness_curves([1, 2], {"cd-t": [0.5, 1.0], "random_all": [[0.1], [0.2]]}).data) == 3
+
+
+def _two_prompt_batch(model) -> tasks.LogitDiffBatch:
+    ids = torch.cat([model.encode(TINY_PROMPT), model.encode("the key of john is the book of mary and the capital")])
+    refs = torch.cat([model.encode("the book of mary is the key of john and the capital"),
+                      model.encode("the key of the capital is the book of john and mary")])
+    return tasks.LogitDiffBatch("t", ids, torch.tensor([5, 7]), torch.tensor([6, 8]), refs, [])
+
+
+@pytest.mark.parametrize("fixture,options", [
+    ("tiny_gpt2", RuleOptions()), ("tiny_gqa", RuleOptions()), ("tiny_gqa", RuleOptions(product="symmetric")),
+    ("tiny_llama", RuleOptions(product="irrelevant_first")), ("tiny_gqa", RuleOptions(attention="value_only", stabilise=False)),
+])
+def test_fast_sweep_equals_the_two_stream_reference(fixture, options, request):
+    """The β-only sweep (γ = cached total − β) gives the same relevances as carrying both streams."""
+    model = request.getfixturevalue(fixture)
+    engine = Engine(model, "float64", options)
+    batch = _two_prompt_batch(model)
+    slow, quick = circuits.sweep(engine, [batch]), fast.fast_sweep(engine, [batch])
+    assert slow.to_output.abs().max() > 1e-4 and slow.to_input["k"].abs().max() > 1e-4
+    # the reference starts each source layer from the bridge's float32 residual, the fast sweep from
+    # its own float64 pass: they agree to float32 rounding, amplified a little through the layers
+    for name, a, b in [("output", slow.to_output, quick.to_output), ("z", slow.to_z, quick.to_z),
+                       *[(c, slow.to_input[c], quick.to_input[c]) for c in "qkv"]]:
+        assert (a - b).abs().max() <= 1e-4 * a.abs().max(), name
+
+
+def test_run_finds_the_planted_circuit_and_round_trips(planted):
+    """run() end to end on the planted model: the circuit, the contract (scores, JSON, summary, figures)."""
+    config = cdt.CDTConfig(task="planted-induction", discovery_per_template=6, evaluation_per_template=8,
+                           per_iteration=3, max_heads=6, min_relative=0.2, random_draws=3, baseline=True)
+    seen = []
+    result = cdt.run(planted, config, progress=lambda f, m: seen.append(f))
+    assert set(result.circuit.heads) == set(PLANTED)
+    assert set(circuits.Circuit.from_json(result.extra["baseline_circuit"]).heads) == set(PLANTED)
+    assert result.faithfulness["cd-t"][-1] > 0.9 and max(result.faithfulness["random_all"][-1]) < 0.5
+    assert result.scores.top(1)[0][0] == Head(1, 0) and result.scores.scores.shape == (2, 4)
+    assert seen[-1] == 1.0 and seen == sorted(seen)
+    data = json.loads(json.dumps(result.to_json()))
+    assert "scores" in data
+    again = cdt.CDTResult.from_json(data)
+    assert torch.equal(again.scores.scores, result.scores.scores.double()) and again.circuit.heads == result.circuit.heads
+    assert set(cdt.figures(again)) == {"circuit", "relevance", "faithfulness"}
+    text = cdt.summary(again)
+    assert "L1H0" in text and "path patching" in text
+
+
+def test_run_on_a_tiny_llama_and_bad_config(tiny_gqa):
+    result = cdt.run(tiny_gqa, cdt.CDTConfig(task="successor", per_iteration=2, max_heads=3, random_draws=2,
+                                             curve_every=2, baseline=False, prune=False))
+    assert result.sizes == [2, 3] and len(result.circuit.heads) == 3
+    assert "skipped" in cdt.summary(result)
+    assert cdt.CDTResult.from_json(json.loads(json.dumps(result.to_json()))).circuit.heads == result.circuit.heads
+    with pytest.raises(CDTError, match="target_mode"):
+        cdt.run(tiny_gqa, cdt.CDTConfig(target_mode="sideways"))
+    with pytest.raises(CDTError, match="planted model"):
+        cdt.run(tiny_gqa, cdt.CDTConfig(task="planted-induction"))
+
+
+@pytest.mark.embedded
+def test_quick_run_on_smollm2_beats_random_circuits(smollm2):
+    """The demo preset end to end on SmolLM2 IOI, with 10 random circuits per size: the CD-T circuit's
+    faithfulness exceeds the random circuits' mean by more than their whole spread (max − min)."""
+    import dataclasses
+
+    result = cdt.run(smollm2, dataclasses.replace(cdt.QUICK, random_draws=10))
+    assert result.accuracy["top1_accuracy"] >= 0.8 and result.full_metric > result.empty_metric + 1.0
+    assert result.sizes == [4, 8, 12] and len(result.circuit.heads) == 12
+    for value, draws in zip(result.faithfulness["cd-t"], result.faithfulness["random_all"]):
+        assert len(draws) == 10
+        mean, spread = sum(draws) / len(draws), max(draws) - min(draws)
+        assert value > mean + spread, (value, draws)
+    again = cdt.CDTResult.from_json(json.loads(json.dumps(result.to_json())))
+    assert set(cdt.figures(again)) == {"circuit", "relevance", "faithfulness"}
+    assert "skipped" in cdt.summary(again)

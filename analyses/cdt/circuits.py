@@ -143,6 +143,7 @@ class Sweep:
     to_input: dict[str, torch.Tensor]
     clean_metric: float
     n_prompts: int
+    z_means: list[dict[Head, torch.Tensor]] | None = None  # per batch: reference mean z [T, d_head] per head
 
     def to_target(self, target: Head, mode: str = "input") -> torch.Tensor:
         """`[L, H]` relevance of every source head to `target` (0 for heads not upstream of it)."""
@@ -227,11 +228,46 @@ class Circuit:
 ScoreFn = Callable[[list[Head] | None], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
+# circuit_metric(circuits) -> for each circuit (a head list), the task metric with every head outside
+# it mean-ablated (on the discovery prompts); `metrics_with_circuits` batches them
+CircuitMetric = Callable[[list[list[Head]]], list[float]]
+
+
+def _prune_and_refill(ranked: list[Head], kept: list[Head], want: int, metric: CircuitMetric,
+                      lookahead: int) -> list[Head]:
+    """Alg. 1's greedy pruning, per iteration: take the top `want` candidates; while removing one of
+    them raises the circuit's metric, remove the one that raises it most; then, while fewer than
+    `want` are kept, add the next candidate (among the first `lookahead` ranked) that raises the
+    metric most, if any does. Each round scores all its trial circuits in one batched call."""
+    chosen = list(ranked[:want])
+    best = metric([kept + chosen])[0]
+    while len(chosen) > 1:
+        values = metric([kept + [h for h in chosen if h != head] for head in chosen])
+        index = max(range(len(values)), key=values.__getitem__)
+        if values[index] <= best:
+            break
+        best = values[index]
+        chosen.pop(index)
+    pool = [h for h in ranked[want:lookahead]]
+    while len(chosen) < want and pool:
+        values = metric([kept + chosen + [head] for head in pool])
+        index = max(range(len(values)), key=values.__getitem__)
+        if values[index] <= best:
+            break
+        best = values[index]
+        chosen.append(pool.pop(index))
+    return chosen
+
+
 def iterative_search(score_fn: ScoreFn, n_layers: int, n_heads: int, per_iteration: int, max_heads: int,
-                     method: str, min_relative: float = 0.0) -> Circuit:
+                     method: str, min_relative: float = 0.0, circuit_metric: CircuitMetric | None = None,
+                     lookahead: int = 2) -> Circuit:
     """Alg. 1: score senders against the current targets, keep the top `per_iteration` by |score|
     (and only those with |score| ≥ `min_relative` × the best one: the outliers), make them the next
-    targets; stop at `max_heads` or when no sender is upstream of the targets."""
+    targets; stop at `max_heads` or when no sender is upstream of the targets.
+
+    With `circuit_metric`, each iteration's picks are greedily pruned and refilled from the next
+    `lookahead × per_iteration` ranked candidates (`_prune_and_refill`)."""
     heads: list[Head] = []
     scores: dict[Head, float] = {}
     iterations: list[list[Head]] = []
@@ -249,8 +285,14 @@ def iterative_search(score_fn: ScoreFn, n_layers: int, n_heads: int, per_iterati
                         ranked.append((abs(value), candidate, value))
         ranked.sort(key=lambda item: -item[0])
         best = ranked[0][0] if ranked else 0.0
-        chosen = [(h, v) for magnitude, h, v in ranked[: min(per_iteration, max_heads - len(heads))]
-                  if magnitude > 0 and magnitude >= min_relative * best]
+        want = min(per_iteration, max_heads - len(heads))
+        eligible = [(h, v) for magnitude, h, v in ranked if magnitude > 0 and magnitude >= min_relative * best]
+        if circuit_metric is None:
+            chosen = eligible[:want]
+        else:
+            value_of = dict(eligible)
+            picked = _prune_and_refill([h for h, _ in eligible], heads, want, circuit_metric, lookahead * want)
+            chosen = [(h, value_of[h]) for h in picked]
         if not chosen:
             break
         for head, value in chosen:
@@ -263,8 +305,14 @@ def iterative_search(score_fn: ScoreFn, n_layers: int, n_heads: int, per_iterati
     return Circuit(method, heads, scores, iterations, edges)
 
 
-def cdt_score_fn(result: Sweep, mode: str = "input") -> ScoreFn:
-    """Scores from a finished sweep: output relevance first, then per-target normalised relevance."""
+def cdt_score_fn(result: Sweep, mode: str = "weighted") -> ScoreFn:
+    """Scores from a finished sweep: output relevance first; then, per target t, each upstream head's
+    relevance to t's inputs (|q| + |k| + |v|), combined over targets as
+
+    - `weighted` (default): Σ_t rel_in(s → t) · |rel_out(t)|, a chain-rule estimate of the path
+      s → t → logits (targets that matter more to the output count more);
+    - `input`: Σ_t rel_in(s → t) / Σ_s' rel_in(s' → t) (each target normalised, equal weight);
+    - `z`: as `input` but read at the target's output z (misses pure Q/K composition, docs/cdt.md)."""
 
     def score(targets: list[Head] | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if targets is None:
@@ -272,10 +320,13 @@ def cdt_score_fn(result: Sweep, mode: str = "input") -> ScoreFn:
         total = torch.zeros_like(result.to_output)
         per_target = {}
         for target in targets:
-            values = result.to_target(target, mode).clone()
+            values = result.to_target(target, "z" if mode == "z" else "input").clone()
             values[target.layer:] = 0.0  # only upstream heads can feed the target
-            norm = values.abs().sum()
             per_target[str(target)] = values
+            if mode == "weighted":  # share of the target's input deviation × the target's own output relevance
+                total += values.abs() * abs(float(result.to_output[target.layer, target.head]))
+                continue
+            norm = values.abs().sum()
             if norm > 0:
                 total += values.abs() / norm
         return total, per_target
@@ -310,6 +361,60 @@ def metric_with_circuit(model, batches: Sequence[LogitDiffBatch], means: Sequenc
         total += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum())
         count += batch.n_prompts
     return total / count
+
+
+@torch.no_grad()
+def metrics_with_circuits(model, batches: Sequence[LogitDiffBatch], means: Sequence[dict[Head, torch.Tensor]],
+                          keeps: Sequence[Sequence[Head]], max_rows: int = 64) -> list[float]:
+    """`metric_with_circuit` for several circuits at once. A forward holds (circuit, batch, prompt)
+    rows of one token length (batches of equal length share forwards); each block of rows has the
+    complement of its circuit mean-ablated with its own batch's reference means."""
+    totals = [0.0] * len(keeps)
+    count = sum(b.n_prompts for b in batches)
+    heads = model.all_heads()
+    by_length: dict[int, list[tuple[int, int]]] = {}
+    for j, batch in enumerate(batches):
+        for i in range(len(keeps)):
+            by_length.setdefault(int(batch.ids.shape[1]), []).append((i, j))
+    for jobs in by_length.values():
+        packs: list[list[tuple[int, int]]] = [[]]
+        rows_in_pack = 0
+        for i, j in jobs:
+            if packs[-1] and rows_in_pack + batches[j].n_prompts > max_rows:
+                packs.append([])
+                rows_in_pack = 0
+            packs[-1].append((i, j))
+            rows_in_pack += batches[j].n_prompts
+        for pack in packs:
+            ops, ids, good, bad, start = [], [], [], [], 0
+            for i, j in pack:
+                batch = batches[j]
+                kept = set(keeps[i])
+                ablated = [h for h in heads if h not in kept]
+                if ablated:
+                    ops.append(mean_ablation(ablated, means[j], rows=tuple(range(start, start + batch.n_prompts))))
+                ids.append(batch.ids)
+                good.append(batch.good)
+                bad.append(batch.bad)
+                start += batch.n_prompts
+            with intervene(model, ops):
+                logits = model.logits(torch.cat(ids))[:, -1]
+            rows = torch.arange(start)
+            diff = (logits[rows, torch.cat(good)] - logits[rows, torch.cat(bad)]).tolist()
+            offset = 0
+            for i, j in pack:
+                n = batches[j].n_prompts
+                totals[i] += sum(diff[offset: offset + n])
+                offset += n
+    return [t / count for t in totals]
+
+
+def discovery_metric(model, batches: Sequence[LogitDiffBatch],
+                     means: Sequence[dict[Head, torch.Tensor]] | None = None) -> CircuitMetric:
+    """The circuit metric for pruning during search: mean-ablated on the discovery prompts' own
+    references (`means`, e.g. `Sweep.z_means`, or computed here)."""
+    means = list(means) if means is not None else [batch_means(model, b) for b in batches]
+    return lambda keeps: metrics_with_circuits(model, batches, means, keeps)
 
 
 @dataclass

@@ -6,7 +6,8 @@ Sender s → receivers R: (1) forward with s patched and every head frozen, capt
 receiver *would* compute from its patched inputs (a capture hook runs before the freeze);
 (2) clean forward with only the receivers' z replaced by the captured values; score = Δ metric.
 The patch value is the same per-position reference mean that CD-T uses as μ and that the
-faithfulness evaluation ablates with. Rows of one forward = senders; one prompt per forward.
+faithfulness evaluation ablates with. Rows of one forward = (sender, prompt) pairs of one template
+(the core's per-row resample values freeze each row at its own prompt's clean z).
 """
 
 from __future__ import annotations
@@ -21,20 +22,22 @@ from probe.heads import Head
 from probe.interventions import Intervention, capture_z, intervene, mean_ablation, resample_ablation
 
 
-def _metric(logits: torch.Tensor, good: int, bad: int) -> torch.Tensor:
-    return logits[:, -1, good] - logits[:, -1, bad]
-
-
-def _freeze_all(model, clean: dict[Head, torch.Tensor], except_heads: set[Head]) -> list[Intervention]:
-    """Resample every head (but `except_heads`) with its own clean z: frozen, whatever flows in."""
-    heads = [h for h in model.all_heads() if h not in except_heads]
-    return [resample_ablation(heads, {h: clean[h] for h in heads})] if heads else []
+def _metric(logits: torch.Tensor, good: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """logit(good) − logit(bad) at the last position, one answer pair per row."""
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    last = logits[:, -1]
+    return last[rows, good.to(last.device)] - last[rows, bad.to(last.device)]
 
 
 @torch.no_grad()
 def path_patching_scores(model, batches: Sequence[LogitDiffBatch], receivers: list[Head] | None,
-                         means: Sequence[dict[Head, torch.Tensor]], chunk: int = 512) -> torch.Tensor:
-    """`[L, H]` mean Δ metric of patching each sender (upstream of the receivers) to the receivers."""
+                         means: Sequence[dict[Head, torch.Tensor]], chunk_rows: int = 256) -> torch.Tensor:
+    """`[L, H]` mean Δ metric of patching each sender (upstream of the receivers) to the receivers.
+
+    Batched: one forward holds (sender, prompt) rows, row = sender_index * P + prompt, for the P
+    prompts of one template; each row freezes every head at *its prompt's* clean z (per-row
+    resample values) and mean-ablates its own sender. At most `chunk_rows` rows per forward.
+    """
     L, H = model.n_layers, model.n_heads
     limit = L if receivers is None else max(r.layer for r in receivers)
     excluded = set(receivers or [])
@@ -42,28 +45,29 @@ def path_patching_scores(model, batches: Sequence[LogitDiffBatch], receivers: li
     scores = torch.full((L, H), float("nan"), dtype=torch.float64)
     totals = torch.zeros(len(senders), dtype=torch.float64)
     count = 0
+    heads = model.all_heads()
     for batch, mu in zip(batches, means):
-        for p in range(batch.n_prompts):
-            ids = batch.ids[p: p + 1]
-            good, bad = int(batch.good[p]), int(batch.bad[p])
-            clean_z = {h: z[0] for h, z in capture_z(model, ids, model.all_heads()).items()}
-            clean_metric = float(_metric(model.logits(ids), good, bad))
-            for start in range(0, len(senders), chunk):
-                group = senders[start: start + chunk]
-                rows = ids.expand(len(group), -1)
-                patches = [mean_ablation([s], mu, rows=(i,)) for i, s in enumerate(group)]
-                if receivers is None:
-                    with intervene(model, _freeze_all(model, clean_z, set()) + patches):
-                        value = _metric(model.logits(rows), good, bad)
-                else:
-                    captured = _capture_receivers(model, rows, receivers,
-                                                  _freeze_all(model, clean_z, set()) + patches)
-                    second = [resample_ablation([r], {r: captured[r][i]}, rows=(i,))
-                              for i in range(len(group)) for r in receivers]
-                    with intervene(model, second):
-                        value = _metric(model.logits(rows), good, bad)
-                totals[start: start + len(group)] += (value.double() - clean_metric).cpu()
-            count += 1
+        P = batch.n_prompts
+        clean_z = capture_z(model, batch.ids, heads)  # {head: [P, T, d_head]}
+        clean_metric = _metric(model.logits(batch.ids), batch.good, batch.bad).double().cpu()  # [P]
+        per_forward = max(1, chunk_rows // P)
+        for start in range(0, len(senders), per_forward):
+            group = senders[start: start + per_forward]
+            G = len(group)
+            ids = batch.ids.repeat(G, 1)
+            good, bad = batch.good.repeat(G), batch.bad.repeat(G)
+            frozen = [resample_ablation(heads, {h: clean_z[h].repeat(G, 1, 1) for h in heads})]
+            patches = [mean_ablation([s], mu, rows=tuple(range(i * P, (i + 1) * P))) for i, s in enumerate(group)]
+            if receivers is None:
+                with intervene(model, frozen + patches):
+                    value = _metric(model.logits(ids), good, bad)
+            else:
+                captured = _capture_receivers(model, ids, receivers, frozen + patches)
+                with intervene(model, resample_ablation(receivers, captured)):
+                    value = _metric(model.logits(ids), good, bad)
+            delta = value.double().cpu().reshape(G, P) - clean_metric[None]
+            totals[start: start + G] += delta.sum(1)
+        count += P
     for index, sender in enumerate(senders):
         scores[sender.layer, sender.head] = totals[index] / count
     return scores

@@ -1,0 +1,341 @@
+"""The fast sweep: propagate only β, reading the total (β + γ) from one cached clean pass.
+
+Why it is exact: every CD-T rule keeps β + γ equal to the real activation, so γ never has to be
+carried: wherever a rule needs γ it is `total − β`, and the total is the clean activation of the
+prompt, the same for every source. The β stream carries one row per (source head, prompt); the
+totals are computed once per prompt batch (P rows) and broadcast. Per rule:
+
+| rule | β' from β and the cached total |
+|---|---|
+| linear (no bias) | βW (no γ needed) |
+| linear with bias | βW + b·|βW| / (|βW| + |tW − βW| + tol) |
+| RMSNorm | β·w / rms(total) |
+| LayerNorm | (β − mean β)·w / σ(total) + bias share as for linear |
+| rotary | rotation of β |
+| attention (`paper`) | softmax(mask(βq βkᵀ·s)) βv ; (`value_only`) P βv with P the clean pattern |
+| activation | act(t) − act(t − β) |
+| product | βa βu (`relevant_only`); the other options with γ = t − β |
+| stabiliser | the paper's rule with γ = t − β |
+
+Compared with the two-stream `Engine` this drops the γ matmuls, the total-pattern softmax and the
+total MLP per row (about half the work) and starts each source layer at its source heads' z. The
+result equals `circuits.sweep` (the two-stream reference) up to float rounding; tests check that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from analyses.cdt import rules
+from analyses.cdt.arch import LayerWeights, Norm
+from analyses.cdt.circuits import COMPONENTS, Reference, Sweep
+from analyses.cdt.engine import Engine
+from analyses.cdt.tasks import LogitDiffBatch
+from probe.heads import Head
+
+Tensor = torch.Tensor
+
+
+# ---- β-only rules (β `[S, P, ...]`, totals `[P, ...]`, broadcast over S) -------------------------
+
+def _share(y_beta: Tensor, y_total_no_bias: Tensor, bias: Tensor | None) -> Tensor:
+    if bias is None:
+        return y_beta
+    y_gamma = y_total_no_bias - y_beta
+    return y_beta + bias * y_beta.abs() / (y_beta.abs() + y_gamma.abs() + rules.TOL)
+
+
+def _norm_total(total: Tensor, spec: Norm) -> tuple[Tensor, Tensor]:
+    """(normalised total before the bias, 1/scale) of a norm's input."""
+    if spec.kind == "rms":
+        inv = torch.rsqrt(total.pow(2).mean(-1, keepdim=True) + spec.eps)
+        return total * inv * spec.weight, inv
+    inv = torch.rsqrt(total.var(-1, keepdim=True, unbiased=False) + spec.eps)
+    return (total - total.mean(-1, keepdim=True)) * inv * spec.weight, inv
+
+
+def _norm_beta(beta: Tensor, normed_no_bias: Tensor, inv: Tensor, spec: Norm) -> Tensor:
+    if spec.kind == "rms":
+        return beta * inv * spec.weight
+    beta_n = (beta - beta.mean(-1, keepdim=True)) * inv * spec.weight
+    return _share(beta_n, normed_no_bias, spec.bias)
+
+
+def _stabilise(beta: Tensor, total: Tensor) -> Tensor:
+    """β after the paper's stabiliser (where β·γ < 0 the larger part takes the sum), γ = total − β."""
+    gamma = total - beta
+    opposite = (beta * gamma) < 0
+    beta_wins = beta.abs() >= gamma.abs()
+    return torch.where(opposite, total * beta_wins, beta)
+
+
+def _product(beta_a: Tensor, total_a: Tensor, beta_b: Tensor, total_b: Tensor, mode: str) -> Tensor:
+    if mode == "relevant_only":
+        return beta_a * beta_b
+    gamma_a, gamma_b = total_a - beta_a, total_b - beta_b
+    if mode == "symmetric":
+        return beta_a * beta_b + 0.5 * (beta_a * gamma_b + gamma_a * beta_b)
+    if mode == "irrelevant_first":
+        return total_a * total_b - gamma_a * gamma_b
+    raise ValueError(f"unknown product rule {mode!r}")
+
+
+class FastHooks:
+    """Sources and targets of a β-only pass. `on_qkv` sees β of q (per query head) and k, v (per KV
+    head) `[S, P, T, heads, d_head]`; `on_z(layer, beta_z, total_z)` may return a new β of z (or None)."""
+
+    def on_qkv(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
+        return None
+
+    def on_z(self, layer: int, beta: Tensor | None, total: Tensor) -> Tensor | None:
+        return beta
+
+
+class BetaPass:
+    """β-only CD-T propagation for one prompt batch, with the clean totals cached per layer."""
+
+    def __init__(self, engine: Engine, ids: Tensor) -> None:
+        self.engine, self.w, self.options = engine, engine.w, engine.options
+        self.memo: dict[tuple[int, str], Tensor] = {}
+        resid = engine.embed_pair(ids.to(engine.device))[1]
+        with torch.no_grad():
+            for index in range(self.w.n_layers):  # fill the totals once (β = None: totals only)
+                self.memo[(index, "resid_pre")] = resid
+                _, resid = self.layer(index, None, None)
+        self.final_total = resid
+
+    def _expand(self, x: Tensor) -> Tensor:
+        g = self.w.group_size
+        return x if g == 1 else x.repeat_interleave(g, dim=-2)
+
+    def _total(self, index: int, name: str, make: Callable[[], Tensor]) -> Tensor:
+        key = (index, name)
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
+
+    def _linear(self, index: int, name: str, beta: Tensor | None, total_in: Tensor, W: Tensor,
+                b: Tensor | None, heads: bool = False) -> tuple[Tensor | None, Tensor]:
+        def project(x: Tensor) -> Tensor:
+            return torch.einsum("...tm,hmd->...thd", x, W) if heads else x @ W
+
+        no_bias = self._total(index, name + ".nb", lambda: project(total_in))
+        total = self._total(index, name, lambda: no_bias if b is None else no_bias + b)
+        return (None if beta is None else _share(project(beta), no_bias, b)), total
+
+    def _norm(self, index: int, name: str, beta: Tensor | None, total_in: Tensor,
+              spec: Norm) -> tuple[Tensor | None, Tensor]:
+        normed, inv = self._total(index, name + ".nb", lambda: _norm_total(total_in, spec))  # type: ignore[arg-type,return-value]
+        total = self._total(index, name, lambda: normed if spec.bias is None else normed + spec.bias)
+        return (None if beta is None else _norm_beta(beta, normed, inv, spec)), total
+
+    def _stab(self, beta: Tensor | None, total: Tensor) -> Tensor | None:
+        if beta is None or not self.options.stabilise:
+            return beta
+        return _stabilise(beta, total)
+
+    def attention(self, index: int, beta: Tensor | None, hooks: FastHooks | None) -> tuple[Tensor | None, Tensor]:
+        lw: LayerWeights = self.w.layers[index]
+        resid = self.memo[(index, "resid_pre")]
+        length = resid.shape[-2]
+        x_b, x_t = self._norm(index, "ln1", beta, resid, lw.ln1)
+        q_b, q_t = self._linear(index, "q", x_b, x_t, lw.W_Q, lw.b_Q, heads=True)
+        k_b, k_t = self._linear(index, "k", x_b, x_t, lw.W_K, lw.b_K, heads=True)
+        v_b, v_t = self._linear(index, "v", x_b, x_t, lw.W_V, lw.b_V, heads=True)
+        if hooks is not None and q_b is not None:
+            hooks.on_qkv(index, q_b, k_b, v_b)  # type: ignore[arg-type]
+        if lw.q_norm is not None:
+            q_b, q_t = self._norm(index, "q_norm", q_b, q_t, lw.q_norm)
+            k_b, k_t = self._norm(index, "k_norm", k_b, k_t, lw.k_norm)  # type: ignore[arg-type]
+        if lw.rope_kind is not None:
+            cos, sin = self.w.rope(lw.rope_kind, length)
+            q_t = self._total(index, "rot_q", lambda: rules.rotate((q_t, q_t), cos, sin)[0])
+            k_t = self._total(index, "rot_k", lambda: rules.rotate((k_t, k_t), cos, sin)[0])
+            if q_b is not None:
+                q_b, k_b = rules.rotate((q_b, k_b), cos, sin)
+        visible = rules.attention_mask(length, lw.window, resid.device)
+        neg = torch.finfo(resid.dtype).min
+
+        def clean_pattern() -> Tensor:
+            scores = torch.einsum("...qhd,...khd->...hqk", q_t, self._expand(k_t)) * lw.attn_scale
+            return torch.softmax(scores.masked_fill(~visible, neg), dim=-1)
+
+        pattern = self._total(index, "pattern", clean_pattern)
+        z_t = self._total(index, "z", lambda: torch.einsum("...hqk,...khd->...qhd", pattern, self._expand(v_t)))
+        z_b = None
+        if q_b is not None:
+            if self.options.attention == "paper":
+                scores = torch.einsum("...qhd,...khd->...hqk", q_b, self._expand(k_b)) * lw.attn_scale
+                beta_pattern = torch.softmax(scores.masked_fill(~visible, neg), dim=-1)
+                z_b = torch.einsum("...hqk,...khd->...qhd", beta_pattern, self._expand(v_b))
+            elif self.options.attention == "value_only":
+                z_b = torch.einsum("...hqk,...khd->...qhd", pattern, self._expand(v_b))
+            else:
+                raise ValueError(f"unknown attention rule {self.options.attention!r}")
+        if hooks is not None:
+            z_b = hooks.on_z(index, z_b, z_t)
+        out_no_bias = self._total(index, "attn.nb", lambda: torch.einsum("...thd,hdm->...tm", z_t, lw.W_O))
+        out_t = self._total(index, "attn", lambda: out_no_bias if lw.b_O is None else out_no_bias + lw.b_O)
+        out_b = None if z_b is None else _share(torch.einsum("...thd,hdm->...tm", z_b, lw.W_O), out_no_bias, lw.b_O)
+        if lw.post_attn_norm is not None:
+            out_b, out_t = self._norm(index, "post_attn", out_b, out_t, lw.post_attn_norm)
+        return out_b, out_t
+
+    def mlp(self, index: int, beta: Tensor | None, total_in: Tensor, tag: str = "") -> tuple[Tensor | None, Tensor]:
+        """ln2 → up (and gate) → activation (→ product) → down; `tag` keys a position slice's totals."""
+        lw = self.w.layers[index]
+        x_b, x_t = self._norm(index, "ln2" + tag, beta, total_in, lw.ln2)
+        up_b, up_t = self._linear(index, "up" + tag, x_b, x_t, lw.W_in, lw.b_in)
+        up_b = self._stab(up_b, up_t)
+        if lw.W_gate is not None:
+            gate_b, gate_t = self._linear(index, "gate" + tag, x_b, x_t, lw.W_gate, lw.b_gate)
+            gate_b = self._stab(gate_b, gate_t)
+            act_t = self._total(index, "act" + tag, lambda: lw.act(gate_t))
+            act_b = None if gate_b is None else act_t - lw.act(gate_t - gate_b)
+            hidden_t = self._total(index, "hidden" + tag, lambda: act_t * up_t)
+            hidden_b = None if act_b is None else _product(act_b, act_t, up_b, up_t, self.options.product)  # type: ignore[arg-type]
+        else:
+            hidden_t = self._total(index, "hidden" + tag, lambda: lw.act(up_t))
+            hidden_b = None if up_b is None else hidden_t - lw.act(up_t - up_b)
+        out_b, out_t = self._linear(index, "down" + tag, hidden_b, hidden_t, lw.W_out, lw.b_out)
+        out_b = self._stab(out_b, out_t)
+        if lw.post_mlp_norm is not None:
+            out_b, out_t = self._norm(index, "post_mlp" + tag, out_b, out_t, lw.post_mlp_norm)
+        return out_b, out_t
+
+    def layer(self, index: int, beta: Tensor | None, hooks: FastHooks | None) -> tuple[Tensor | None, Tensor]:
+        """One block: β of resid_pre (or None: nothing relevant yet) → β of resid_post, and the total."""
+        attn_b, attn_t = self.attention(index, beta, hooks)
+        mid_t = self._total(index, "mid", lambda: self.memo[(index, "resid_pre")] + attn_t)
+        mid_b = attn_b if beta is None else (beta if attn_b is None else beta + attn_b)
+        mlp_b, mlp_t = self.mlp(index, mid_b, mid_t)
+        post_t = self._total(index, "post", lambda: mid_t + mlp_t)
+        post_b = None if mid_b is None else mid_b + mlp_b  # type: ignore[operator]
+        return self._stab(post_b, post_t), post_t
+
+    def run(self, start_layer: int, hooks: FastHooks) -> Tensor | None:
+        """Layers `start_layer`… with β = None until a hook injects a source; returns β of the final
+        resid at the last position `[S, P, 1, d]` (the last layer's attention runs at every position,
+        for its targets; its MLP only where the output is read)."""
+        beta = None
+        last = self.w.n_layers - 1
+        for index in range(start_layer, last):
+            beta, _ = self.layer(index, beta, hooks)
+        attn_b, attn_t = self.attention(last, beta, hooks)
+        resid_t = self.memo[(last, "resid_pre")]
+        mid_t = self._total(last, "mid", lambda: resid_t + attn_t)[..., -1:, :]
+        mid_b = attn_b if beta is None else (beta if attn_b is None else beta + attn_b)
+        if mid_b is None:
+            return None
+        mid_b = mid_b[..., -1:, :]
+        mlp_b, mlp_t = self.mlp(last, mid_b, mid_t, tag="@last")
+        return self._stab(mid_b + mlp_b, mid_t + mlp_t)  # type: ignore[operator]
+
+    def logit_diff_beta(self, beta: Tensor, good: Tensor, bad: Tensor) -> Tensor:
+        """β of logit(good) − logit(bad) at the last position, `[S, P]`."""
+        total = self.final_total[..., -1, :]
+        normed, inv = _norm_total(total, self.w.ln_final)
+        nb = _norm_beta(beta[..., -1, :], normed, inv, self.w.ln_final)  # [S, P, d]
+        columns = torch.stack([good, bad], dim=1).to(self.engine.device)  # [P, 2]
+        W = self.w.W_U[:, columns].to(self.engine.dtype)  # [d, P, 2]
+        total_n = normed if self.w.ln_final.bias is None else normed + self.w.ln_final.bias
+        lb = torch.einsum("spd,dpc->spc", nb, W)
+        lt = torch.einsum("pd,dpc->pc", total_n, W)
+        if self.w.b_U is not None:
+            lb = _share(lb, lt, self.w.b_U[columns].to(self.engine.dtype))
+            lt = lt + self.w.b_U[columns].to(self.engine.dtype)
+        if self.w.logit_softcap:
+            cap = self.w.logit_softcap
+            soft = lambda x: torch.tanh(x / cap) * cap  # noqa: E731
+            lb = soft(lt) - soft(lt - lb)
+        return lb[..., 0] - lb[..., 1]
+
+
+def _normalised_dot(beta: Tensor, deviation: Tensor) -> Tensor:
+    """β `[S, P, T, H, d]`, deviation `[P, T, H, d]` → `[S, P, H]`: dot / ‖deviation‖² per head."""
+    dots = torch.einsum("spthd,pthd->sph", beta, deviation)
+    return dots / deviation.pow(2).sum((1, 3)).clamp_min(1e-12)
+
+
+class _SweepHooks(FastHooks):
+    """All heads of `layer` as sources (one row group each); relevance read at every later head."""
+
+    def __init__(self, layer: int, ref: Reference, n_heads: int) -> None:
+        self.layer, self.ref, self.n_heads = layer, ref, n_heads
+        self.to_z: dict[int, Tensor] = {}
+        self.to_input: dict[str, dict[int, Tensor]] = {c: {} for c in COMPONENTS}
+        self.deviation = {c: [a - m for a, m in zip(ref.qkv[c], ref.qkv_mean[c])] for c in COMPONENTS}
+        self.z_deviation = [a - m for a, m in zip(ref.z, ref.z_mean)]
+
+    def on_qkv(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
+        if layer > self.layer:
+            for name, beta in (("q", q), ("k", k), ("v", v)):
+                self.to_input[name][layer] = _normalised_dot(beta, self.deviation[name][layer])
+
+    def on_z(self, layer: int, beta: Tensor | None, total: Tensor) -> Tensor | None:
+        if layer == self.layer:
+            H = self.n_heads
+            injected = torch.zeros((H, *total.shape), dtype=total.dtype, device=total.device)
+            heads = torch.arange(H)
+            injected[heads, :, :, heads] = (total - self.ref.z_mean[layer]).permute(2, 0, 1, 3)
+            return injected
+        if layer > self.layer and beta is not None:
+            self.to_z[layer] = _normalised_dot(beta, self.z_deviation[layer])
+        return beta
+
+
+def engine_reference(engine: Engine, clean: BetaPass, batch: LogitDiffBatch) -> Reference:
+    """The clean activations and reference means a sweep needs, from the engine's own forward passes
+    (no bridge caches): clean q/k/v (before q/k norms and rotary) and z, and their means over the
+    reference prompts. Equal to `circuits.reference` up to float rounding."""
+    ref = BetaPass(engine, batch.ref_ids)
+    L = engine.w.n_layers
+    return Reference(
+        resid_pre=[clean.memo[(l, "resid_pre")] for l in range(L)],
+        z=[clean.memo[(l, "z")] for l in range(L)],
+        z_mean=[ref.memo[(l, "z")].mean(0) for l in range(L)],
+        qkv={c: [clean.memo[(l, c)] for l in range(L)] for c in COMPONENTS},
+        qkv_mean={c: [ref.memo[(l, c)].mean(0) for l in range(L)] for c in COMPONENTS},
+    )
+
+
+@torch.no_grad()
+def fast_sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers: Sequence[int] | None = None,
+               progress: Callable[[float, str], None] | None = None) -> Sweep:
+    """Same result as `circuits.sweep` (every head as a source, relevance to every later head's
+    q/k/v/z and to the logit difference), with β-only passes over cached clean totals."""
+    model = engine.model
+    L, H, KV = engine.w.n_layers, engine.w.n_heads, engine.w.n_kv_heads
+    layers = list(range(L)) if source_layers is None else list(source_layers)
+    to_output = torch.zeros(L, H, dtype=torch.float64)
+    to_z = torch.zeros(L, H, L, H, dtype=torch.float64)
+    to_input = {c: torch.zeros(L, H, L, H, dtype=torch.float64) for c in COMPONENTS}
+    total_prompts = sum(b.n_prompts for b in batches)
+    clean, done, steps = 0.0, 0, len(batches) * len(layers)
+    z_means = []
+    for batch in batches:
+        passer = BetaPass(engine, batch.ids)
+        ref = engine_reference(engine, passer, batch)
+        z_means.append({Head(l, h): ref.z_mean[l][:, h] for l in range(L) for h in range(H)})
+        weight = batch.n_prompts / total_prompts
+        rows = torch.arange(batch.n_prompts)
+        logits = model.logits(batch.ids)[:, -1]
+        clean += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum()) / total_prompts
+        for layer in layers:
+            hooks = _SweepHooks(layer, ref, H)
+            beta = passer.run(layer, hooks)
+            to_output[layer] += weight * passer.logit_diff_beta(beta, batch.good, batch.bad).mean(1).double()  # type: ignore[arg-type]
+            for target, values in hooks.to_z.items():
+                to_z[layer, :, target] += weight * values.mean(1).double()
+            for c in COMPONENTS:
+                for target, values in hooks.to_input[c].items():
+                    values = values.mean(1).double()
+                    if c != "q" and KV != H:
+                        values = values.repeat_interleave(H // KV, dim=-1)
+                    to_input[c][layer, :, target] += weight * values
+            done += 1
+            if progress:
+                progress(done / steps, f"CD-T sweep {batch.name}: source layer {layer}")
+    return Sweep(to_output, to_z, to_input, clean, total_prompts, z_means)
