@@ -9,6 +9,12 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+# One thread: on the 2-core machines, two torch threads competing with any other process (a
+# notebook kernel, the app server of the browser test) were seen to run 10x slower.
+torch.set_num_threads(int(os.environ.get("PROBE_TEST_THREADS", "1")))
+
 from probe import assets  # noqa: E402
 from probe.models import LoadedModel, load_model  # noqa: E402
 
