@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install fetch demo test test-fast app clean
+.PHONY: install fetch demo test test-slow test-fast app clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -27,7 +27,10 @@ demo: fetch
 	$(BIN)/probe scan --model smollm2-135m --analyses all --preset quick --out reports/demo/scan
 
 test: fetch
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=15
+
+test-slow: fetch   # builds the refusal organism (~15 min on a 2-core CPU) and checks its refusal rates
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not embedded and not slow"
