@@ -32,7 +32,7 @@ import torch
 from plotly.subplots import make_subplots
 
 from analyses.common import Progress, no_progress, provenance, random_head_sets
-from analyses.data.capitals import Capital
+from analyses.data.capitals import CAPITALS, Capital
 from analyses.data.counterfactual import (
     TEMPLATES,
     CounterfactualDataError,
@@ -100,8 +100,9 @@ class FactualConfig:
 
 
 # CPU-sized settings for the demo scan (the defaults above are the full run of docs/factual.md).
-QUICK = FactualConfig(n_tuning=24, n_heldout=24, candidates_per_direction=1, factors=(-2.0, 0.0, 2.0),
-                      ablate_top_k=2, random_draws=2)
+QUICK = FactualConfig(n_tuning=16, n_heldout=16, max_new_tokens=8, batch_size=16, candidates_per_direction=1,
+                      factors=(-2.0, 0.0, 2.0), ablate_top_k=2, random_draws=2,
+                      table=tuple((c.country, c.capital) for c in CAPITALS[:60]))
 
 
 # ---- behaviour -----------------------------------------------------------------------------------
