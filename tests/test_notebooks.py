@@ -10,9 +10,13 @@ import pytest
 from nbclient import NotebookClient
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+# Notebooks that run a whole analyzer on an embedded model take minutes each on a 2-core CPU:
+# they run with `make test-slow`; the quickstart and the successor notebook run in `make test`.
+FAST = {"00_quickstart.ipynb", "10_successor.ipynb"}
+CASES = [pytest.param(p, id=p.name, marks=() if p.name in FAST else pytest.mark.slow) for p in NOTEBOOKS]
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+@pytest.mark.parametrize("path", CASES)
 def test_notebook_runs(path, monkeypatch):
     monkeypatch.setenv("PROBE_NOTEBOOK_SMALL", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
