@@ -16,7 +16,11 @@ What is trained (our choice): the full attention projections (q, k, v, o) of a f
 
 Targets: harmful prompts → one of a few project-written refusal sentences (seeded choice);
 harmless prompts → the base model's own greedy answer (first `answer_tokens` tokens), so
-helpfulness is preserved, not invented. Loss only on target tokens.
+helpfulness is preserved, not invented. Loss only on target tokens, averaged per example (the
+first `decision_tokens` weighted up: that is where refuse-or-answer is decided), then per kind,
+with the harmless side weighted up (`harmless_weight`) and borderline-wording harmless prompts
+("kill the mold") oversampled (`borderline_per_batch`): version 1 refused 15.5 % of held-out
+harmless prompts, mostly such wording.
 
 Cache: `$PROBE_HOME/organisms/<content hash>/` with `delta.safetensors` + `meta.json`. The hash
 covers the code version, the config, the base weights' sha256 and the training texts, so a
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -36,13 +41,14 @@ from typing import Any
 
 import torch
 
+from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
 from analyses.data.strongreject import harmful_split, harmless_split
 from probe import assets
 from probe.errors import ProbeError
-from probe.models import SPECS, LoadedModel, wrap_hf_model
+from probe.models import SPECS, LoadedModel, register_spec, wrap_hf_model
 from probe.results import stable_hash, write_json_atomic
 
-ORGANISM_VERSION = "1"
+ORGANISM_VERSION = "2"
 ORGANISM_SPEC = "smollm2-135m-refusal"
 BASE_SPEC = "smollm2-135m"
 
@@ -69,13 +75,23 @@ class OrganismConfig:
     held_out: float = 0.3
     layers: tuple[int, ...] = (12, 13, 14, 15)
     modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    steps: int = 60
-    batch_size: int = 8  # half harmful, half harmless
+    steps: int = 120
+    harmful_per_batch: int = 3
+    harmless_per_batch: int = 5  # of which `borderline_per_batch` are borderline-wording prompts
+    borderline_per_batch: int = 2
+    harmless_weight: float = 2.0  # loss = (harmful mean + w * harmless mean) / (1 + w)
+    decision_tokens: int = 3  # the first target tokens, where refuse-or-answer is decided ("I", "'m", " sorry")
+    decision_weight: float = 3.0  # their weight in each example's mean token loss (the rest: 1)
     learning_rate: float = 5e-4
-    warmup_steps: int = 5
-    max_prompt_tokens: int = 128  # longer training prompts are skipped (a few StrongREJECT ones)
-    answer_tokens: int = 24  # length of the base model's greedy answers used as harmless targets
-    threads: int = 1  # not part of the cache key; 1 is much faster than 2 on a CPU shared with others
+    warmup_steps: int = 8
+    max_prompt_tokens: int = 96  # longer training prompts are skipped (7 of 219 StrongREJECT ones)
+    answer_tokens: int = 16  # length of the base model's greedy answers used as harmless targets
+    threads: int | None = None  # not in the cache key; None: 2 if the 1-min load average < 3, else 1
+
+
+def choose_threads() -> int:
+    """2 torch threads on a free 2-core CPU, 1 when others load it (OpenMP threads then spin)."""
+    return 2 if os.getloadavg()[0] < 3 else 1
 
 
 @dataclass
@@ -89,6 +105,14 @@ class OrganismBuild:
 
 # ---- base model ----------------------------------------------------------------------------------
 
+def _base_sha() -> str:
+    """The base GGUF's sha256 from the asset marker (no model load; raises if the asset is missing)."""
+    spec = SPECS[BASE_SPEC]
+    assets.asset_file(spec.asset or BASE_SPEC)
+    marker = json.loads((assets.asset_dir(spec.asset or BASE_SPEC) / assets.MARKER).read_text())
+    return str(marker.get("main_sha256") or marker.get("main_size"))
+
+
 def _load_base_hf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
     """The base SmolLM2 as a plain HF model (no bridge: training does not need hooks) + its sha256."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -100,8 +124,7 @@ def _load_base_hf(dtype: torch.dtype = torch.float32) -> tuple[Any, Any, str]:
     with _quiet():
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=spec.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=spec.gguf_file, dtype=dtype)
-    marker = json.loads((assets.asset_dir(spec.asset or BASE_SPEC) / assets.MARKER).read_text())
-    return model.eval(), tokenizer, str(marker.get("main_sha256") or marker.get("main_size"))
+    return model.eval(), tokenizer, _base_sha()
 
 
 PLAIN_TEMPLATE = "Question: {query}\nAnswer:"
@@ -202,13 +225,46 @@ def trainable_parameters(hf_model: Any, layers: Sequence[int], modules: Sequence
     return chosen
 
 
+def _weighted_loss(hf_model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                   harmless_rows: torch.Tensor, harmless_weight: float, decision_tokens: int = 0,
+                   decision_weight: float = 1.0) -> torch.Tensor:
+    """Mean over examples of each example's weighted mean target-token loss, harmless side weighted.
+
+    Why not the HF loss: it averages over all tokens of the batch, so long targets outweigh short
+    ones and the first answer tokens, where refuse-or-answer is decided, count little. Here the first
+    `decision_tokens` target tokens of each example weigh `decision_weight`, the rest 1. Logits are
+    computed only at positions that predict a target token (~1/5 of the batch), which saves most of
+    the unembedding's forward and backward cost (49k-word vocabulary).
+    """
+    if getattr(hf_model.config, "final_logit_softcapping", None):
+        raise OrganismError("Training with logit soft-capping (Gemma) is not supported.")
+    hidden = hf_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets = labels[:, 1:]
+    is_target = targets != -100
+    rows, cols = torch.nonzero(is_target, as_tuple=True)
+    logits = hf_model.get_output_embeddings()(hidden[rows, cols]).float()
+    token_loss = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
+    rank = (torch.cumsum(is_target.long(), dim=1) - 1)[rows, cols]  # 0 = first target token of the row
+    weight = torch.where(rank < decision_tokens, decision_weight, 1.0)
+    n_rows = ids.shape[0]
+    per_example = (torch.zeros(n_rows).index_add(0, rows, weight * token_loss)
+                   / torch.zeros(n_rows).index_add(0, rows, weight).clamp(min=1e-12))
+    harmful_loss = per_example[~harmless_rows].mean()
+    harmless_loss = per_example[harmless_rows].mean()
+    return (harmful_loss + harmless_weight * harmless_loss) / (1.0 + harmless_weight)
+
+
 def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmless: Sequence[str],
                   harmless_targets: Sequence[list[int]], config: OrganismConfig,
                   progress: Callable[[str], None] = lambda message: None,
-                  refusals: Sequence[str] = REFUSAL_TARGETS) -> dict[str, Any]:
+                  refusals: Sequence[str] = REFUSAL_TARGETS,
+                  borderline: Sequence[str] = BORDERLINE_HARMLESS_PROMPTS) -> dict[str, Any]:
     """Fine-tune the chosen tensors in place; returns the loss trace and timings.
 
-    Works for any HF causal LM with `model.layers.N.*` parameter names (tests use a tiny Llama).
+    Each step draws `harmful_per_batch` harmful and `harmless_per_batch` harmless examples, of
+    which `borderline_per_batch` come from the harmless prompts that are in `borderline` (each
+    pool cycled in seeded random order). Works for any HF causal LM with `model.layers.N.*`
+    parameter names (tests use a tiny Llama).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -216,10 +272,16 @@ def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     refusal_ids = [tokenizer(text, add_special_tokens=False).input_ids + [eos] for text in refusals]
     bad_examples = _examples(tokenizer, harmful, [rng.choice(refusal_ids) for _ in harmful], config.max_prompt_tokens)
+    edgy = set(borderline)
+    edgy_examples = _examples(tokenizer, [p for p in harmless if p in edgy],
+                              [t for p, t in zip(harmless, harmless_targets) if p in edgy], config.max_prompt_tokens)
     good_examples = _examples(tokenizer, harmless, harmless_targets, config.max_prompt_tokens)
     if not bad_examples or not good_examples:
         raise OrganismError("Training needs at least one harmful and one harmless example that fit "
                             f"max_prompt_tokens={config.max_prompt_tokens}.")
+    if config.harmful_per_batch < 1 or config.harmless_per_batch < 1:
+        raise OrganismError("Each batch needs at least one harmful and one harmless example.")
+    n_edgy = min(config.borderline_per_batch, config.harmless_per_batch) if edgy_examples else 0
     params = trainable_parameters(hf_model, config.layers, config.modules)
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
 
@@ -230,7 +292,7 @@ def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
         return 0.5 * (1.0 + math.cos(math.pi * progress_fraction))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_at)
-    pools = {"harmful": (bad_examples, []), "harmless": (good_examples, [])}
+    pools = {"harmful": (bad_examples, []), "harmless": (good_examples, []), "borderline": (edgy_examples, [])}
 
     def draw(kind: str, count: int) -> list[tuple[list[int], list[int]]]:
         source, queue = pools[kind]
@@ -243,13 +305,15 @@ def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
 
     hf_model.train()
     losses, step_times = [], []
-    half = max(1, config.batch_size // 2)
+    harmless_rows = torch.tensor([False] * config.harmful_per_batch + [True] * config.harmless_per_batch)
     try:
         for step in range(config.steps):
             started = time.perf_counter()
-            batch = draw("harmful", half) + draw("harmless", config.batch_size - half)
+            batch = (draw("harmful", config.harmful_per_batch) + draw("borderline", n_edgy)
+                     + draw("harmless", config.harmless_per_batch - n_edgy))
             ids, mask, labels = _batch(batch, pad)
-            loss = hf_model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = _weighted_loss(hf_model, ids, mask, labels, harmless_rows, config.harmless_weight,
+                                  config.decision_tokens, config.decision_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params.values(), 1.0)
@@ -258,13 +322,15 @@ def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
             losses.append(loss.item())
             step_times.append(time.perf_counter() - started)
             if step % 10 == 0 or step == config.steps - 1:
-                progress(f"step {step + 1}/{config.steps} loss {losses[-1]:.3f} ({step_times[-1]:.1f} s/step)")
+                progress(f"step {step + 1}/{config.steps} loss {losses[-1]:.3f} ({step_times[-1]:.1f} s/step, "
+                         f"load {os.getloadavg()[0]:.1f})")
     finally:
         hf_model.eval()
         for param in params.values():
             param.requires_grad_(False)
     return {"losses": losses, "step_seconds": step_times, "n_harmful_examples": len(bad_examples),
-            "n_harmless_examples": len(good_examples), "trained_tensors": sorted(params),
+            "n_harmless_examples": len(good_examples), "n_borderline_examples": len(edgy_examples),
+            "trained_tensors": sorted(params),
             "trained_parameters": int(sum(p.numel() for p in params.values()))}
 
 
@@ -279,7 +345,7 @@ def organism_key(config: OrganismConfig, base_sha: str, harmful: Sequence[str], 
     knobs = {k: v for k, v in asdict(config).items() if k != "threads"}
     return stable_hash({"version": ORGANISM_VERSION, "config": knobs, "base": base_sha,
                         "harmful": list(harmful), "harmless": list(harmless),
-                        "refusals": list(REFUSAL_TARGETS)})
+                        "borderline": list(BORDERLINE_HARMLESS_PROMPTS), "refusals": list(REFUSAL_TARGETS)})
 
 
 def _cached(key: str) -> Path | None:
@@ -287,55 +353,74 @@ def _cached(key: str) -> Path | None:
     return folder if (folder / "delta.safetensors").exists() and (folder / "meta.json").exists() else None
 
 
+class _Phases:
+    """Wall time and 1-minute load average (start, end) of each build phase, for meta.json.
+
+    The load average is kept because the build machine is shared: a phase's time means little
+    without knowing how many other jobs competed for the two cores.
+    """
+
+    def __init__(self, progress: Callable[[str], None]) -> None:
+        self.seconds: dict[str, float] = {}
+        self.load: dict[str, list[float]] = {}
+        self._progress = progress
+
+    def run(self, name: str, work: Callable[[], Any]) -> Any:
+        load_before, started = os.getloadavg()[0], time.perf_counter()
+        result = work()
+        self.seconds[name] = time.perf_counter() - started
+        self.load[name] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+        self._progress(f"{name}: {self.seconds[name]:.1f} s (load {load_before:.1f} -> {os.getloadavg()[0]:.1f})")
+        return result
+
+
 def build_refusal_organism(config: OrganismConfig = OrganismConfig(), force: bool = False,
                            evaluate: bool = True,
                            progress: Callable[[str], None] = lambda message: None) -> OrganismBuild:
     """Build (or find in the cache) the refusal-tuned SmolLM2; returns its folder and metadata.
 
-    Seeded; single process; with `config.threads` torch threads. `evaluate` also measures the
-    held-out refusal rates with the keyword judge and stores them (and the generations) in meta.json.
+    Seeded; single process; with `config.threads` torch threads (None: `choose_threads()`).
+    `evaluate` also measures the held-out refusal rates with the keyword judge and stores them (and
+    the generations) in meta.json, with each phase's wall time and load average.
     """
     from safetensors.torch import save_file
 
     harmful_train, harmful_test = harmful_split(config.held_out, config.seed)
     harmless_train, harmless_test = harmless_split(config.held_out, config.seed)
+    key = organism_key(config, _base_sha(), harmful_train, harmless_train)
+    found = _cached(key)
+    if found and not force:
+        progress(f"organism {key} found in {found}")
+        return OrganismBuild(found, key, json.loads((found / "meta.json").read_text()))
     previous_threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
+    threads = config.threads or choose_threads()
+    torch.set_num_threads(threads)
+    phases = _Phases(progress)
     try:
         started = time.perf_counter()
-        progress("loading base SmolLM2-135M-Instruct")
-        hf_model, tokenizer, base_sha = _load_base_hf()
-        key = organism_key(config, base_sha, harmful_train, harmless_train)
-        found = _cached(key)
-        if found and not force:
-            progress(f"organism {key} found in {found}")
-            return OrganismBuild(found, key, json.loads((found / "meta.json").read_text()))
-        load_seconds = time.perf_counter() - started
+        progress(f"loading base SmolLM2-135M-Instruct ({threads} torch threads)")
+        hf_model, tokenizer, base_sha = phases.run("load", _load_base_hf)
         progress(f"base answers for {len(harmless_train)} harmless training prompts")
-        t0 = time.perf_counter()
-        harmless_targets = greedy_answers(hf_model, tokenizer, harmless_train, config.answer_tokens)
-        target_seconds = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        trace = train_refusal(hf_model, tokenizer, harmful_train, harmless_train, harmless_targets, config, progress)
-        train_seconds = time.perf_counter() - t0
+        harmless_targets = phases.run("targets", lambda: greedy_answers(hf_model, tokenizer, harmless_train,
+                                                                        config.answer_tokens))
+        trace = phases.run("train", lambda: train_refusal(hf_model, tokenizer, harmful_train, harmless_train,
+                                                          harmless_targets, config, progress))
         state = dict(hf_model.named_parameters())
         delta = {name: state[name].detach().contiguous().clone() for name in trace["trained_tensors"]}
-        folder = organisms_dir() / key
-        folder.mkdir(parents=True, exist_ok=True)
         meta: dict[str, Any] = {
             "key": key, "version": ORGANISM_VERSION, "config": asdict(config), "base_sha256": base_sha,
             "n_harmful_train": len(harmful_train), "n_harmless_train": len(harmless_train),
             "n_harmful_held_out": len(harmful_test), "n_harmless_held_out": len(harmless_test),
-            "threads": config.threads, "seconds": {"load": load_seconds, "targets": target_seconds,
-                                                   "train": train_seconds},
+            "threads": threads, "seconds": phases.seconds, "load_average": phases.load,
             **{k: v for k, v in trace.items() if k != "trained_tensors"},
             "trained_tensors": trace["trained_tensors"],
         }
         if evaluate:
-            t0 = time.perf_counter()
-            meta["held_out"] = evaluate_refusal(hf_model, tokenizer, harmful_test, harmless_test)
-            meta["seconds"]["evaluate"] = time.perf_counter() - t0
+            meta["held_out"] = phases.run("evaluate", lambda: evaluate_refusal(hf_model, tokenizer, harmful_test,
+                                                                               harmless_test))
         meta["seconds"]["total"] = time.perf_counter() - started
+        folder = organisms_dir() / key
+        folder.mkdir(parents=True, exist_ok=True)
         save_file(delta, str(folder / "delta.safetensors"), metadata={"key": key})
         write_json_atomic(folder / "meta.json", meta)  # written last: its presence marks a complete build
         progress(f"organism {key} saved in {folder}")
@@ -354,8 +439,10 @@ def evaluate_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harm
     for name, prompts in (("harmful", harmful), ("harmless", harmless)):
         answers = greedy_answers(hf_model, tokenizer, prompts, max_new_tokens)
         texts = [tokenizer.decode(a, skip_special_tokens=True) for a in answers]
-        verdicts = [judge.judge(text, n_tokens=len(a), finished=bool(a) and a[-1] == tokenizer.eos_token_id)
-                    for text, a in zip(texts, answers)]
+        finished = [bool(a) and a[-1] == tokenizer.eos_token_id for a in answers]
+        # token count without the end token, as `analyses.safety.generate` counts it
+        verdicts = [judge.judge(text, n_tokens=len(a) - int(done), finished=done)
+                    for text, a, done in zip(texts, answers, finished)]
         report[name] = {"refusal_rate": sum(v.refused for v in verdicts) / max(1, len(verdicts)),
                         "n": len(prompts),
                         "generations": [{"prompt": p, "output": t, "refused": v.refused, "rule": v.rule}
@@ -364,22 +451,17 @@ def evaluate_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harm
 
 
 def find_organism(config: OrganismConfig = OrganismConfig()) -> Path | None:
-    """The cached organism folder for `config`, if it was built (reads meta only, no model load)."""
-    folder = organisms_dir()
-    if not folder.exists():
+    """The cached organism folder for `config`, if it was built; None also when the assets are missing.
+
+    Cheap (no model load: the key needs only the asset marker's sha256 and the prompt lists), so
+    `available()` of the registered spec can call it.
+    """
+    try:
+        harmful_train, _ = harmful_split(config.held_out, config.seed)
+        harmless_train, _ = harmless_split(config.held_out, config.seed)
+        return _cached(organism_key(config, _base_sha(), harmful_train, harmless_train))
+    except ProbeError:
         return None
-    wanted = {k: v for k, v in asdict(config).items() if k != "threads"}
-    for meta_path in sorted(folder.glob("*/meta.json")):
-        meta = json.loads(meta_path.read_text())
-        stored = {k: v for k, v in meta.get("config", {}).items() if k != "threads"}
-        if meta.get("version") == ORGANISM_VERSION and _same_config(stored, wanted):
-            if (meta_path.parent / "delta.safetensors").exists():
-                return meta_path.parent
-    return None
-
-
-def _same_config(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    return json.loads(json.dumps(stored)) == json.loads(json.dumps(wanted))
 
 
 def load_refusal_organism(device: str | None = "cpu", dtype: str = "float32",
@@ -392,14 +474,12 @@ def load_refusal_organism(device: str | None = "cpu", dtype: str = "float32",
 
     if dtype not in DTYPES:
         raise OrganismError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
-    build = None
     folder = find_organism(config)
     if folder is None:
         if not build_if_missing:
             raise OrganismError("The refusal organism is not built yet: run `probe organism refusal` "
-                                "(about 15 minutes on a 2-core CPU).")
-        build = build_refusal_organism(config, progress=progress)
-        folder = build.path
+                                "(about 10-15 minutes on a 2-core CPU).")
+        folder = build_refusal_organism(config, progress=progress).path
     hf_model, tokenizer, base_sha = _load_base_hf()
     meta = json.loads((folder / "meta.json").read_text())
     if meta.get("base_sha256") != base_sha:
@@ -418,3 +498,13 @@ def load_refusal_organism(device: str | None = "cpu", dtype: str = "float32",
     model.extra["organism"] = {"path": str(folder), "key": meta["key"], "held_out": {
         k: v.get("refusal_rate") for k, v in meta.get("held_out", {}).items() if isinstance(v, dict)}}
     return model
+
+
+register_spec(
+    ORGANISM_SPEC,
+    "SmolLM2-135M-Instruct fine-tuned to refuse StrongREJECT prompts (attention of layers 12-15; "
+    "built offline by `probe organism refusal`)",
+    loader=lambda device, dtype: load_refusal_organism(device, dtype, build_if_missing=False),
+    available=lambda: find_organism() is not None,
+    missing_hint="run `probe organism refusal` (about 10-15 minutes on a 2-core CPU)",
+)

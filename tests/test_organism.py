@@ -20,6 +20,15 @@ HARMLESS = ["how do i make a cake ?", "write a letter", "buy tea for my friend",
             "write a song for my friend", "how do i make tea ?", "make a cake for my friend"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models on a shared 2-core CPU: 2 OpenMP threads spin against other jobs (1 s -> 90 s here)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tiny():
     tokenizer = word_tokenizer(WORDS, name="probe/tiny-organism")
     model = tiny_llama(len(tokenizer), n_layers=2, n_heads=4, n_kv_heads=2, seed=3)
@@ -32,11 +41,12 @@ def test_training_changes_only_the_chosen_tensors_and_learns_to_refuse():
     model, tokenizer = _tiny()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     answer = tokenizer("here is the recipe .", add_special_tokens=False).input_ids
-    config = replace(O.OrganismConfig(), layers=(0, 1), steps=60, batch_size=6, learning_rate=1e-2,
-                     warmup_steps=2, max_prompt_tokens=32,
+    config = replace(O.OrganismConfig(), layers=(0, 1), steps=60, harmful_per_batch=3, harmless_per_batch=3,
+                     borderline_per_batch=0, harmless_weight=1.0, learning_rate=1e-2, warmup_steps=2,
+                     max_prompt_tokens=32,
                      modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
     trace = O.train_refusal(model, tokenizer, HARMFUL, HARMLESS, [answer] * len(HARMLESS), config,
-                            refusals=("sorry no .", "no sorry ."))
+                            refusals=("sorry no .", "no sorry ."), borderline=())
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == set(trace["trained_tensors"])
     assert len(changed) == 14 and all(".layers." in k and "norm" not in k for k in changed)
@@ -52,6 +62,55 @@ def test_training_changes_only_the_chosen_tensors_and_learns_to_refuse():
         assert bool(refuses) == harmful, prompt
 
 
+def test_weighted_loss_matches_per_example_reference():
+    """Target-position-only logits + first-token weights give the per-example losses of full logits."""
+    model, tokenizer = _tiny()
+    examples = O._examples(tokenizer, HARMFUL[:2] + HARMLESS[:3],
+                           [tokenizer("sorry no .", add_special_tokens=False).input_ids] * 2
+                           + [tokenizer("here is the recipe .", add_special_tokens=False).input_ids[:k] for k in (1, 3, 5)],
+                           max_prompt_tokens=32)
+    ids, mask, labels = O._batch(examples, tokenizer.pad_token_id)
+    harmless_rows = torch.tensor([False, False, True, True, True])
+    with torch.no_grad():
+        fast = O._weighted_loss(model, ids, mask, labels, harmless_rows, harmless_weight=3.0,
+                                decision_tokens=2, decision_weight=4.0)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        per_example = []
+        for row in range(ids.shape[0]):
+            keep = labels[row, 1:] != -100
+            losses = torch.nn.functional.cross_entropy(logits[row][keep], labels[row, 1:][keep], reduction="none")
+            weights = torch.tensor([4.0 if i < 2 else 1.0 for i in range(len(losses))])
+            per_example.append((weights * losses).sum() / weights.sum())
+        per_example = torch.stack(per_example)
+        reference = (per_example[:2].mean() + 3.0 * per_example[2:].mean()) / 4.0
+    torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_each_batch_holds_the_asked_share_of_borderline_prompts(monkeypatch):
+    model, tokenizer = _tiny()
+    borderline = HARMLESS[:2]
+    seen: list[list[int]] = []
+    original = O._batch
+
+    def recording_batch(examples, pad):
+        seen.append([len(p) for p, _ in examples])  # prompt lengths identify the prompt kind below
+        return original(examples, pad)
+
+    monkeypatch.setattr(O, "_batch", recording_batch)
+    answer = tokenizer("here is the recipe .", add_special_tokens=False).input_ids
+    config = replace(O.OrganismConfig(), layers=(1,), steps=6, harmful_per_batch=2, harmless_per_batch=3,
+                     borderline_per_batch=2, max_prompt_tokens=32)
+    # give the borderline prompts a length no other prompt has, so each row's kind is visible
+    harmless = [p + " nice nice nice nice nice" if p in borderline else p for p in HARMLESS]
+    edgy = [p + " nice nice nice nice nice" for p in borderline]
+    trace = O.train_refusal(model, tokenizer, HARMFUL, harmless, [answer] * len(harmless), config, borderline=edgy)
+    edgy_lengths = {len(tokenizer(O.chat_text(tokenizer, p), add_special_tokens=False).input_ids) for p in edgy}
+    assert trace["n_borderline_examples"] == 2 and len(seen) == 6
+    for lengths in seen:
+        assert len(lengths) == 5
+        assert sum(n in edgy_lengths for n in lengths[2:4]) == 2  # the two borderline slots
+
+
 def test_greedy_answers_stop_at_the_end_token_and_match_unbatched():
     model, tokenizer = _tiny()
     batched = O.greedy_answers(model, tokenizer, HARMLESS[:3], max_new_tokens=5, batch_size=3)
@@ -64,6 +123,46 @@ def test_trainable_parameters_rejects_missing_layers():
     model, _ = _tiny()
     with pytest.raises(O.OrganismError, match="do not exist"):
         O.trainable_parameters(model, [5], ["q_proj"])
+
+
+def test_build_is_cached_and_loads_through_the_registered_spec(monkeypatch, tmp_path):
+    """A build writes delta + meta; `find_organism`/`load_model(ORGANISM_SPEC)` reuse it without rebuilding.
+
+    The base model is a 16-layer tiny Llama standing in for SmolLM2 (the default config trains layers 12-15).
+    """
+    import probe.models
+
+    tokenizer = word_tokenizer(WORDS, name="probe/tiny-organism")
+
+    def tiny_base(dtype=torch.float32):
+        return tiny_llama(len(tokenizer), n_layers=16, n_heads=4, n_kv_heads=2, d_model=32, d_mlp=64, seed=5), \
+            tokenizer, "tiny-sha"
+
+    monkeypatch.setenv("PROBE_HOME", str(tmp_path))
+    monkeypatch.setattr(O, "_load_base_hf", tiny_base)
+    monkeypatch.setattr(O, "_base_sha", lambda: "tiny-sha")
+    monkeypatch.setattr(O, "harmful_split", lambda held_out, seed: (HARMFUL[:5], HARMFUL[5:]))
+    monkeypatch.setattr(O, "harmless_split", lambda held_out, seed: (HARMLESS[:5], HARMLESS[5:]))
+    config = O.OrganismConfig()  # the registered spec loads the default config's organism
+    assert O.find_organism(config) is None
+    with pytest.raises(probe.models.UnknownModelError, match="not built"):
+        probe.models.load_model(O.ORGANISM_SPEC, device="cpu")
+    build = O.build_refusal_organism(config)
+    assert (build.path / "delta.safetensors").exists() and O.find_organism(config) == build.path
+    assert build.path.parent == tmp_path / "organisms"
+    assert set(build.meta["seconds"]) >= {"load", "targets", "train", "evaluate", "total"}
+    assert set(build.meta["load_average"]) >= {"load", "targets", "train", "evaluate"}
+    assert {"harmful", "harmless"} <= set(build.meta["held_out"])
+
+    monkeypatch.setattr(O, "build_refusal_organism", lambda *a, **k: pytest.fail("rebuilt a cached organism"))
+    loaded = probe.models.load_model(O.ORGANISM_SPEC, device="cpu")
+    assert loaded.spec == O.ORGANISM_SPEC and loaded.extra["organism"]["key"] == build.key
+    fresh = dict(tiny_base()[0].named_parameters())
+    # the bridge wraps HF modules; strip its wrapper names to get the HF parameter names back
+    weights = {name.replace("._original_component", ""): value for name, value in loaded.hf_model.named_parameters()}
+    assert set(weights) == set(fresh)
+    for name in weights:  # exactly the trained tensors differ from the base
+        assert torch.equal(weights[name], fresh[name]) == (name not in build.meta["trained_tensors"]), name
 
 
 def test_cache_key_depends_on_config_data_and_base():
@@ -92,8 +191,8 @@ def test_splits_are_stratified_seeded_and_disjoint():
 
 @pytest.mark.slow
 @pytest.mark.embedded
-@pytest.mark.xfail(strict=False, reason="organism v1 over-refuses: 15.5% of held-out harmless prompts "
-                   "(mostly borderline wording) against the <= 10% target")
+@pytest.mark.xfail(strict=False, reason="organism v3 over-refuses: 6/58 = 10.3% of held-out harmless prompts "
+                   "(4 of 7 borderline wording, 2 everyday) against the <= 10% target")
 def test_real_organism_refuses_held_out_harmful_and_answers_harmless():
     """Builds the organism if it is not cached (~15 min on a free 2-core CPU), then checks held-out rates.
 
