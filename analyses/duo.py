@@ -78,7 +78,7 @@ class DuoConfig:
             raise DuoError("sink >= 0, recent >= 1, steps >= 1 and n_passkeys >= 1 are required.")
 
 
-QUICK = DuoConfig()
+QUICK = DuoConfig(steps=20, max_seconds=240.0)  # demo-scan size; raise steps for a real run
 
 
 # ---- data ----------------------------------------------------------------------------------------
