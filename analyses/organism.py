@@ -20,7 +20,9 @@ helpfulness is preserved, not invented. Loss only on target tokens, averaged per
 first `decision_tokens` weighted up: that is where refuse-or-answer is decided), then per kind,
 with the harmless side weighted up (`harmless_weight`) and borderline-wording harmless prompts
 ("kill the mold") oversampled (`borderline_per_batch`): version 1 refused 15.5 % of held-out
-harmless prompts, mostly such wording.
+harmless prompts, mostly such wording; version 3 (10.3 %) still refused 4 of 7 held-out borderline
+ones, so the fourth build (recipe version 3) trains on 62 borderline prompts instead of 22 and weights
+the harmless side 3.
 
 Cache: `$PROBE_HOME/organisms/<content hash>/` with `delta.safetensors` + `meta.json`. The hash
 covers the code version, the config, the base weights' sha256 and the training texts, so a
@@ -48,7 +50,7 @@ from probe.errors import ProbeError
 from probe.models import SPECS, LoadedModel, register_spec, wrap_hf_model
 from probe.results import stable_hash, write_json_atomic
 
-ORGANISM_VERSION = "2"
+ORGANISM_VERSION = "3"
 ORGANISM_SPEC = "smollm2-135m-refusal"
 BASE_SPEC = "smollm2-135m"
 
@@ -79,7 +81,7 @@ class OrganismConfig:
     harmful_per_batch: int = 3
     harmless_per_batch: int = 5  # of which `borderline_per_batch` are borderline-wording prompts
     borderline_per_batch: int = 2
-    harmless_weight: float = 2.0  # loss = (harmful mean + w * harmless mean) / (1 + w)
+    harmless_weight: float = 3.0  # loss = (harmful mean + w * harmless mean) / (1 + w)
     decision_tokens: int = 3  # the first target tokens, where refuse-or-answer is decided ("I", "'m", " sorry")
     decision_weight: float = 3.0  # their weight in each example's mean token loss (the rest: 1)
     learning_rate: float = 5e-4

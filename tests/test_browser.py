@@ -12,6 +12,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from test_scan import fakes  # noqa: F401  (fixture: two stand-in analyzers)
+
+from analyses.report import build_html, load_document, write_reports
+from analyses.scan import ScanSettings, run_scan
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
@@ -80,3 +84,41 @@ def test_ablating_a_head_changes_the_shown_probabilities(app_url):
         browser.close()
     assert value > 0
     assert float(delta.split()[-1].replace("+", "")) != 0.0
+
+
+def _launch(p):
+    return p.chromium.launch(executable_path=CHROMIUM, args=[
+        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--no-first-run", "--disable-sync"])
+
+
+def test_scan_report_opens_offline_with_every_figure_drawn(fakes, tiny_gqa, tmp_path):
+    """The report of a scan renders in Chromium with every request outside the file refused."""
+    if CHROMIUM is None:
+        pytest.skip("Debian chromium is not installed here (apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api")
+    out = tmp_path / "scan"
+    document = run_scan(tiny_gqa, fakes, ScanSettings(analyses=["fake_a", "fake_b"], command="probe scan x"), out)
+    html_path, _ = write_reports(out, document)
+    n_figures = build_html(load_document(out)).count("Plotly.newPlot")
+    ARTIFACTS.mkdir(exist_ok=True)
+    outside: list[str] = []
+    errors: list[str] = []
+    with playwright.sync_playwright() as p:
+        browser = _launch(p)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+
+        def refuse_network(route):
+            outside.append(route.request.url)
+            route.abort()
+
+        page.route("http*://**/*", refuse_network)
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(html_path.resolve().as_uri())
+        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n_figures}",
+                               timeout=30_000)
+        drawn = page.locator(".js-plotly-plot").count()
+        page.screenshot(path=str(ARTIFACTS / "scan_report.png"), full_page=True)
+        browser.close()
+    assert n_figures >= 3 and drawn == n_figures
+    assert outside == [] and errors == []

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from analyses import organism as O
+from analyses.data.harmless import HARMLESS_PROMPTS
 from analyses.data.strongreject import harmful_split, harmless_split, load_strongreject, stratified_split
 from probe.tiny import tiny_llama, word_tokenizer
 
@@ -186,7 +187,7 @@ def test_splits_are_stratified_seeded_and_disjoint():
         total = sum(r.category == category for r in rows)
         assert sum(r.category == category for r in held_rows) == round(0.3 * total)
     good_train, good_held = harmless_split()
-    assert len(good_train) + len(good_held) == 192 and not set(good_train) & set(good_held)
+    assert len(good_train) + len(good_held) == len(HARMLESS_PROMPTS) and not set(good_train) & set(good_held)
 
 
 @pytest.mark.slow
