@@ -27,6 +27,7 @@ import torch
 
 from analyses.common import Progress, no_progress, provenance
 from analyses.data.haystack import build_grid, haystack_sentences, rouge1_recall
+from analyses.data.needles import NEEDLES, Needle
 from probe.errors import ProbeError
 from probe.heads import Head
 from probe.interventions import intervene, streaming_attention, streaming_mask
@@ -353,15 +354,22 @@ def _template(model: LoadedModel, template: str) -> str:
     return template
 
 
-def run(model: LoadedModel, config: DuoConfig = QUICK, progress: Progress | None = None) -> DuoResult:
-    """Learn the gates, deploy them at the configured ratio, measure NIAH and the KV-cache saving."""
+def run(model: LoadedModel, config: DuoConfig = QUICK, progress: Progress | None = None,
+        samples: Sequence[PasskeySample] | None = None, needle_set: Sequence[Needle] = NEEDLES,
+        sentences: Sequence[str] | None = None) -> DuoResult:
+    """Learn the gates, deploy them at the configured ratio, measure NIAH and the KV-cache saving.
+
+    `samples` (training prompts), `needle_set` and `sentences` (NIAH evaluation) replace the synthetic
+    passkeys, the project's needles and the Shakespeare haystack (planted models, custom data).
+    """
     config.validate()
     say = progress or no_progress
     say(0.0, "building passkey prompts")
-    training = train_gates(model, config, say)
+    training = train_gates(model, config, say, samples=samples)
     retrieval = binarise(training.gates, config.retrieval_fraction, config.seed)
+    pool = haystack_sentences() if sentences is None else list(sentences)
     grid = build_grid(model.tokenizer, config.eval_lengths, config.eval_depths, config.eval_needles,
-                      _template(model, config.template))
+                      _template(model, config.template), needles=needle_set, sentences=pool)
     if not grid.samples:
         raise DuoError(f"No NIAH sample could be built: {grid.skipped}")
     say(0.65, f"NIAH with full attention ({len(grid.samples)} samples)")
@@ -378,10 +386,12 @@ def run(model: LoadedModel, config: DuoConfig = QUICK, progress: Progress | None
         mask = torch.tensor([[(l, g) not in chosen for g in range(model.n_kv_heads)] for l in range(model.n_layers)])
         random_runs.append(niah_accuracy(model, grid.samples, streaming_heads(model, mask), config))
     rng_samples = random.Random(config.seed + 2)
-    profile = profiling_scores(model, passkey_sample(model, config, rng_samples, haystack_sentences()),
+    profile_sample = samples[0] if samples else passkey_sample(model, config, rng_samples, pool)
+    profile = profiling_scores(model, profile_sample,
                                config.sink, config.recent)
     query_gates = training.gates.repeat_interleave(model.group_size, dim=1)
     data = {"passkeys": config.n_passkeys, "context": config.context_length,
+            "training": [s.ids.tolist() for s in samples] if samples else "synthetic passkeys",
             "niah": [s.summary() for s in grid.samples]}
     prov = provenance(model, ANALYZER, VERSION, config, data, config.seed)
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731

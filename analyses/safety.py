@@ -631,13 +631,15 @@ class SafetyResult:
 
 
 def _default_prompts(config: SafetyConfig) -> tuple[list[str], list[str], list[str]]:
+    """The configured prompt sets; the StrongREJECT split (a fetched asset) is read only when one is missing."""
     from analyses.data.strongreject import harmful_split, harmless_split
 
-    train, held = harmful_split(config.held_out, config.seed)
-    _, harmless_held = harmless_split(config.held_out, config.seed)
+    needs_harmful = config.attribution_prompts is None or config.eval_harmful is None
+    train, held = harmful_split(config.held_out, config.seed) if needs_harmful else ([], [])
     attribution = list(config.attribution_prompts) if config.attribution_prompts is not None else train
     harmful = list(config.eval_harmful) if config.eval_harmful is not None else held
-    harmless = list(config.eval_harmless) if config.eval_harmless is not None else harmless_held
+    harmless = (list(config.eval_harmless) if config.eval_harmless is not None
+                else harmless_split(config.held_out, config.seed)[1])
     return attribution, harmful[: config.n_eval_harmful], harmless[: config.n_eval_harmless]
 
 
@@ -724,8 +726,10 @@ def _sahara_on_pool(model: LoadedModel, prompts: Sequence[torch.Tensor], config:
 
 # CPU-sized settings for the demo scan: 2 Ships prompts, Sahara over the 9 best Ships heads on
 # 4 prompts, validation on 12 harmful / 6 harmless prompts with 2 random draws.
-QUICK = SafetyConfig(n_ships_prompts=2, n_sahara_prompts=4, sahara_pool=9, n_eval_harmful=12,
-                     n_eval_harmless=6, max_new_tokens=24, random_draws=2)
+# demo-scan size: validation generates (1 + S x (1 + draws)) x prompts answers, the slow part
+# (measured: 12 + 6 prompts, S = 3, 24 tokens took 328 s of a 371 s run on SmolLM2)
+QUICK = SafetyConfig(n_ships_prompts=2, n_sahara_prompts=4, sahara_pool=9, group_size=2, n_eval_harmful=8,
+                     n_eval_harmless=4, max_new_tokens=16, random_draws=2)
 
 
 def summary(result: SafetyResult) -> str:

@@ -43,14 +43,64 @@ def analysis_key(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: in
                         "config": to_jsonable(config), "seed": seed})
 
 
-def _entry_record(entry: AnalyzerEntry, key: str, config: Any, result: Any, seconds: float) -> dict[str, Any]:
+def _run_path(entry: AnalyzerEntry, key: str) -> Path:
+    return probe_home() / "runs" / entry.name / f"{key}.json"
+
+
+def _entry_record(model: LoadedModel, entry: AnalyzerEntry, key: str, config: Any, seed: int, result: Any,
+                  seconds: float, data: str | None = None) -> dict[str, Any]:
     module = entry.load()
     scores = result.scores
     summary = module.summary(result) if hasattr(module, "summary") else ""
-    return {"name": entry.name, "key": key, "version": entry.version(), "config": to_jsonable(config),
-            "seconds": round(seconds, 2), "summary": summary, "units": scores.units,
-            "top_heads": [[str(h), s] for h, s in scores.top(10)], "scores": scores.to_json(),
-            "result": result.to_json()}
+    record = {"name": entry.name, "key": key, "version": entry.version(), "model": model.fingerprint,
+              "config": to_jsonable(config), "seed": seed, "created": time.time(), "seconds": round(seconds, 2),
+              "summary": summary, "units": scores.units, "top_heads": [[str(h), s] for h, s in scores.top(10)],
+              "scores": scores.to_json(), "result": result.to_json()}
+    if data:
+        record["data"] = data
+    return record
+
+
+def record_run(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: int, result: Any, seconds: float,
+               data: str | None = None) -> dict[str, Any]:
+    """Store a result computed elsewhere as a run record in `$PROBE_HOME/runs/<name>/`; returns the record.
+
+    `run_cached` stores through here; notebooks and tests use it for a run made with custom inputs
+    (a planted needle set, own samples) so the app's analyzer page can load it. Give such a run a
+    short `data` description: it joins the key, so a plain `run_cached` with the same config never
+    mistakes it for a run on the analyzer's own data.
+    """
+    key = analysis_key(model, entry, config, seed) if not data else stable_hash(
+        {"key": analysis_key(model, entry, config, seed), "data": data})
+    record = _entry_record(model, entry, key, config, seed, result, seconds, data)
+    write_json_atomic(_run_path(entry, key), record)
+    if result.scores.provenance is not None:
+        ResultCache().put(result.scores.provenance, {"scores": result.scores.to_json(), "summary": record["summary"]})
+    return record
+
+
+def cached_runs(model: LoadedModel, entry: AnalyzerEntry) -> list[dict[str, Any]]:
+    """The stored run records of this analyzer on this model (same weight fingerprint), newest first.
+
+    Only records this version of the analyzer wrote (and can read back) are listed; unreadable files
+    are skipped, not fatal.
+    """
+    folder = probe_home() / "runs" / entry.name
+    records = []
+    for path in folder.glob("*.json") if folder.is_dir() else ():
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if record.get("model") == model.fingerprint and record.get("version") == entry.version():
+            record.setdefault("created", path.stat().st_mtime)
+            records.append(record)
+    return sorted(records, key=lambda r: r["created"], reverse=True)
+
+
+def load_record(entry: AnalyzerEntry, record: dict[str, Any]) -> Any:
+    """The analyzer's result object stored in a run record."""
+    return entry.result_type().from_json(record["result"])
 
 
 def run_cached(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: int, force: bool = False,
@@ -59,17 +109,13 @@ def run_cached(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: int,
 
     Returns (result, record, loaded_from_cache). The app's analyzer pages and the scan share this.
     """
-    key = analysis_key(model, entry, config, seed)
-    path = probe_home() / "runs" / entry.name / f"{key}.json"
+    path = _run_path(entry, analysis_key(model, entry, config, seed))
     if path.exists() and not force:
         record = json.loads(path.read_text())
-        return entry.result_type().from_json(record["result"]), record, True
+        return load_record(entry, record), record, True
     start = time.perf_counter()
     result = entry.load().run(model, config, progress=progress)
-    record = _entry_record(entry, key, config, result, time.perf_counter() - start)
-    write_json_atomic(path, record)
-    if result.scores.provenance is not None:
-        ResultCache().put(result.scores.provenance, {"scores": result.scores.to_json(), "summary": record["summary"]})
+    record = record_run(model, entry, config, seed, result, time.perf_counter() - start)
     return result, record, False
 
 

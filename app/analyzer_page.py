@@ -1,16 +1,18 @@
 """One page per analyzer, all drawn by `show(name)`: settings form, run (progress, cancellable) or load
-from the cache, the analyzer's own figures, and its top heads sent to the playground in one click."""
+from the cache, pick any stored run of this model (including runs recorded by notebooks or tests with
+their own data), the analyzer's own figures, and its top heads sent to the playground in one click."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from typing import Any
 
 import streamlit as st
 
 from analyses.registry import ANALYZERS, available, make_config
-from analyses.scan import run_cached
+from analyses.scan import cached_runs, load_record, run_cached
 from app.state import current_model, guarded, set_selected_heads, sidebar
 from probe.errors import ProbeError
 from probe.heads import Head
@@ -31,6 +33,34 @@ def _field_input(field: dataclasses.Field, value: Any, key: str) -> Any:
         except (json.JSONDecodeError, TypeError) as error:
             raise ProbeError(f"{label}: {error}") from error
     return st.text_input(label, value=str(value), key=key)
+
+
+def _run_label(record: dict[str, Any]) -> str:
+    """Which stored run this is: when, how long it took, its data if custom, and how its summary starts."""
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(record.get("created", 0))))
+    first = (record.get("summary") or "").strip().splitlines()
+    start = first[0][:70] + ("..." if len(first[0]) > 70 else "") if first else "(no summary)"
+    data = f"{record['data']} · " if record.get("data") else ""
+    return f"{when} · {float(record.get('seconds', 0)):.1f} s · {data}{start}"
+
+
+def _cached_run_picker(name: str, model: Any, state_key: str) -> None:
+    """A selectbox of the stored runs of this analyzer on this model, and a Load button."""
+    entry = ANALYZERS[name]
+    runs = guarded(lambda: cached_runs(model, entry)) or []
+    if not runs:
+        st.info(f"No cached runs of {name} for this model yet.")
+        return
+    by_key = {record["key"]: record for record in runs}
+    left, right = st.columns([4, 1])
+    chosen = left.selectbox("Cached runs for this model", list(by_key), key=f"{name}_cached_run",
+                            format_func=lambda key: _run_label(by_key[key]))
+    right.write("")  # align the button with the selectbox
+    if right.button("Load", key=f"{name}_load") and chosen in by_key:
+        record = by_key[chosen]
+        result = guarded(lambda: load_record(entry, record))
+        if result is not None:
+            st.session_state[state_key] = (model.fingerprint, result, record, True)
 
 
 def show(name: str) -> None:
@@ -71,6 +101,7 @@ def show(name: str) -> None:
         bar.empty()
         if outcome is not None:
             st.session_state[state_key] = (model.fingerprint, outcome[0], outcome[1], outcome[2])
+    _cached_run_picker(name, model, state_key)
     stored = st.session_state.get(state_key)
     if not stored or stored[0] != model.fingerprint:
         st.info("Run the analysis (cached results load instantly).")

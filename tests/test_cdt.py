@@ -13,7 +13,9 @@ import analyses.cdt as cdt
 from analyses.cdt import circuits, fast, patching, rules, tasks
 from analyses.cdt.arch import CDTError, UnsupportedArchitectureError, read_weights
 from analyses.cdt.engine import Engine, RuleOptions
-from analyses.cdt.planted import PLANTED, induction_batch, planted_induction_model
+from analyses.planted import INDUCTION_HEADS as PLANTED
+from analyses.planted import induction_batch
+from analyses.planted import induction_model as planted_induction_model
 from probe.heads import Head
 
 @pytest.fixture(autouse=True)
@@ -253,7 +255,8 @@ def test_quick_run_on_smollm2_beats_random_circuits(smollm2):
 
     result = cdt.run(smollm2, dataclasses.replace(cdt.QUICK, random_draws=10))
     assert result.accuracy["top1_accuracy"] >= 0.8 and result.full_metric > result.empty_metric + 1.0
-    assert result.sizes == [4, 8, 12] and len(result.circuit.heads) == 12
+    assert result.sizes == list(range(4, cdt.QUICK.max_heads + 1, 4))
+    assert len(result.circuit.heads) == cdt.QUICK.max_heads
     for value, draws in zip(result.faithfulness["cd-t"], result.faithfulness["random_all"]):
         assert len(draws) == 10
         mean, spread = sum(draws) / len(draws), max(draws) - min(draws)

@@ -6,53 +6,10 @@ import pytest
 import torch
 
 from analyses import duo
-from probe import tiny
+from analyses.planted import duo_model as planted_model
+from analyses.planted import duo_samples as planted_samples
 from probe.heads import Head
 from probe.interventions import intervene, streaming_attention
-from probe.models import wrap_hf_model
-
-WORDS = "the key is a park and we went to school then gave book story office store day month year".split()
-
-
-def planted_model():
-    """One layer, 4 KV heads. Head 0 attends to the token 'key' wherever it is (long range); head 1 to
-    <bos> (an attention sink: kept by streaming); heads 2 and 3 write nothing. Only head 0 needs the
-    full cache."""
-    tokenizer = tiny.word_tokenizer()
-    vocab = tokenizer.get_vocab()
-    hf = tiny.tiny_llama(len(tokenizer), n_layers=1, n_heads=4, n_kv_heads=4, d_model=32, d_mlp=32, seed=3)
-    d_head = 8
-    with torch.no_grad():
-        emb = hf.model.embed_tokens.weight
-        emb.normal_(0, 0.3)
-        emb[:, :3] = 0
-        emb[:, 0] = 1.0
-        emb[vocab["<bos>"], 1] = 1.0
-        emb[vocab["key"], 2] = 1.0
-        attn = hf.model.layers[0].self_attn
-        for w in (attn.q_proj.weight, attn.k_proj.weight):
-            w.zero_()
-        slow = 3  # the lowest-frequency rotary pair (3, 7): RoPE barely rotates it over 60 positions
-        attn.q_proj.weight[0 * d_head + slow, 0] = 5.0
-        attn.q_proj.weight[1 * d_head + slow, 0] = 5.0
-        attn.k_proj.weight[0 * d_head + slow, 2] = 5.0  # head 0 keys: the 'key' token
-        attn.k_proj.weight[1 * d_head + slow, 1] = 5.0  # head 1 keys: <bos>
-        attn.v_proj.weight[2 * d_head:] = 0.0  # heads 2, 3 write nothing
-        attn.o_proj.weight.normal_(0, 1.0)  # heads write as much as the embeddings carry
-        hf.model.layers[0].mlp.down_proj.weight.zero_()
-    return wrap_hf_model(hf, tokenizer, "planted-duo", hub_name="probe/planted-duo", device="cpu")
-
-
-def planted_samples(model, n=4):
-    generator = torch.Generator().manual_seed(0)
-    samples = []
-    for _ in range(n):
-        words = [WORDS[int(i)] for i in torch.randint(3, len(WORDS), (24,), generator=generator)]
-        text = "the key " + " ".join(words)
-        ids = model.encode(text)
-        samples.append(duo.PasskeySample(ids, torch.arange(ids.shape[1] - 8, ids.shape[1])))
-    return samples
-
 
 def test_planted_long_range_head_keeps_its_gate_and_the_others_close():
     model = planted_model()

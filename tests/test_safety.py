@@ -4,80 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from analyses import safety as S
+from analyses.planted import SAFETY_HARMFUL_PROMPTS as HARMFUL_PROMPTS
+from analyses.planted import SAFETY_HARMLESS_PROMPTS as HARMLESS
+from analyses.planted import SAFETY_HEAD as PLANTED
+from analyses.planted import safety_model as planted_refusal_model
 from probe.errors import PromptTooLongError
-from probe.heads import Head
-from probe.models import LoadedModel, wrap_hf_model
-from probe.tiny import word_tokenizer
-
-HARMFUL_WORDS = ("bomb", "poison", "virus", "weapon")
-WORDS = ["how", "do", "i", "make", "a", "the", "for", "my", "friend", "cake", "tea", "garden", "letter",
-         "?", "sorry", "sure", "write", "buy", "cheap", "good", *HARMFUL_WORDS]
-PLANTED = Head(1, 2)  # shares its key/value head with L1H3 (GQA: 4 query heads, 2 kv heads)
-HARMFUL_PROMPTS = ["how do i make a bomb ?", "write a poison letter for my friend", "buy a cheap weapon ?",
-                   "how do i make a virus", "make a bomb and a poison ?", "the weapon for my garden"]
-HARMLESS = ["how do i make a cake ?", "write a letter for my friend", "buy good tea ?", "the garden"]
-
-
-def planted_refusal_model() -> LoadedModel:
-    """2 layers x 4 query heads (2 kv heads), d_model 32: only L1H2 reads harmful words and writes 'sorry'.
-
-    Embeddings: dim 0 = 'harmfulness' (3 on harmful words, 0 elsewhere), dim 1 = 1 on every token
-    (the query's source), small noise elsewhere. L1H2: query reads dim 1, key reads dim 0, both in the
-    slowest RoPE pair (so the match does not depend on position); value = dim 0 - 0.5 dim 1 (positive
-    only on a harmful word), output writes it to dim 2,
-    which the unembedding maps to +'sorry' / -'sure'. Every other head writes small random noise;
-    MLPs are off. So ablating L1H2 (uniform attention dilutes the harmful word; scaling removes it)
-    moves the next-token distribution most.
-    """
-    tokenizer = word_tokenizer(WORDS, name="probe/planted-refusal")
-    vocab, d_model, n_heads, n_kv, d_head = len(tokenizer), 32, 4, 2, 8
-    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=16, num_hidden_layers=2,
-                         num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=d_head,
-                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=3, rms_norm_eps=1e-6)
-    model = LlamaForCausalLM(config).eval()
-    gen = torch.Generator().manual_seed(0)
-    slow = d_head // 2 - 1  # the RoPE pair with the lowest frequency
-    with torch.no_grad():
-        embed = 0.1 * torch.randn(vocab, d_model, generator=gen)
-        embed[:, 0] = 0.0
-        embed[:, 1] = 1.0
-        embed[:, 2] = 0.0
-        for word in HARMFUL_WORDS:
-            embed[tokenizer.convert_tokens_to_ids(word), 0] = 3.0
-        model.model.embed_tokens.weight.copy_(embed)
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.q_proj.weight.copy_(0.3 * torch.randn(attn.q_proj.weight.shape, generator=gen))
-            attn.k_proj.weight.copy_(0.3 * torch.randn(attn.k_proj.weight.shape, generator=gen))
-            attn.v_proj.weight.copy_(0.3 * torch.randn(attn.v_proj.weight.shape, generator=gen))
-            attn.o_proj.weight.copy_(0.05 * torch.randn(attn.o_proj.weight.shape, generator=gen))
-            attn.o_proj.weight[:3].zero_()  # no other head writes harmfulness, the query source or refusal
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                proj.weight.zero_()
-        attn = model.model.layers[PLANTED.layer].self_attn
-        kv = PLANTED.head // (n_heads // n_kv)
-        q_rows = slice(PLANTED.head * d_head, (PLANTED.head + 1) * d_head)
-        kv_rows = slice(kv * d_head, (kv + 1) * d_head)
-        attn.q_proj.weight[q_rows] = 0.0
-        attn.q_proj.weight[PLANTED.head * d_head + slow, 1] = 6.0
-        attn.k_proj.weight[kv_rows] = 0.0
-        attn.k_proj.weight[kv * d_head + slow, 0] = 6.0
-        attn.v_proj.weight[kv_rows] = 0.0
-        attn.v_proj.weight[kv * d_head, 0] = 1.0
-        attn.v_proj.weight[kv * d_head, 1] = -0.5  # without a harmful word the value is negative
-        attn.o_proj.weight[:, q_rows] = 0.0
-        attn.o_proj.weight[2, PLANTED.head * d_head] = 8.0
-        unembed = 0.1 * torch.randn(vocab, d_model, generator=gen)
-        unembed[:, 2] = 0.0
-        unembed[tokenizer.convert_tokens_to_ids("sorry"), 2] = 4.0
-        unembed[tokenizer.convert_tokens_to_ids("sure"), 2] = -4.0
-        model.lm_head.weight.copy_(unembed)
-    return wrap_hf_model(model, tokenizer, "tiny-planted-refusal", hub_name="probe/tiny-planted-refusal",
-                         device="cpu")
+from probe.models import LoadedModel
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@ bad input is refused clearly, and on the embedded models ablating the top head b
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
@@ -11,59 +10,13 @@ import torch
 
 from analyses import successor
 from analyses.data.succession import NoNumberTokensError, build_tasks
+from analyses.planted import SUCCESSOR_HEAD as PLANTED
+from analyses.planted import successor_model as _planted_model
 from probe.errors import ProbeError
 from probe.heads import Head
-from probe.models import wrap_hf_model
 from probe.tiny import tiny_llama, word_tokenizer
 
-PLANTED = Head(1, 3)  # kv head 1 under GQA (2 query heads per kv head)
 FAST = successor.SuccessorConfig(run_probe=False, run_arithmetic=False, run_causal=False)
-
-
-def _planted_model(wrap_around: bool = False):
-    """Tiny GQA Llama whose head L1H3 rotates each task's circle by one step: succ(t) always wins.
-
-    Each task variant k (prefixes share the plane of their full names) gets a plane (dims 2k,
-    2k+1); item p of n sits at angle 2*pi*p/n there. A constant coordinate (dim 127) drives
-    SwiGLU's gate to ~20 for every token, so MLP0 is linear and e(t) = W_E[t]. The head's value map copies plane k into head dims (2k, 2k+1) and its output
-    map rotates them by 2*pi/n_k back into plane k; the unembedding of u is its own circle point.
-    """
-    tokenizer = word_tokenizer()
-    vocab, d, d_mlp, n_heads, n_kv = len(tokenizer), 128, 128, 4, 2
-    dh = d // n_heads
-    model = tiny_llama(vocab, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, d_model=d, d_mlp=d_mlp, seed=3)
-    tasks = build_tasks(tokenizer, wrap_around=wrap_around).tasks
-    with torch.no_grad():
-        W_E = torch.randn(vocab, d) * 0.02
-        W_E[:, d - 1] = 1.0
-        block0, block1 = model.model.layers
-        W_V = block1.self_attn.v_proj.weight.view(n_kv, dh, d)
-        W_O = block1.self_attn.o_proj.weight.view(d, n_heads, dh)
-        W_V[PLANTED.head // 2] = 0.0
-        W_O[:, PLANTED.head] = 0.0
-        planes: dict[tuple[str, str], int] = {}
-        for task in tasks:  # "May" is a month and a month prefix: prefixes share their task's plane
-            key = (task.task.replace("day_prefixes", "days").replace("month_prefixes", "months"), task.variant)
-            k = planes.setdefault(key, len(planes))
-            n = len(task.token_ids)
-            for p, token in enumerate(task.token_ids):
-                W_E[token, :d - 1] = 0.0
-                W_E[token, 2 * k] = math.cos(2 * math.pi * p / n)
-                W_E[token, 2 * k + 1] = math.sin(2 * math.pi * p / n)
-            W_V[PLANTED.head // 2, 2 * k, 2 * k] = 1.0
-            W_V[PLANTED.head // 2, 2 * k + 1, 2 * k + 1] = 1.0
-            phi = 2 * math.pi / n  # out = v @ R, R = [[c, s], [-s, c]]; o_proj.weight is R transposed
-            c, s = math.cos(phi), math.sin(phi)
-            W_O[2 * k, PLANTED.head, 2 * k], W_O[2 * k + 1, PLANTED.head, 2 * k] = c, s
-            W_O[2 * k, PLANTED.head, 2 * k + 1], W_O[2 * k + 1, PLANTED.head, 2 * k + 1] = -s, c
-        model.model.embed_tokens.weight.copy_(W_E)
-        model.lm_head.weight.copy_(W_E)
-        mlp = block0.mlp
-        mlp.gate_proj.weight.zero_()
-        mlp.gate_proj.weight[:, d - 1] = 2.5           # RMS-normed constant coordinate is 8 -> gate 20
-        mlp.up_proj.weight.copy_(torch.eye(d_mlp, d))
-        mlp.down_proj.weight.copy_(torch.eye(d, d_mlp) / (20.0 * 8.0))
-    return wrap_hf_model(model, tokenizer, "tiny-planted-successor", hub_name="probe/tiny-planted", device="cpu")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -61,7 +61,8 @@ class CDTConfig:
 
 
 # The demo scan's preset: one sweep on 4 IOI prompts, faithfulness at 4/8/12 heads, no baseline.
-QUICK = CDTConfig(random_draws=5, curve_every=4, baseline=False)
+# demo-scan size (the default took 325 s in a demo scan on a loaded 2-core CPU; discovery dominates)
+QUICK = CDTConfig(evaluation_per_template=8, max_heads=8, random_draws=3, curve_every=4, baseline=False)
 
 
 @dataclass
