@@ -47,6 +47,7 @@ from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
 from analyses.data.strongreject import harmful_split, harmless_split
 from probe import assets
 from probe.errors import ProbeError
+from probe.runtime import choose_threads
 from probe.models import SPECS, LoadedModel, register_spec, wrap_hf_model
 from probe.results import stable_hash, write_json_atomic
 
@@ -88,12 +89,7 @@ class OrganismConfig:
     warmup_steps: int = 8
     max_prompt_tokens: int = 96  # longer training prompts are skipped (7 of 219 StrongREJECT ones)
     answer_tokens: int = 16  # length of the base model's greedy answers used as harmless targets
-    threads: int | None = None  # not in the cache key; None: 2 if the 1-min load average < 3, else 1
-
-
-def choose_threads() -> int:
-    """2 torch threads on a free 2-core CPU, 1 when others load it (OpenMP threads then spin)."""
-    return 2 if os.getloadavg()[0] < 3 else 1
+    threads: int | None = None  # not in the cache key; None: probe.runtime.choose_threads()
 
 
 @dataclass

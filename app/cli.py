@@ -22,6 +22,7 @@ from probe.errors import InterventionError, ProbeError
 from probe.heads import parse_heads
 from probe.interventions import Intervention, ablation, head_means, reference_prompts, scale
 from probe.models import DEFAULT_MODEL, LoadedModel, load_model, spec_summary
+from probe.runtime import set_threads
 
 console = Console(stderr=True)
 _SCALE = re.compile(r"^(?P<heads>[^:]+):(?P<what>q|query|v|value|o|output)=(?P<factor>-?[0-9.eE+-]+)$")
@@ -49,11 +50,13 @@ def build_interventions(model: LoadedModel, ablate: Sequence[str], method: str,
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
+    threads = set_threads(getattr(args, "threads", 0))
     start = time.perf_counter()
     with console.status(f"Loading {args.model} ...") as status:
         model = load_model(args.model, device=args.device, dtype=args.dtype,
                            progress=lambda message: status.update(message))
-    console.print(f"[dim]{model.shape_text}; loaded in {time.perf_counter() - start:.1f} s on {model.device}[/dim]")
+    console.print(f"[dim]{model.shape_text}; loaded in {time.perf_counter() - start:.1f} s on {model.device}"
+                  f" ({threads} CPU thread{'s' if threads > 1 else ''})[/dim]")
     return model
 
 
@@ -177,11 +180,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_organism(args: argparse.Namespace) -> int:
-    from analyses.organism import ORGANISM_SPEC, build_refusal_organism
+    from analyses.organism import ORGANISM_SPEC, OrganismConfig, build_refusal_organism
 
     start = time.perf_counter()
+    config = OrganismConfig(threads=args.threads or None)
     with console.status("building the refusal organism ...") as status:
-        build = build_refusal_organism(force=args.force, progress=lambda message: status.update(message))
+        build = build_refusal_organism(config, force=args.force, progress=lambda message: status.update(message))
     meta = build.meta
     console.print(f"organism {build.key} in {build.path} ({time.perf_counter() - start:.0f} s)")
     for key in ("harmful_refusal_rate", "harmless_refusal_rate", "build_seconds"):
@@ -195,6 +199,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `probe models`)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: all cores if the machine is idle, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     organism = sub.add_parser("organism", help="build a model organism (cached): `probe organism refusal`")
     organism.add_argument("kind", choices=["refusal"])
     organism.add_argument("--force", action="store_true", help="rebuild even if cached")
+    organism.add_argument("--threads", type=int, default=0,
+                          help="torch CPU threads (default: all cores if the machine is idle, else 1)")
     organism.set_defaults(func=cmd_organism)
 
     report = sub.add_parser("report", help="rebuild report.html/report.md from a scan folder (no model needed)")
