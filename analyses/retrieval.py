@@ -10,8 +10,9 @@ Scores per head (spec §2), both computed on every run:
 Samples count only when the model actually retrieved the answer (ROUGE-1 recall of the answer phrase in
 the response > 0.5, switchable); ungated scores are kept for diagnosis (spec pitfall 11).
 
-Fast path (why it is fast): one greedy generation with a KV cache; the prefill runs with no pattern
-hook and keeps only the rotated keys (`hook_rot_k`); each decode step keeps its rotated query
+Fast path (why it is fast): one greedy generation with a KV cache; the prefill runs unhooked through
+the HF model's own SDPA attention (no L x L scores at all), and the rotated keys are read from the
+cache afterwards (equal to `hook_rot_k`, tested); each decode step keeps its rotated query
 (`hook_rot_q`). The attention rows of the answer positions are then recomputed from those queries and
 keys (GQA expansion, the layer's own score scaling, soft-capping, causal and sliding-window masks):
 memory is linear in the context, never an L x L pattern. `reference_sample` is the slow reference:
@@ -25,8 +26,9 @@ conditions of a prompt share one unmasked prefill and decode together as rows of
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -244,56 +246,106 @@ def _is_stop(model: LoadedModel, token: int, stops: set[int]) -> bool:
 @torch.no_grad()
 def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, match: str = "id",
                 geometry: list[LayerGeometry] | None = None, stop: bool = True) -> SampleTrace:
-    """Greedy answer + copy events from captured rotated q/k (see module docstring).
+    """Greedy answer + copy events from the cached keys and the decode steps' rotated queries.
 
-    `stop=False` decodes exactly `max_new_tokens` (benchmarks on random weights)."""
+    The prefill of `prompt[:-1]` runs with no hooks and, where the model allows it, through the HF
+    attention modules with SDPA (`_native_attention`): no `[H, N, N]` score tensor, so it costs about
+    one linear-memory forward. Every key the answer rows need is then in the full `DynamicCache`
+    (post-RoPE, post k-norm: what `hook_rot_k` sees). Only the decode steps run hooked, keeping
+    `hook_rot_q`. `stop=False` decodes exactly `max_new_tokens` (benchmarks on random weights)."""
     geometry = geometry or attention_geometry(model)
-    q_name, k_name = _qk_hook_names(model)
+    q_name, _ = _qk_hook_names(model)
     ids = sample.ids(model.device)
     n = ids.shape[-1]
     model.check_fits(n + max_new_tokens)
-    keys: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
     queries: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
-    state = {"decoding": False}
-
-    def keep_k(tensor: torch.Tensor, hook: Any) -> None:
-        keys[int(hook.name.split(".")[1])].append(tensor[0].detach().clone())
 
     def keep_q(tensor: torch.Tensor, hook: Any) -> None:
-        if state["decoding"]:
-            queries[int(hook.name.split(".")[1])].append(tensor[0].detach().clone())
+        queries[int(hook.name.split(".")[1])].append(tensor[0].detach().clone())
 
-    hooks = [(f"blocks.{layer}.attn.{k_name}", keep_k) for layer in range(model.n_layers)]
-    hooks += [(f"blocks.{layer}.attn.{q_name}", keep_q) for layer in range(model.n_layers)]
+    hooks = [(f"blocks.{layer}.attn.{q_name}", keep_q) for layer in range(model.n_layers)]
     stops = _stop_ids(model)
     answer: list[int] = []
     cache = _new_cache(model)
-    with model.bridge.hooks(fwd_hooks=hooks):
+    with model.lock:
         if n > 1:
-            model.hf_model(ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        state["decoding"] = True
-        token = ids[:, -1:]
-        for _ in range(max_new_tokens):
-            out = model.hf_model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
-            next_id = int(out.logits[0, -1].argmax())
-            if stop and _is_stop(model, next_id, stops):
-                break
-            answer.append(next_id)
-            if len(answer) == max_new_tokens:
-                break  # the row that would predict one more token is not needed
-            token = torch.tensor([[next_id]], device=model.device)
+            with _native_attention(model):
+                model.hf_model(ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        with model.bridge.hooks(fwd_hooks=hooks):
+            token = ids[:, -1:]
+            for _ in range(max_new_tokens):
+                out = model.hf_model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                cache = out.past_key_values
+                next_id = int(out.logits[0, -1].argmax())
+                if stop and _is_stop(model, next_id, stops):
+                    break
+                answer.append(next_id)
+                if len(answer) == max_new_tokens:
+                    break  # the row that would predict one more token is not needed
+                token = torch.tensor([[next_id]], device=model.device)
     n_steps = len(answer)
     argmax = torch.zeros(model.n_layers, model.n_heads, n_steps, dtype=torch.long)
     if n_steps:
         for layer in range(model.n_layers):
-            k = torch.cat(keys[layer], dim=0)[: n - 1 + n_steps]
+            k = _cached_keys(cache, layer)[: n - 1 + n_steps]
             q = torch.cat(queries[layer], dim=0)[:n_steps]
             rows = answer_rows(q, k, n - 1, geometry[layer], model.group_size)
             argmax[layer] = rows.argmax(-1).cpu()
     text = _TokenText(model) if match == "text" else None
     events, unique = _copy_counts(argmax, sample.input_ids, answer, sample.answer_tokens, match, text)
     return SampleTrace(answer, model.decode(answer), events, unique, argmax)
+
+
+def _cached_keys(cache: Any, layer: int) -> torch.Tensor:
+    """One layer's keys `[N, n_kv, d]` from a full `DynamicCache` of batch 1 (stored `[1, n_kv, N, d]`)."""
+    return cache.layers[layer].keys[0].transpose(0, 1)
+
+
+@contextlib.contextmanager
+def _native_attention(model: LoadedModel, implementation: str = "sdpa") -> Iterator[bool]:
+    """For forwards that need no attention hooks: each decoder layer calls the HF attention module the
+    bridge wraps, with `implementation` (SDPA), instead of the bridge's eager re-implementation, which
+    materialises every layer's `[H, N, N]` scores (quadratic time and memory at long prompts).
+
+    Swaps the bridge's attention modules out of their parent layers and sets the config's attention
+    implementation, under `model.lock`, and restores both on exit (also on error), so other users of the
+    bridge never see the change. Yields False and changes nothing where the swap is not well defined
+    (a model without SDPA support, an attention module without `layer_idx`, output_attentions on) or
+    would skip someone's hooks (a hook on any HookPoint of the bridge's attention, e.g. an intervention)."""
+    from transformer_lens.hook_points import HookPoint
+
+    with model.lock:
+        hf_model = model.hf_model
+        bridges = {id(block.attn): block.attn for block in model.bridge.blocks}
+        originals = {key: getattr(attn, "original_component", None) for key, attn in bridges.items()}
+        # the HF layers' own slots (the bridge's blocks also list the attention as a child, unused on forward)
+        slots = [(parent, name, child) for parent in hf_model.modules()
+                 if not type(parent).__module__.startswith("transformer_lens")
+                 for name, child in parent._modules.items() if child is not None and id(child) in bridges]
+        configs = {id(config): config for config in
+                   [hf_model.config] + [getattr(o, "config", None) for o in originals.values()] if config is not None}
+        possible = (bool(getattr(hf_model, "_supports_sdpa", False))
+                    and len(slots) == len(bridges) == model.n_layers
+                    and all(o is not None and getattr(o, "layer_idx", None) is not None for o in originals.values())
+                    and not any(getattr(config, "output_attentions", False) for config in configs.values())
+                    # hooks someone attached (interventions) must keep firing: then the bridge's attention runs
+                    and not any(isinstance(module, HookPoint) and (module._forward_hooks or module._forward_pre_hooks)
+                                for attn in bridges.values() for module in attn.modules()))
+        if not possible:
+            yield False
+            return
+        previous = {key: config._attn_implementation_internal for key, config in configs.items()}
+        try:
+            for config in configs.values():
+                config._attn_implementation_internal = implementation
+            for parent, name, child in slots:
+                parent._modules[name] = originals[id(child)]
+            yield True
+        finally:
+            for parent, name, child in slots:
+                parent._modules[name] = child
+            for key, config in configs.items():
+                config._attn_implementation_internal = previous[key]
 
 
 def _new_cache(model: LoadedModel) -> Any:

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import random
 
 import pytest
 import torch
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from analyses import retrieval
 from analyses.data.haystack import (
@@ -19,6 +18,12 @@ from analyses.data.haystack import (
     rouge1_recall,
 )
 from analyses.data.needles import Needle
+from analyses.planted import RETRIEVAL_DECOY as DECOY
+from analyses.planted import RETRIEVAL_HEAD as PLANTED
+from analyses.planted import RETRIEVAL_NEEDLE as PLANTED_NEEDLE
+from analyses.planted import retrieval_model as planted_model
+from analyses.planted import retrieval_samples as planted_samples
+from analyses.planted import retrieval_sentences as filler_sentences
 from analyses.retrieval import (
     NoRetrievalError,
     RetrievalConfig,
@@ -29,82 +34,10 @@ from analyses.retrieval import (
     reference_sample,
 )
 from probe.errors import ProbeError, PromptTooLongError
-from probe.heads import Head
 from probe.models import LoadedModel, wrap_hf_model
 from probe.tiny import word_tokenizer
 
-# ---- a planted retrieval head ----------------------------------------------------------------------
-
-FILLER = "river stone walks under quiet green hills while birds sing softly near old bridges and tall trees".split()
-PLANTED_NEEDLE = Needle(fact="the secret code is red fox jumps high", question="what is the secret code ?",
-                        answer="red fox jumps high")
-TEMPLATE_WORDS = "Based on the content of book, Question: Answer: what is ? secret code".split()
-PLANTED, DECOY = Head(0, 2), Head(0, 3)
-
-
-def planted_model(copy_gain: float = 20.0) -> LoadedModel:
-    """One-layer Llama (4 query heads, 2 KV heads) whose head 2 copies the needle's answer.
-
-    Embeddings and unembedding are one-hot. KV head 1 keys/values are the token's one-hot, placed in
-    head dimensions where RoPE barely rotates (rope_theta 1e30), so matching is by content. Head 2's
-    query at token x looks for the answer word that follows x ("Answer:" -> first answer word), and its
-    output writes the attended token into the logits: greedy decoding copies the answer from the needle.
-    Head 3 (same KV head) looks one answer word further (inside the needle, wrong token: no copy event);
-    heads 0 and 1 have random queries and keys and no output.
-    """
-    words: list[str] = []
-    for word in FILLER + PLANTED_NEEDLE.fact.split() + TEMPLATE_WORDS:
-        if word not in words:
-            words.append(word)
-    tokenizer = word_tokenizer(words, name="probe/planted-retrieval")
-    vocab, d_model, head_dim = len(tokenizer), 64, 128
-    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                         max_position_embeddings=1024, rope_theta=1e30, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3, rms_norm_eps=1e-6)
-    model = LlamaForCausalLM(config).eval()
-    slots = list(range(32, 64)) + list(range(96, 128))  # rotary frequency ~0: content-only dimensions
-    assert vocab <= len(slots)
-    token = tokenizer.convert_tokens_to_ids
-    answer = [token(w) for w in PLANTED_NEEDLE.answer.split()]
-    successor = {token("Answer:"): answer[0], **dict(zip(answer, answer[1:]))}
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        model.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
-        model.lm_head.weight[:, :vocab] = torch.eye(vocab)
-        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm,
-                     model.model.norm):
-            norm.weight.fill_(1.0)
-        attn = model.model.layers[0].self_attn
-        attn.q_proj.weight[: 2 * head_dim] = torch.randn(2 * head_dim, d_model, generator=generator) * 0.3
-        attn.k_proj.weight[:head_dim] = torch.randn(head_dim, d_model, generator=generator) * 0.3
-        for t in range(vocab):
-            attn.k_proj.weight[head_dim + slots[t], t] = 1.0
-            attn.v_proj.weight[head_dim + slots[t], t] = 1.0
-            attn.o_proj.weight[t, PLANTED.head * head_dim + slots[t]] = copy_gain
-        for x, y in successor.items():
-            attn.q_proj.weight[PLANTED.head * head_dim + slots[y], x] = 4.0
-            if y in successor:
-                attn.q_proj.weight[DECOY.head * head_dim + slots[successor[y]], x] = 4.0
-    return wrap_hf_model(model, tokenizer, "planted-retrieval", hub_name="probe/planted-retrieval", device="cpu")
-
-
-def filler_sentences(count: int = 80, seed: int = 0) -> list[str]:
-    rng, sentences = random.Random(seed), []
-    while len(sentences) < count:
-        sentence = " ".join(rng.sample(FILLER, 6)) + " ."
-        if sentence not in sentences:
-            sentences.append(sentence)
-    return sentences
-
-
-def planted_samples(model: LoadedModel, lengths=(60, 200), depths=(0, 50, 100)):
-    sentences = filler_sentences()
-    return [build_sample(model.tokenizer, PLANTED_NEEDLE, n, d, "base", sentences, 0, 0)
-            for n in lengths for d in depths]
-
+# ---- the planted retrieval head: analyses.planted.retrieval_model -----------------------------------
 
 @pytest.fixture(scope="module")
 def planted() -> LoadedModel:
@@ -217,6 +150,46 @@ def test_gemma3_fast_path_equals_reference_beyond_the_window():
     for layer in (0, 2):
         steps = torch.arange(first, first + fast.argmax.shape[-1])
         assert ((steps - fast.argmax[layer]) < 6).all()
+
+
+@pytest.mark.parametrize("builder", ["tiny_gqa", "gemma3_sliding"])
+def test_fast_path_keys_from_the_cache_are_the_hooked_rotated_keys(builder, request):
+    """The fast path reads keys from the full DynamicCache instead of hooking them. Through the bridge the
+    cache holds `hook_rot_k` bit for bit (post-RoPE, post k-norm); through the SDPA prefill it agrees to
+    float rounding (sliding layers included); the bridge's own attention is back afterwards, also on error."""
+    from transformers import DynamicCache
+
+    model = _tiny_gemma3() if builder == "gemma3_sliding" else request.getfixturevalue(builder)
+    ids = model.encode(" ".join(["the capital of mary is the book of john and the key to the park"] * 2))
+    names = [f"blocks.{l}.attn.hook_rot_k" for l in range(model.n_layers)]
+
+    def hooked_keys() -> tuple[torch.Tensor, dict]:
+        logits, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n in names)
+        return logits, {l: cache[f"blocks.{l}.attn.hook_rot_k"][0] for l in range(model.n_layers)}
+
+    with torch.no_grad():
+        logits, expected = hooked_keys()
+        through_bridge, native = DynamicCache(), DynamicCache()
+        model.hf_model(ids, past_key_values=through_bridge, use_cache=True)
+        with retrieval._native_attention(model) as used:
+            assert used and model.hf_model.config._attn_implementation == "sdpa"
+            native_logits = model.hf_model(ids, past_key_values=native, use_cache=True).logits
+        for layer in range(model.n_layers):
+            assert torch.equal(retrieval._cached_keys(through_bridge, layer), expected[layer])
+            torch.testing.assert_close(retrieval._cached_keys(native, layer), expected[layer], atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(native_logits, logits, atol=1e-5, rtol=1e-4)
+        with pytest.raises(RuntimeError, match="inside"):
+            with retrieval._native_attention(model):
+                raise RuntimeError("inside the swap")
+        # an attention hook someone attached must keep firing: then nothing is swapped
+        with model.bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda tensor, hook: None)]):
+            with retrieval._native_attention(model) as used:
+                assert not used and model.hf_model.config._attn_implementation == "eager"
+        assert model.hf_model.config._attn_implementation == "eager"
+        layers = model.hf_model.model.layers
+        assert all(layers[l].original_component.self_attn is model.bridge.blocks[l].attn for l in range(model.n_layers))
+        again_logits, again = hooked_keys()  # the bridge's hooks fire again, with the same values
+        assert torch.equal(again_logits, logits) and all(torch.equal(again[l], expected[l]) for l in expected)
 
 
 # ---- the NIAH builder ------------------------------------------------------------------------------
