@@ -210,7 +210,7 @@ def train_gates(model: LoadedModel, config: DuoConfig, progress: Progress = no_p
         with torch.no_grad():
             gates.clamp_(0, 1)
         losses.append(float(loss.detach()))
-        distills.append(float(distill))
+        distills.append(float(distill.detach()))
         if step % 5 == 0 or step == config.steps - 1:
             history.append(gates.detach().cpu().tolist())
         elapsed = time.perf_counter() - start
