@@ -275,7 +275,6 @@ def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, mat
             token = ids[:, -1:]
             for _ in range(max_new_tokens):
                 out = model.hf_model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                cache = out.past_key_values
                 next_id = int(out.logits[0, -1].argmax())
                 if stop and _is_stop(model, next_id, stops):
                     break
@@ -674,7 +673,6 @@ def masked_answers(model: LoadedModel, sample: NiahSample, conditions: Sequence[
             with intervene(model, interventions):
                 while steps < max_new_tokens:
                     out = model.hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                    cache = out.past_key_values
                     steps += 1
                     next_ids = out.logits[:, -1].argmax(-1).tolist()
                     keep = []
