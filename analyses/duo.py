@@ -214,7 +214,7 @@ def train_gates(model: LoadedModel, config: DuoConfig, progress: Progress = no_p
         if step % 5 == 0 or step == config.steps - 1:
             history.append(gates.detach().cpu().tolist())
         elapsed = time.perf_counter() - start
-        progress(0.6 * (step + 1) / config.steps, f"gate step {step + 1}/{config.steps}, loss {float(loss):.4f}")
+        progress(0.6 * (step + 1) / config.steps, f"gate step {step + 1}/{config.steps}, loss {losses[-1]:.4f}")
         if elapsed > config.max_seconds:
             break
     return Training(gates.detach().cpu(), losses, distills, history, time.perf_counter() - start, step + 1)

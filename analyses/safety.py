@@ -320,6 +320,89 @@ def ships_query_reference(model: LoadedModel, ids: torch.Tensor, ablation: str =
     return scores
 
 
+def ablated_z_delta(z: torch.Tensor, v: torch.Tensor, ablation: str, epsilon: float, model: LoadedModel) -> torch.Tensor:
+    """z_ablated - z for every query head of one layer at once, `[B, T, H, d_head]`.
+
+    UA (`query`): with the query scaled by epsilon -> 0 the pattern becomes uniform over the causal
+    prefix, so z -> the running mean of the head's values (its KV group's, under GQA). Exact at
+    epsilon = 0 on full-attention layers; a sliding-window layer would average its window instead
+    (the screen ignores that). SC (`output`): z -> epsilon * z.
+    """
+    if ablation == "output":
+        return (epsilon - 1.0) * z
+    if v.shape[2] != z.shape[2]:  # GQA: each query head reads its KV head's values
+        v = v[:, :, [model.kv_head_of(h) for h in range(z.shape[2])]]
+    counts = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype).view(1, -1, 1, 1)
+    return v.cumsum(1) / counts - z
+
+
+def ships_first_order(model: LoadedModel, ids: torch.Tensor, ablation: str = "query", epsilon: float = 1e-5,
+                      top_tokens: int = 8) -> torch.Tensor:
+    """Estimated Ships of every head from one batched forward and one backward pass: `[n_layers, n_heads]`.
+
+    Why: the exact Ships needs one (partial) forward per head; a screen finds the few heads worth
+    scoring exactly. The change of each next-token logit is linearised, dl ~ grad(l) . (z_ablated - z)
+    (attribution patching), for the `top_tokens` most likely tokens; the rest of the vocabulary is one
+    bucket shifted by the mean change of its logits (the gradient of their plain mean). The KL is then computed exactly on those top tokens + the bucket, so a saturated
+    distribution (p_top ~ 1), where a quadratic KL expansion vanishes, still gets a useful estimate.
+    The prompt runs as `top_tokens + 1` identical batch rows, each backpropagating its own target, so
+    one backward gives every row's gradient with respect to every head's output at every position.
+    """
+    if ablation not in ABLATIONS:
+        raise SafetyError(f"Unknown ablation {ablation!r}; choose query (UA) or output (SC).")
+    model.check_fits(ids.shape[-1])
+    rows = top_tokens + 1
+    batch = ids.to(model.device).expand(rows, -1)
+    deltas: dict[int, torch.Tensor] = {}
+    zs: dict[int, torch.Tensor] = {}
+    vs: dict[int, torch.Tensor] = {}
+
+    def on_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
+        layer = int(hook.name.split(".")[1])
+        zs[layer] = z[:1].detach()
+        deltas[layer] = torch.zeros_like(z, requires_grad=True)  # d(target)/d(delta) = d(target)/dz
+        return z + deltas[layer]
+
+    def on_v(v: torch.Tensor, hook: Any) -> None:
+        vs[int(hook.name.split(".")[1])] = v[:1].detach()
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", on_z) for layer in range(model.n_layers)]
+    hooks += [(f"blocks.{layer}.attn.hook_v", on_v) for layer in range(model.n_layers)]
+    with model.lock, torch.enable_grad():
+        last = model.bridge.run_with_hooks(batch, fwd_hooks=hooks)[:, -1].float()  # [rows, vocab]
+        probs = torch.softmax(last[0].detach(), dim=-1)
+        tokens = probs.topk(top_tokens).indices
+        tail_mean = torch.ones_like(probs).index_fill_(0, tokens, 0.0)
+        tail_mean = tail_mean / tail_mean.sum()
+        target = last[torch.arange(top_tokens), tokens].sum() + (last[top_tokens] * tail_mean).sum()
+        grads = torch.autograd.grad(target, [deltas[layer] for layer in range(model.n_layers)])
+    base = torch.log_softmax(last[0].detach().double(), dim=-1).cpu()
+    top_log_p = base[tokens.cpu()]
+    tail = torch.ones(1, dtype=torch.float64) - top_log_p.exp().sum()
+    tail_log_p = torch.log(tail.clamp_min(1e-300))
+    log_p = torch.cat([top_log_p, tail_log_p])  # [top_tokens + 1]: top tokens, then the bucket
+    estimate = torch.empty((model.n_layers, model.n_heads))
+    for layer, grad in enumerate(grads):
+        change = ablated_z_delta(zs[layer], vs[layer], ablation, epsilon, model)  # [1, T, H, d]
+        dl = (grad * change).sum(dim=(1, 3)).cpu().double()  # [rows, H]: logit change of each target row
+        shifted = log_p[:, None] + dl  # ablated log-probs up to a constant; the bucket moves by its mean
+        log_q = shifted - torch.logsumexp(shifted, dim=0, keepdim=True)
+        estimate[layer] = (log_p.exp()[:, None] * (log_p[:, None] - log_q)).sum(0).clamp_min(0.0).float()
+    return estimate
+
+
+def ships_screened(model: LoadedModel, ids: torch.Tensor, ablation: str = "query", epsilon: float = 1e-5,
+                   rescore: int = 20, top_tokens: int = 8, batch_rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(estimate, exact) for every head: the first-order screen, then exact Ships for its `rescore` best heads.
+
+    `exact` is NaN outside the rescored heads; where it is set it equals `ships_query` for that head.
+    """
+    estimate = ships_first_order(model, ids, ablation, epsilon, top_tokens)
+    chosen = [head for head, _ in HeadScores("estimate", "nats", estimate).top(rescore)]
+    exact = ships_query(model, ids, ablation, epsilon, heads=chosen, batch_rows=batch_rows)
+    return estimate, exact
+
+
 # ==== Generalized Ships (dataset level) ============================================================
 
 def subspace_angle(base: torch.Tensor, ablated: torch.Tensor, r_main: int = 1, center: bool = False) -> torch.Tensor:

@@ -55,6 +55,35 @@ def test_batched_ships_equals_the_one_head_at_a_time_reference(fixture, ablation
     torch.testing.assert_close(fast, reference, atol=1e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("ablation", ["query", "output"])
+def test_first_order_screen_ranks_the_planted_head_first_and_rescoring_is_exact(planted, ablation):
+    for ids in _ids(planted, HARMFUL_PROMPTS):
+        estimate, exact = S.ships_screened(planted, ids, ablation, 1e-5, rescore=3)
+        assert planted_scores(estimate).top(1)[0][0] == PLANTED
+        assert int(torch.isfinite(exact).sum()) == 3  # only the rescored heads carry an exact score
+        full = S.ships_query(planted, ids, ablation, 1e-5)
+        scored = torch.isfinite(exact)
+        torch.testing.assert_close(exact[scored], full[scored])
+        assert planted_scores(exact).top(1)[0][0] == PLANTED
+
+
+def test_first_order_change_of_z_matches_the_real_ablation(tiny_gqa):
+    """The screen's z_ablated - z equals what the UA / SC hooks really do to hook_z (GQA value map)."""
+    from probe.interventions import intervene
+
+    ids = tiny_gqa.encode("the capital of mary is the book of john")
+    names = lambda n: n.endswith("attn.hook_z") or n.endswith("attn.hook_v")  # noqa: E731
+    _, clean = tiny_gqa.bridge.run_with_cache(ids, names_filter=names)
+    for ablation in ("query", "output"):
+        layer = 1
+        heads = [S.Head(layer, h) for h in range(tiny_gqa.n_heads)]
+        with intervene(tiny_gqa, S.ablate(heads, ablation, 1e-6)):
+            _, ablated = tiny_gqa.bridge.run_with_cache(ids, names_filter=names)
+        z, v = clean[f"blocks.{layer}.attn.hook_z"], clean[f"blocks.{layer}.attn.hook_v"]
+        delta = S.ablated_z_delta(z, v, ablation, 1e-6, tiny_gqa)
+        torch.testing.assert_close(z + delta, ablated[f"blocks.{layer}.attn.hook_z"], atol=1e-4, rtol=1e-4)
+
+
 def test_fast_path_really_starts_late_on_llama(planted, tiny_gpt2):
     assert S._llama_like(planted)
     assert not S._llama_like(tiny_gpt2)  # GPT-2 takes the full-pass fallback (still batched)

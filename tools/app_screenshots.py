@@ -78,7 +78,9 @@ def main() -> int:
     timings: list[tuple[str, float]] = []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=["--headless", "--no-sandbox", "--disable-gpu"])
+            browser = p.chromium.launch(executable_path=chromium, args=[
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--no-first-run"])
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
             def shoot(name: str, path: str, action=None) -> None:
