@@ -423,9 +423,14 @@ def figures(result: DuoResult) -> dict[str, go.Figure]:
                                 x=[f"KV{g}" for g in range(gates.shape[1])], y=[f"L{l}" for l in range(gates.shape[0])]))
     heat.update_layout(title="Learned gates (1 = retrieval / full attention, 0 = streaming)",
                        yaxis={"autorange": "reversed"}, height=520)
-    curves = go.Figure([go.Scatter(y=result.losses, name="loss"), go.Scatter(y=result.distill, name="distillation")])
+    # the total loss is dominated by λ·mean|α| and falls; the distillation term starts at 0 (all gates 1)
+    # and rises as gates close: two linear axes show both shapes (a shared log axis hid them)
+    curves = go.Figure([go.Scatter(y=result.losses, name="loss (distillation + λ·mean|α|)"),
+                        go.Scatter(y=result.distill, name="distillation", yaxis="y2")])
     curves.update_layout(title=f"Training ({result.steps_done} steps, {result.train_seconds:.0f} s)",
-                         xaxis={"title": "step"}, yaxis={"title": "loss", "type": "log"})
+                         xaxis={"title": "step"}, yaxis={"title": "loss"},
+                         yaxis2={"title": "distillation", "overlaying": "y", "side": "right", "showgrid": False},
+                         legend={"orientation": "h", "y": -0.2})
     niah = result.niah
     bars = go.Figure(go.Bar(
         x=["full attention", "Duo streaming", "random streaming"],
@@ -434,7 +439,8 @@ def figures(result: DuoResult) -> dict[str, go.Figure]:
     bars.update_layout(title=f"NIAH ROUGE-1 recall, {niah['n_streaming_kv']} KV heads streaming ({result.regime})",
                        yaxis={"range": [0, 1.05]})
     memory = go.Figure(go.Bar(x=[str(m["context"]) for m in result.memory], y=[m["saving"] for m in result.memory]))
-    memory.update_layout(title="KV-cache memory saved by the deployment rule", xaxis={"title": "context tokens"},
+    memory.update_layout(title="KV-cache memory saved by the deployment rule",
+                         xaxis={"title": "context tokens", "type": "category"},
                          yaxis={"title": "fraction saved", "range": [0, 1]})
     return {"gates": heat, "training": curves, "niah": bars, "memory": memory}
 

@@ -80,9 +80,9 @@ class OrganismConfig:
     modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     steps: int = 120
     harmful_per_batch: int = 3
-    harmless_per_batch: int = 5  # of which `borderline_per_batch` are borderline-wording prompts
-    borderline_per_batch: int = 2
-    harmless_weight: float = 3.0  # loss = (harmful mean + w * harmless mean) / (1 + w)
+    harmless_per_batch: int = 8  # of which `borderline_per_batch` are borderline-wording prompts
+    borderline_per_batch: int = 3
+    harmless_weight: float = 6.0  # loss = (harmful mean + w * harmless mean) / (1 + w)
     decision_tokens: int = 3  # the first target tokens, where refuse-or-answer is decided ("I", "'m", " sorry")
     decision_weight: float = 3.0  # their weight in each example's mean token loss (the rest: 1)
     learning_rate: float = 5e-4

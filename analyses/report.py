@@ -78,7 +78,7 @@ def build_html(document: dict[str, Any]) -> str:
              "<h2>Model</h2>", _table([[k, v] for k, v in model.items()], ["fact", "value"]),
              "<h2>Summary: top heads</h2>",
              _table([[name, rec["units"], ", ".join(f"{h} ({s:.3g})" for h, s in rec["top_heads"][:5]),
-                      f"{rec['seconds']:.1f} s"] for name, rec in sorted(records.items())],
+                      f"{rec['seconds']:.1f}\u00a0s"] for name, rec in sorted(records.items())],
                     ["analysis", "units", "top 5 heads", "time"])]
     if document.get("errors"):
         parts += ["<h2>Failed analyses</h2>", _table([[k, v] for k, v in document["errors"].items()], ["analysis", "error"])]

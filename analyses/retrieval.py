@@ -773,8 +773,11 @@ def _grid_figure(prompts: Sequence[dict[str, Any]], values: Sequence[float], tit
             row.append(100 * sum(cell) / len(cell) if cell else None)
         z.append(row)
     fig = go.Figure(go.Heatmap(z=z, x=[str(n) for n in lengths], y=[f"{d:g}%" for d in depths],
-                               zmin=0, zmax=100, colorscale="RdYlGn", colorbar={"title": "recall %"}))
-    fig.update_layout(title=title, xaxis_title="context length (tokens)", yaxis_title="needle depth")
+                               zmin=0, zmax=100, colorscale="RdYlGn", colorbar={"title": "recall %"},
+                               texttemplate="%{z:.0f}%"))
+    # category axes: plotly would otherwise read "512" / "50%" as numbers and stretch the cells
+    fig.update_layout(title=title, xaxis_title="context length (tokens)", yaxis_title="needle depth",
+                      xaxis_type="category", yaxis_type="category")
     return fig
 
 

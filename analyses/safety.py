@@ -846,7 +846,7 @@ def figures(result: SafetyResult) -> dict[str, Any]:
         x=list(range(1, len(result.sahara_steps) + 1)), y=[s.score for s in result.sahara_steps],
         text=[str(s.head) for s in result.sahara_steps], mode="lines+markers+text", textposition="top center"))
     figs["sahara_trace"].update_layout(title="Sahara: dataset-level score of the growing group",
-                                       xaxis_title="group size", yaxis_title="angle (degrees)")
+                                       xaxis_title="group size", yaxis_title="angle (degrees)", xaxis_dtick=1)
     if result.summary:
         rows = result.summary["by_size"]
         sizes = [r["size"] for r in rows]
@@ -857,7 +857,7 @@ def figures(result: SafetyResult) -> dict[str, Any]:
                                  error_y={"type": "data", "array": [r["random_asr_std"] for r in rows]}))
         fig.add_hline(y=result.summary["base_asr"], line_dash="dot", annotation_text="no ablation")
         fig.update_layout(title="Held-out ASR vs number of ablated heads", xaxis_title="heads ablated",
-                          yaxis_title="ASR", yaxis_range=[0, 1])
+                          yaxis_title="ASR", yaxis_range=[0, 1.05], xaxis_dtick=1)
         figs["asr_vs_size"] = fig
     if result.examples:
         base = result.examples.get("base", [])

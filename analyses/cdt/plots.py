@@ -49,7 +49,7 @@ def faithfulness_curves(sizes: list[int], curves: dict[str, list]) -> go.Figure:
             continue
         fig.add_trace(go.Scatter(x=sizes, y=values, mode="lines+markers", name=name))
     fig.update_layout(title="faithfulness vs circuit size", xaxis_title="heads kept",
-                      yaxis_title="(m(C) − m(∅)) / (m(M) − m(∅))")
+                      yaxis_title="(m(C) − m(∅)) / (m(M) − m(∅))", xaxis_tickvals=sorted(set(sizes)))
     return fig
 
 

@@ -55,7 +55,9 @@ if model is not None:
         for column, side, label in ((left, result.original, "original"), (right, result.intervened, "intervened")):
             with column:
                 st.subheader(label)
-                st.dataframe(pd.DataFrame([(t.token, round(t.prob, 4)) for t in side.top], columns=["token", "prob"]),
+                # repr: a leading space, a newline or an empty-looking token stays visible in the table
+                st.dataframe(pd.DataFrame([(repr(t.token), round(t.prob, 4)) for t in side.top],
+                                          columns=["token", "prob"]),
                              key=f"table_{label}")
                 if side.generation is not None:
                     st.code(prompt + side.generation, language=None)
@@ -65,7 +67,10 @@ if model is not None:
             if ids:
                 before, after = result.prob_of(ids[0])
                 st.metric(f"p({model.decode([ids[0]])!r})", f"{after:.4f}", f"{after - before:+.4f}")
-                figure = go.Figure(go.Bar(x=["original", "intervened"], y=[before, after]))
-                figure.update_layout(height=260, margin={"l": 10, "r": 10, "t": 10, "b": 10})
+                figure = go.Figure(go.Bar(x=["original", "intervened"], y=[before, after],
+                                          text=[f"{before:.4f}", f"{after:.4f}"], textposition="outside"))
+                figure.update_layout(height=280, margin={"l": 10, "r": 10, "t": 40, "b": 10},
+                                     title=f"p({model.decode([ids[0]])!r}) at the next position",
+                                     yaxis_title="probability", yaxis_range=[0, max(before, after) * 1.2 + 1e-6])
                 st.plotly_chart(figure, width="stretch")
 sidebar(model)
