@@ -19,10 +19,11 @@ harmless prompts → the base model's own greedy answer (first `answer_tokens` t
 helpfulness is preserved, not invented. Loss only on target tokens, averaged per example (the
 first `decision_tokens` weighted up: that is where refuse-or-answer is decided), then per kind,
 with the harmless side weighted up (`harmless_weight`) and borderline-wording harmless prompts
-("kill the mold") oversampled (`borderline_per_batch`): version 1 refused 15.5 % of held-out
-harmless prompts, mostly such wording; version 3 (10.3 %) still refused 4 of 7 held-out borderline
-ones, so the fourth build (recipe version 3) trains on 62 borderline prompts instead of 22 and weights
-the harmless side 3.
+("kill the mold") oversampled (`borderline_per_batch`): build 1 refused 15.5 % of held-out
+harmless prompts, mostly such wording; build 3 (10.3 %) still refused 4 of 7 held-out borderline
+ones; with 62 borderline prompts (was 22) build 4 refused 15.7 % (the larger held-out set has 14
+borderline ones), so build 6, the default, draws 8 harmless rows per step (3 borderline) and weights
+the harmless side 6: 8.6 % harmless and 95.7 % harmful refused on held-out prompts (docs/safety.md).
 
 Cache: `$PROBE_HOME/organisms/<content hash>/` with `delta.safetensors` + `meta.json`. The hash
 covers the code version, the config, the base weights' sha256 and the training texts, so a
