@@ -227,10 +227,10 @@ RETRIEVAL = method_notebook(
     else:
         assert top_score > 0.1  # at least one retrieval head by the paper's threshold
     ''',
-    "**Embedded model (full mode).** With the full settings (18 prompts up to 2,000 tokens) 22 of 270 heads score "
-    "above 0.1; the strongest are L17H3, L17H4, L18H6 and L23H2, clustered by KV group. Masking the top 3 "
-    "(uniform attention at the answer) drops NIAH recall from 62% to 21% while three random 3-head sets leave it "
-    "at 62-64%.\n\n"
+    "**Embedded model (full mode).** With the full settings (18 prompts up to 2,000 tokens, 24 answer tokens) 14 of "
+    "270 heads score above 0.1 (docs/retrieval.md, run of 2026-11-29); the strongest are L17H3, L17H4, L18H6, L18H7 "
+    "and L23H2, clustered by KV group. In that run masking the top 3 (uniform attention at the answer) took mean "
+    "NIAH recall on 12 prompts from 60% to 29% while three random 3-head sets left it at 43-61%.\n\n"
     "**Planted model (CI).** L0H2 scores 1.0 and is the only head above 0.1; the decoy scores 0 although it "
     "attends inside the needle. Uniform attention or zero output on L0H2 takes recall from 100% to 0%, while "
     "masking any single other head leaves it at 100%.\n\n"
@@ -369,9 +369,10 @@ DUO = method_notebook(
     else:
         assert memory[-1]['saving'] > 0.3  # half the KV heads streaming saves a third or more at 8K
     ''',
-    "**Embedded model (full mode).** The CPU-sized run (docs/duo.md) reports the learned gates, the NIAH "
-    "comparison and the rank correlation with the retrieval scores; with half the KV heads streaming the KV cache "
-    "shrinks by a third or more at 8K tokens.\n\n"
+    "**Embedded model (full mode).** In the CPU-sized run of docs/duo.md (90 steps, 8 minutes) half the KV heads "
+    "streaming kept NIAH recall at 0.53 against 0.45 with full attention, while random choices of as many "
+    "streaming heads gave 0.27 +- 0.08; the gates' Spearman correlation with the retrieval scores per KV group "
+    "was 0.48, and the KV cache at 8K tokens halves.\n\n"
     "**Planted model (CI).** After 120 steps the long-range head's gate stays near 1 and the three others fall "
     "to 0; deploying with 25% retrieval heads keeps exactly L0H0, leaves every final state and next-token "
     "prediction unchanged, and saves about 75% of the KV cache at 8K, while streaming L0H0 alone changes about "
@@ -420,9 +421,10 @@ SAFETY = method_notebook(
         first = result.summary['by_size'][0]
         assert result.summary['base_asr'] == 0.0 and first['asr'] == 1.0 and first['beats_random'] and first['random_asr_mean'] < 0.5
     ''',
-    "**Embedded model (full mode).** On the organism, Sahara's 3-head group raises held-out ASR well beyond random "
-    "3-head groups, but far less than the paper's Llama-2 (docs/safety.md has the table). On the plain model ASR "
-    "is already high, so the validation there says little.\n\n"
+    "**Embedded model (full mode).** On the refusal organism (build v6, docs/safety.md) Sahara's 3-head group "
+    "L8H1, L7H2, L15H8 raised held-out ASR from 0.05 to 0.43 while random 3-head groups gave 0.075 +- 0.016; most "
+    "unrefused outputs are rambling rather than real compliance. On the plain model ASR is already high, so the "
+    "validation there says little.\n\n"
     "**Planted model (CI).** Ships gives L1H2 about 42 nats and every other head about 0; Sahara picks L1H2 "
     "first; ablating it turns every refusal into compliance (ASR 0 -> 1) while five random single heads leave ASR "
     "at 0.\n\n"
