@@ -88,6 +88,13 @@ def dedent(text: str) -> str:
     return textwrap.dedent(text).strip("\n")
 
 
+def figure_cell(*names: str) -> str:
+    """The figure cell every method notebook shares: list the analyzer's figures, draw the named ones
+    (those the run produced: e.g. a masking curve exists only when masking ran)."""
+    return ("figs = module.figures(result)\nprint(list(figs))\n"
+            f"display(*[figs[name] for name in {names!r} if name in figs])")
+
+
 def method_notebook(title: str, question: str, method: str, small: str, run: str, figure: str, check: str,
                     found: str) -> list[tuple[str, str]]:
     """The shape every method notebook shares: question, method, the two modes, run, figure, check, findings."""
@@ -135,12 +142,7 @@ SUCCESSOR = method_notebook(
     result = module.run(model, config)
     print(module.summary(result))
     ''',
-    '''
-    figs = module.figures(result)
-    print(list(figs))
-    display(figs['scores'])
-    display(figs['per_task'])
-    ''',
+    figure_cell('scores', 'per_task'),
     '''
     top_head, top_score = result.scores.top(1)[0]
     print('top head', top_head, round(top_score, 3), 'chance', round(result.chance, 3))
@@ -209,11 +211,7 @@ RETRIEVAL = method_notebook(
         result = module.run(model, config)
     print(module.summary(result))
     ''',
-    '''
-    figs = module.figures(result)
-    print(list(figs))
-    display(*[figs[name] for name in ('heatmap', 'accuracy_vs_k') if name in figs])  # the curve needs masking
-    ''',
+    figure_cell('heatmap', 'accuracy_vs_k'),
     '''
     top_head, top_score = result.scores.top(1)[0]
     print('top head', top_head, round(top_score, 3))
@@ -260,12 +258,7 @@ FACTUAL = method_notebook(
     result = module.run(model, config)
     print(module.summary(result))
     ''',
-    '''
-    figs = module.figures(result)
-    print(list(figs))
-    display(figs['attribution'])
-    display(figs['scaling'])
-    ''',
+    figure_cell('attribution', 'scaling'),
     '''
     causal = result.causal
     print({k: (round(v['shift'], 3), [round(s, 3) for s in v['random_shifts']]) for k, v in causal.items() if isinstance(v, dict) and 'shift' in v})
@@ -406,11 +399,7 @@ SAFETY = method_notebook(
     result = module.run(model, config)
     print(module.summary(result))
     ''',
-    '''
-    figs = module.figures(result)
-    print(list(figs))
-    display(*[figs[name] for name in ('ships_heatmap', 'asr_vs_size') if name in figs])  # the curve needs validation
-    ''',
+    figure_cell('ships_heatmap', 'asr_vs_size'),
     '''
     ships = result.scores.scores
     print('Sahara group', [str(h) for h in result.group], '| by size', [(row['size'], row['asr'], row['random_asr_mean']) for row in result.summary.get('by_size', [])])
@@ -455,12 +444,7 @@ CDT = method_notebook(
     result = module.run(model, config)
     print(module.summary(result))
     ''',
-    '''
-    figs = module.figures(result)
-    print(list(figs))
-    display(figs['circuit'])
-    display(figs['faithfulness'])
-    ''',
+    figure_cell('circuit', 'faithfulness'),
     '''
     curve = result.faithfulness
     print({k: v for k, v in curve.items() if not isinstance(v, dict)})
