@@ -26,7 +26,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--ablation", default="query", choices=sorted(S.ABLATIONS))
     parser.add_argument("--batch-rows", type=int, default=32)
-    parser.add_argument("--rescore", type=int, default=20, help="heads the first-order screen rescores exactly")
+    parser.add_argument("--rescore", type=int, default=40, help="heads the first-order screen rescores exactly")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model, device="cpu")
