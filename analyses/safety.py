@@ -343,8 +343,11 @@ def ships_first_order(model: LoadedModel, ids: torch.Tensor, ablation: str = "qu
     Why: the exact Ships needs one (partial) forward per head; a screen finds the few heads worth
     scoring exactly. The change of each next-token logit is linearised, dl ~ grad(l) . (z_ablated - z)
     (attribution patching), for the `top_tokens` most likely tokens; the rest of the vocabulary is one
-    bucket shifted by the mean change of its logits (the gradient of their plain mean). The KL is then computed exactly on those top tokens + the bucket, so a saturated
-    distribution (p_top ~ 1), where a quadratic KL expansion vanishes, still gets a useful estimate.
+    bucket shifted by the mean change of its logits (the gradient of their plain mean). The KL is then
+    computed exactly on those top tokens + the bucket, so a saturated distribution (p_top ~ 1), where a
+    quadratic KL expansion vanishes, still gets a useful estimate. It is a ranking screen: magnitudes
+    are not calibrated (the linearisation misses effects through the final norm), so rescore its top
+    heads exactly (`ships_screened`).
     The prompt runs as `top_tokens + 1` identical batch rows, each backpropagating its own target, so
     one backward gives every row's gradient with respect to every head's output at every position.
     """
@@ -392,7 +395,7 @@ def ships_first_order(model: LoadedModel, ids: torch.Tensor, ablation: str = "qu
 
 
 def ships_screened(model: LoadedModel, ids: torch.Tensor, ablation: str = "query", epsilon: float = 1e-5,
-                   rescore: int = 20, top_tokens: int = 8, batch_rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+                   rescore: int = 40, top_tokens: int = 8, batch_rows: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(estimate, exact) for every head: the first-order screen, then exact Ships for its `rescore` best heads.
 
     `exact` is NaN outside the rescored heads; where it is set it equals `ships_query` for that head.
