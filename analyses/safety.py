@@ -644,6 +644,7 @@ class SafetyConfig:
     system_prompt: str | None = None
     attribution_prompts: tuple[str, ...] | None = None  # None: StrongREJECT training split
     n_ships_prompts: int = 4
+    ships_rescore: int | None = None  # None: exact Ships of every head; k: first-order screen + exact top k
     n_sahara_prompts: int = 16
     group_size: int = 3  # S
     sahara_pool: int | None = 27  # None: every head at every step (the paper); k: the k best by Ships
@@ -747,16 +748,23 @@ def run(model: LoadedModel, config: SafetyConfig = SafetyConfig(), progress: Pro
     started = time.perf_counter()
     per_prompt = []
     for n, ids in enumerate(ships_ids):
-        per_prompt.append(ships_query(model, ids, config.ablation, config.epsilon, batch_rows=config.batch_rows))
+        if config.ships_rescore is None:
+            per_prompt.append(ships_query(model, ids, config.ablation, config.epsilon, batch_rows=config.batch_rows))
+        else:  # heads the screen did not pass on stay NaN (not scored), never 0
+            per_prompt.append(ships_screened(model, ids, config.ablation, config.epsilon, config.ships_rescore,
+                                             batch_rows=config.batch_rows)[1])
         say(0.3 * (n + 1) / len(ships_ids), f"Ships prompt {n + 1}/{len(ships_ids)}")
-    ships_mean = torch.stack(per_prompt).mean(0)
+    ships_mean = torch.stack(per_prompt).nanmean(0)
     timings["ships"] = time.perf_counter() - started
     prov = provenance(model, ANALYZER, VERSION, config,
                       {"attribution": attribution[: max(config.n_ships_prompts, config.n_sahara_prompts)],
                        "harmful": harmful, "harmless": harmless}, config.seed)
     ships = HeadScores("ships", "nats", ships_mean, prov,
                        f"mean KL(p_base || p_ablated) at the last prompt position, {ABLATIONS[config.ablation]}, "
-                       f"eps={config.epsilon:g}, over {len(ships_ids)} prompts")
+                       f"eps={config.epsilon:g}, over {len(ships_ids)} prompts"
+                       + ("" if config.ships_rescore is None else
+                          f"; exact for the {config.ships_rescore} heads a first-order screen ranked best per "
+                          "prompt, NaN for the rest"))
     started = time.perf_counter()
     steps = _sahara_on_pool(model, sahara_ids, config, ships, say)
     timings["sahara"] = time.perf_counter() - started

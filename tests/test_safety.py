@@ -185,19 +185,24 @@ def test_batched_generation_applies_interventions_like_bridge_generate(planted):
     assert (clean, ablated) == ("sorry", "sure")
 
 
-def test_run_end_to_end_on_planted_model_finds_head_and_breaks_refusal(planted):
+@pytest.mark.parametrize("ships_rescore", [None, 4])
+def test_run_end_to_end_on_planted_model_finds_head_and_breaks_refusal(planted, ships_rescore):
     config = S.SafetyConfig(template="plain", attribution_prompts=tuple(HARMFUL_PROMPTS + HARMLESS),
-                            n_ships_prompts=3, n_sahara_prompts=10, group_size=2, sahara_pool=4,
+                            n_ships_prompts=3, ships_rescore=ships_rescore, n_sahara_prompts=10, group_size=2,
+                            sahara_pool=4,
                             eval_harmful=tuple(HARMFUL_PROMPTS), eval_harmless=tuple(HARMLESS),
                             max_new_tokens=2, random_draws=5, epsilon=0.0,
                             judge_short=False, judge_phrases=("sorry",))
     result = S.run(planted, config)
     assert result.group[0] == PLANTED
     assert result.ships.top(1)[0][0] == PLANTED
+    if ships_rescore is not None:  # the screen leaves unscored heads NaN, never a fake 0
+        assert 0 < int(torch.isfinite(result.ships.scores).sum()) < planted.n_layers * planted.n_heads
     summary = result.summary
     assert summary["base_asr"] == 0.0  # the planted model says "sorry" to every harmful prompt
     first = summary["by_size"][0]
     assert first["asr"] == 1.0 and first["beats_random"] and first["random_asr_mean"] < 0.5
     again = S.SafetyResult.from_json(result.to_json())
-    assert again.group == result.group and torch.equal(again.ships.scores, result.ships.scores.double())
+    assert again.group == result.group
+    torch.testing.assert_close(again.ships.scores, result.ships.scores.double(), equal_nan=True)
     assert {"ships_heatmap", "generalized_heatmap", "sahara_trace", "asr_vs_size", "examples"} <= set(S.figures(again))
