@@ -36,3 +36,21 @@ def test_dataset_level_score_and_group_search_run_on_smollm2(smollm2):
     torch.testing.assert_close(ablated, slow_ablated, atol=1e-3, rtol=1e-3)
     angles = S.subspace_angle(base, ablated)
     assert angles.shape == (3,) and bool(((angles >= 0) & (angles <= 90)).all())
+
+
+@pytest.mark.slow
+def test_sahara_group_breaks_the_organisms_refusal_more_than_random_groups():
+    """Causal check on a model that refuses: the refusal organism (built by `probe organism refusal`, cached).
+
+    Sahara's 3-head group, searched on training prompts, must raise held-out ASR above every random
+    3-head group (drawn outside the group) and by more than their spread.
+    """
+    from analyses import organism as O
+
+    model = O.load_refusal_organism(device="cpu")
+    config = S.SafetyConfig(n_ships_prompts=2, n_sahara_prompts=6, sahara_pool=12, group_size=3,
+                            n_eval_harmful=24, n_eval_harmless=0, max_new_tokens=24, random_draws=3)
+    result = S.run(model, config)
+    last = result.summary["by_size"][-1]
+    assert last["size"] == 3 and all(str(h) in last["heads"] for h in result.group)
+    assert last["asr"] > max(last["random_asr"]) and last["margin"] > last["random_asr_std"]
