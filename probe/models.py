@@ -358,16 +358,15 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
 
 def spec_summary() -> str:
     """Text for `probe models`: each spec, what it is, and whether it is available offline now."""
-    lines = []
-    for spec, available in list_specs():
-        state = "ready" if available else f"missing: run `probe fetch {spec.asset}`"
-        lines.append(f"{spec.name:14s} {state:40s} {spec.description}")
-    for extra in EXTRA_SPECS.values():
-        state = "ready" if extra.available() else f"missing: {extra.missing_hint}"
-        lines.append(f"{extra.name:14s} {state:40s} {extra.description}")
-    lines.append(f"{'hf:<dir|id>':14s} {'':40s} any Hugging Face causal LM (local folder, or hub id with network)")
-    lines.append(f"{'gguf:<path>':14s} {'':40s} any GGUF file transformers can read")
-    return "\n".join(lines)
+    rows = [(spec.name, "ready" if available else f"missing: run `probe fetch {spec.asset}`", spec.description)
+            for spec, available in list_specs()]
+    rows += [(extra.name, "ready" if extra.available() else f"missing: {extra.missing_hint}", extra.description)
+             for extra in EXTRA_SPECS.values()]
+    rows += [("hf:<dir|id>", "", "any Hugging Face causal LM (local folder, or hub id with network)"),
+             ("gguf:<path>", "", "any GGUF file transformers can read")]
+    name_width = max(len(name) for name, _, _ in rows)  # columns fit the longest name (e.g. an organism's)
+    state_width = max(len(state) for _, state, _ in rows)
+    return "\n".join(f"{name:{name_width}s}  {state:{state_width}s}  {text}".rstrip() for name, state, text in rows)
 
 
 def facts(model: LoadedModel) -> dict[str, Any]:
