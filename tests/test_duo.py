@@ -55,3 +55,31 @@ def test_spearman_and_bad_config():
         duo.DuoConfig(regime="sometimes").validate()
     with pytest.raises(duo.DuoError, match="retrieval_fraction"):
         duo.DuoConfig(retrieval_fraction=1.0).validate()
+
+
+@pytest.mark.slow
+@pytest.mark.embedded
+def test_learned_streaming_choice_distorts_smollm2_less_than_random_choices(smollm2):
+    """Causal check on the real model: streaming the half of the KV heads with the lowest learned gates
+    changes the final states on a held-out passkey prompt less than streaming as many random KV heads."""
+    import random
+
+    from analyses.data.haystack import haystack_sentences
+
+    config = duo.DuoConfig(context_length=256, n_passkeys=2, steps=12, max_seconds=600)
+    training = duo.train_gates(smollm2, config)
+    sample = duo.passkey_sample(smollm2, config, random.Random(1234), haystack_sentences())
+    clean = duo.final_states(smollm2, sample.ids)[sample.loss_positions]
+
+    def distortion(retrieval: torch.Tensor) -> float:
+        heads = duo.streaming_heads(smollm2, retrieval)
+        with intervene(smollm2, [streaming_attention(heads, config.sink, config.recent)]):
+            streamed = duo.final_states(smollm2, sample.ids)[sample.loss_positions]
+        return float((streamed - clean).pow(2).mean())
+
+    learned = distortion(duo.binarise(training.gates, 0.5))
+    generator = torch.Generator().manual_seed(0)
+    random_choices = [distortion(duo.binarise(torch.rand(training.gates.shape, generator=generator), 0.5))
+                      for _ in range(3)]
+    print(f"final-state MSE: learned choice {learned:.5f}, random choices {random_choices}")
+    assert learned < min(random_choices), (learned, random_choices)
