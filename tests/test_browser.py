@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import os
-import shutil
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -16,16 +11,10 @@ from test_scan import fakes  # noqa: F401  (fixture: two stand-in analyzers)
 
 from analyses.report import build_html, load_document, write_reports
 from analyses.scan import ScanSettings, run_scan
+from tools.browser import CHROMIUM, free_port, launch, open_report_offline, start_app
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +23,10 @@ def app_url():
         if os.environ.get("CI"):
             pytest.fail("CI must install Debian's chromium (see .ci/run)")
         pytest.skip("Debian chromium is not installed here (apt-get install chromium)")
-    port = _free_port()
-    env = {**os.environ, "PROBE_APP_MODEL": "tiny-gqa", "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"),
-         "--server.port", str(port), "--server.address", "127.0.0.1", "--server.headless", "true",
-         "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
+    port = free_port()
+    server = start_app("tiny-gqa", port)
     try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/_stcore/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("streamlit did not start")
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.terminate()
         server.wait(timeout=20)
@@ -61,9 +36,7 @@ def test_ablating_a_head_changes_the_shown_probabilities(app_url):
     playwright = pytest.importorskip("playwright.sync_api")
     ARTIFACTS.mkdir(exist_ok=True)
     with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-sync"])
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1800})
         page.goto(f"{app_url}/playground", timeout=60_000)
         page.get_by_text("Intervention playground").first.wait_for(timeout=90_000)
@@ -86,12 +59,6 @@ def test_ablating_a_head_changes_the_shown_probabilities(app_url):
     assert float(delta.split()[-1].replace("+", "")) != 0.0
 
 
-def _launch(p):
-    return p.chromium.launch(executable_path=CHROMIUM, args=[
-        "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-        "--disable-component-update", "--no-first-run", "--disable-sync"])
-
-
 def test_scan_report_opens_offline_with_every_figure_drawn(fakes, tiny_gqa, tmp_path):
     """The report of a scan renders in Chromium with every request outside the file refused."""
     if CHROMIUM is None:
@@ -102,23 +69,12 @@ def test_scan_report_opens_offline_with_every_figure_drawn(fakes, tiny_gqa, tmp_
     html_path, _ = write_reports(out, document)
     n_figures = build_html(load_document(out)).count("Plotly.newPlot")
     ARTIFACTS.mkdir(exist_ok=True)
-    outside: list[str] = []
-    errors: list[str] = []
     with playwright.sync_playwright() as p:
-        browser = _launch(p)
+        browser = launch(p)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-
-        def refuse_network(route):
-            outside.append(route.request.url)
-            route.abort()
-
-        page.route("http*://**/*", refuse_network)
-        page.on("pageerror", lambda error: errors.append(str(error)))
-        page.goto(html_path.resolve().as_uri())
-        page.wait_for_function(f"document.querySelectorAll('.js-plotly-plot .main-svg').length >= {n_figures}",
-                               timeout=30_000)
-        drawn = page.locator(".js-plotly-plot").count()
+        check = open_report_offline(page, html_path, timeout_ms=30_000)
         page.screenshot(path=str(ARTIFACTS / "scan_report.png"), full_page=True)
         browser.close()
-    assert n_figures >= 3 and drawn == n_figures
-    assert outside == [] and errors == []
+    assert check.n_figures == n_figures  # the file on disk holds what a rebuild from results.json holds
+    assert n_figures >= 3 and check.drawn == n_figures
+    assert check.outside == [] and check.errors == []

@@ -11,39 +11,15 @@ saves a full-page PNG per page. Analyzer pages show results only if runs are cac
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: make `tools` importable
+
+from tools.browser import free_port, launch, start_app  # noqa: E402
+
 ANALYZER_PAGES = ("retrieval", "duo", "successor", "safety", "factual", "cdt")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_app(model: str, port: int) -> subprocess.Popen:
-    env = {**os.environ, "PROBE_APP_MODEL": model, "HF_HUB_OFFLINE": "1"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(ROOT / "app" / "streamlit_app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1)
-            return server
-        except OSError:
-            time.sleep(0.5)
-    server.terminate()
-    raise SystemExit("streamlit did not start")
 
 
 def wait_idle(page, timeout_s: float = 300.0) -> None:
@@ -67,9 +43,6 @@ def main() -> int:
     args = parser.parse_args()
     from playwright.sync_api import sync_playwright
 
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        raise SystemExit("Debian chromium is not installed (apt-get install chromium)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -78,9 +51,7 @@ def main() -> int:
     timings: list[tuple[str, float]] = []
     try:
         with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=chromium, args=[
-                "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--no-first-run"])
+            browser = launch(p)
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
 
             def shoot(name: str, path: str, action=None) -> None:
