@@ -235,9 +235,44 @@ def test_run_finds_the_planted_circuit_and_round_trips(planted):
     assert "L1H0" in text and "path patching" in text
 
 
-def test_run_on_a_tiny_llama_and_bad_config(tiny_gqa):
-    result = cdt.run(tiny_gqa, cdt.CDTConfig(task="successor", per_iteration=2, max_heads=3, random_draws=2,
-                                             curve_every=2, baseline=False, prune=False))
+@pytest.fixture(scope="module")
+def tiny_gqa_with_list_words():
+    """The tiny GQA shape with a vocabulary that holds the successor prompts' words ("one," ...):
+    the default word tokenizer splits on whitespace only, so "one," is unknown to it."""
+    from probe.models import wrap_hf_model
+    from probe.tiny import NUMBER_WORDS, default_vocabulary, tiny_llama, word_tokenizer
+
+    tokenizer = word_tokenizer(default_vocabulary() + [f"{w}," for w in NUMBER_WORDS], name="probe/tiny-gqa-lists")
+    return wrap_hf_model(tiny_llama(len(tokenizer), n_heads=4, n_kv_heads=2, seed=1), tokenizer,
+                         "tiny-gqa-lists", hub_name="probe/tiny-gqa-lists", device="cpu")
+
+
+def test_task_refuses_prompts_the_tokenizer_cannot_represent(tiny_gqa):
+    """On the plain tiny tokenizer every successor prompt is `<bos> <unk> <unk> ...`: a clear error,
+    not a run whose full and ablated metrics are equal (that divided by zero in faithfulness)."""
+    with pytest.raises(CDTError, match="cannot represent the task prompt 'one, two, three, four,'"):
+        tasks.successor_batches(tiny_gqa, kinds=("numbers",), run=4)
+    with pytest.raises(CDTError, match="cannot represent"):
+        cdt.run(tiny_gqa, cdt.CDTConfig(task="successor", baseline=False))
+
+
+def test_degenerate_metric_is_an_error_not_a_division():
+    base = circuits.Faithfulness(full=3.7e-9, empty=3.7e-9)
+    assert base.degenerate
+    with pytest.raises(CDTError, match="degenerate"):
+        base.of(1.0)
+    healthy = circuits.Faithfulness(full=2.0, empty=0.5)
+    assert not healthy.degenerate and healthy.of(1.25) == pytest.approx(0.5)
+
+
+def test_run_on_a_tiny_llama_and_bad_config(tiny_gqa, tiny_gqa_with_list_words):
+    batches = tasks.successor_batches(tiny_gqa_with_list_words, kinds=("numbers",), run=4)
+    unk = tiny_gqa_with_list_words.tokenizer.unk_token_id
+    assert all(bool((b.ids != unk).all()) for b in batches)
+    result = cdt.run(tiny_gqa_with_list_words, cdt.CDTConfig(task="successor", per_iteration=2, max_heads=3,
+                                                             random_draws=2, curve_every=2, baseline=False,
+                                                             prune=False))
+    assert abs(result.full_metric - result.empty_metric) > 1e-3
     assert result.sizes == [2, 3] and len(result.circuit.heads) == 3
     assert "skipped" in cdt.summary(result)
     assert cdt.CDTResult.from_json(json.loads(json.dumps(result.to_json()))).circuit.heads == result.circuit.heads

@@ -157,6 +157,7 @@ def run(model, config: CDTConfig = CDTConfig(), progress: Progress | None = None
     say(0.85, "faithfulness")
     means = [circuits.batch_means(model, b) for b in evaluation]
     base = circuits.faithfulness_baselines(model, evaluation, means)
+    base.require_signal()  # before any circuit is evaluated
     sizes = curve_sizes(len(circuit.heads), config.curve_every)
     methods = {"cd-t": circuit} if baseline is None else {"cd-t": circuit, "path-patching": baseline}
     draws = {size: random_circuits(model, circuit.prefix(size), config.random_draws, config.seed + size)

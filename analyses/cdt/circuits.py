@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from analyses.cdt import rules
+from analyses.cdt.arch import CDTError
 from analyses.cdt.engine import Engine, Hooks
 from analyses.cdt.rules import Pair
 from analyses.cdt.tasks import LogitDiffBatch
@@ -422,8 +423,21 @@ class Faithfulness:
     full: float
     empty: float
 
+    @property
+    def degenerate(self) -> bool:
+        """The full and the all-ablated model score the same: no ratio to them means anything."""
+        return abs(self.full - self.empty) <= 1e-6 * max(1.0, abs(self.full), abs(self.empty))
+
+    def require_signal(self) -> None:
+        """Raise a clear error, rather than divide by (nearly) zero, when the metric is degenerate."""
+        if self.degenerate:
+            raise CDTError(f"The task's metric is degenerate: the full model ({self.full:.6g}) and the "
+                           f"all-ablated model ({self.empty:.6g}) score the same, so faithfulness is undefined; "
+                           "use a task this model can do.")
+
     def of(self, value: float) -> float:
         """(m(C) − m(∅)) / (m(M) − m(∅))."""
+        self.require_signal()
         return (value - self.empty) / (self.full - self.empty)
 
 

@@ -35,12 +35,31 @@ def _single_id(tokenizer, word: str) -> int:
     ids = tokenizer(word, add_special_tokens=False).input_ids
     if len(ids) != 1:
         raise CDTError(f"{word!r} is not a single token for this tokenizer.")
+    if tokenizer.unk_token_id is not None and ids[0] == tokenizer.unk_token_id:
+        raise CDTError(f"{word!r} is not in this tokenizer's vocabulary (it encodes as {tokenizer.unk_token!r}).")
     return ids[0]
+
+
+def _encode_representable(model, text: str) -> torch.Tensor:
+    """The prompt's ids, refusing a prompt the tokenizer cannot represent.
+
+    A prompt with unknown-token pieces is not the task any more: on a word tokenizer that lacks the
+    words, every successor prompt became `<bos> <unk> <unk> <unk>`, so clean and ablated runs scored
+    the same and faithfulness divided by zero.
+    """
+    ids = model.encode(text)[0]
+    unk = model.tokenizer.unk_token_id
+    text_ids = model.tokenizer(text, add_special_tokens=False).input_ids  # not the BOS (some reuse unk's id)
+    if unk is not None and unk in text_ids:
+        pieces = model.tokenizer.convert_ids_to_tokens(ids.tolist())
+        raise CDTError(f"This tokenizer cannot represent the task prompt {text!r} (it encodes as "
+                       f"{' '.join(pieces)}); use a model whose vocabulary covers the task's words.")
+    return ids
 
 
 def _stack_same_length(model, texts: list[str]) -> tuple[torch.Tensor, list[int]]:
     """Token ids of the texts with the most common length; returns ids and the kept indices."""
-    encoded = [model.encode(text)[0] for text in texts]
+    encoded = [_encode_representable(model, text) for text in texts]
     lengths: dict[int, list[int]] = defaultdict(list)
     for index, ids in enumerate(encoded):
         lengths[len(ids)].append(index)
