@@ -48,7 +48,7 @@ from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
 from analyses.data.strongreject import harmful_split, harmless_split
 from probe import assets
 from probe.errors import ProbeError
-from probe.runtime import choose_threads
+from probe.runtime import set_threads
 from probe.models import SPECS, LoadedModel, register_spec, wrap_hf_model
 from probe.results import stable_hash, write_json_atomic
 
@@ -90,7 +90,7 @@ class OrganismConfig:
     warmup_steps: int = 8
     max_prompt_tokens: int = 96  # longer training prompts are skipped (7 of 219 StrongREJECT ones)
     answer_tokens: int = 16  # length of the base model's greedy answers used as harmless targets
-    threads: int | None = None  # not in the cache key; None: probe.runtime.choose_threads()
+    threads: int | None = None  # not in the cache key; None: automatic (probe.runtime.set_threads)
 
 
 @dataclass
@@ -378,7 +378,7 @@ def build_refusal_organism(config: OrganismConfig = OrganismConfig(), force: boo
                            progress: Callable[[str], None] = lambda message: None) -> OrganismBuild:
     """Build (or find in the cache) the refusal-tuned SmolLM2; returns its folder and metadata.
 
-    Seeded; single process; with `config.threads` torch threads (None: `choose_threads()`).
+    Seeded; single process; with `config.threads` torch threads (None: automatic, `probe.runtime`).
     `evaluate` also measures the held-out refusal rates with the keyword judge and stores them (and
     the generations) in meta.json, with each phase's wall time and load average.
     """
@@ -392,8 +392,7 @@ def build_refusal_organism(config: OrganismConfig = OrganismConfig(), force: boo
         progress(f"organism {key} found in {found}")
         return OrganismBuild(found, key, json.loads((found / "meta.json").read_text()))
     previous_threads = torch.get_num_threads()
-    threads = config.threads or choose_threads()
-    torch.set_num_threads(threads)
+    threads = set_threads(config.threads)
     phases = _Phases(progress)
     try:
         started = time.perf_counter()

@@ -2,29 +2,152 @@
 
 On a small CPU that other jobs also use, OpenMP threads beyond the free cores spin against them
 (measured on the 2-core machine: an organism build went from 3-5 s to 15 s per step with 2 threads
-at load ~3; a CD-T discovery from ~50 s to 194 s). So a job asks for all cores only when the
-machine looks free.
+at load ~3; a CD-T discovery from ~50 s to 194 s; a demo scan that chose 2 threads at its start took
+33 min 45 s once another job started, against 12 min 54 s idle). So the choice is not made once:
+in automatic mode every module call checks, at most every `interval` seconds, how much CPU the
+*other* processes used since the last check (the machine's busy time from /proc/stat minus this
+process's own CPU time, so the job's own threads never count as load), and sets the calling
+thread's torch threads to the cores they leave free (at least 1).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
+from probe.errors import ProbeError
 
-def choose_threads(busy_load: float = 1.5) -> int:
-    """All cores when the 1-minute load average is below `busy_load`, else one thread."""
-    cores = os.cpu_count() or 1
+MAX_THREADS_PER_CORE = 4  # more than this is never useful and makes OpenMP fail to create threads
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have spent busy since boot (Linux /proc/stat), or None elsewhere."""
     try:
-        load = os.getloadavg()[0]
-    except OSError:  # not available on this platform
-        return cores
-    return cores if load < busy_load else 1
+        with open("/proc/stat") as handle:
+            fields = handle.readline().split()[1:]
+    except OSError:
+        return None
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    busy = sum(ticks[:8]) - idle  # user nice system idle iowait irq softirq steal (guest is in user)
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds this process (all its threads) has used."""
+    times = os.times()
+    return times.user + times.system
+
+
+def threads_for(cores: int, others: float) -> int:
+    """Threads that leave the cores other processes use (`others`, in cores) to them: all cores when
+    they use under a quarter of one, one thread when they use most of the rest."""
+    return max(1, min(cores, int(cores - others + 0.25)))
+
+
+@dataclass
+class AdaptiveThreads:
+    """Re-decides the torch thread count from the other processes' recent CPU use.
+
+    `check()` is cheap when called often: it only measures once `interval` seconds have passed.
+    The readers are parameters so that tests can play a machine that becomes busy and idle again.
+    """
+
+    cores: int = field(default_factory=lambda: os.cpu_count() or 1)
+    interval: float = 2.0
+    clock: Callable[[], float] = time.monotonic
+    busy_reader: Callable[[], float | None] = machine_busy_seconds
+    own_reader: Callable[[], float] = own_cpu_seconds
+    threads: int = 0
+    others: float = 0.0
+    changes: list[tuple[float, int, float]] = field(default_factory=list)  # (time, threads, others)
+    _last: tuple[float, float, float] | None = None
+    _guard: threading.Lock = field(default_factory=threading.Lock)
+
+    def sample(self) -> tuple[float, float, float] | None:
+        busy = self.busy_reader()
+        return None if busy is None else (self.clock(), busy, self.own_reader())
+
+    def _decide(self, last: tuple[float, float, float], now: tuple[float, float, float]) -> None:
+        wall = now[0] - last[0]
+        if wall <= 0:
+            return
+        self.others = max(0.0, ((now[1] - last[1]) - (now[2] - last[2])) / wall)
+        wanted = threads_for(self.cores, self.others)
+        if wanted != self.threads:
+            self.threads = wanted
+            self.changes.append((now[0], wanted, round(self.others, 2)))
+
+    def check(self) -> int:
+        """Set the calling thread's torch threads if the window is over; returns the current choice."""
+        last = self._last
+        if last is not None and self.clock() - last[0] >= self.interval and self._guard.acquire(blocking=False):
+            try:
+                now = self.sample()
+                if now is not None:
+                    self._decide(last, now)
+                    self._last = now
+            finally:
+                self._guard.release()
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        return self.threads
+
+    def start(self, settle: float = 0.3) -> int:
+        """First decision from a short sample of the machine before the job starts working
+        (all cores where /proc/stat cannot be read)."""
+        self.threads = self.cores
+        first = self.sample()
+        if first is not None:
+            time.sleep(settle)
+            now = self.sample()
+            if now is not None:
+                self._decide(first, now)
+                self._last = now
+        torch.set_num_threads(self.threads)
+        return self.threads
+
+
+_adaptive: AdaptiveThreads | None = None
+_hook_handle = None
+
+
+def adaptive_policy() -> AdaptiveThreads | None:
+    """The running automatic policy (None when threads were set explicitly)."""
+    return _adaptive
+
+
+def _on_module_call(module, args) -> None:
+    if _adaptive is not None:
+        _adaptive.check()
+
+
+def check_threads_request(requested: int) -> None:
+    """A thread count outside 0..4 x cores is a clear error (OpenMP fails on huge counts, then crashes)."""
+    limit = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)
+    if requested < 0 or requested > limit:
+        raise ProbeError(f"--threads must be between 1 and {limit} on this machine (0 = automatic), not {requested}.")
 
 
 def set_threads(requested: int | None) -> int:
-    """Set torch's intra-op threads (`None` or 0: `choose_threads()`); returns the number used."""
-    threads = requested if requested and requested > 0 else choose_threads()
-    torch.set_num_threads(threads)
+    """Set torch's intra-op threads; returns the number used now.
+
+    `None` or 0: automatic, re-decided while the job runs (see the module docstring); a number:
+    exactly that many for the whole job.
+    """
+    global _adaptive, _hook_handle
+    if requested:
+        check_threads_request(requested)
+        _adaptive = None
+        torch.set_num_threads(requested)
+        return requested
+    _adaptive = AdaptiveThreads()
+    threads = _adaptive.start()
+    if _hook_handle is None:
+        _hook_handle = torch.nn.modules.module.register_module_forward_pre_hook(_on_module_call)
     return threads

@@ -1,0 +1,91 @@
+"""The thread policy: re-decided while a job runs, from the other processes' CPU use only."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from probe import runtime
+from probe.errors import ProbeError
+
+
+class FakeMachine:
+    """A clock, the machine's busy CPU seconds and this process's own, advanced by hand."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.busy = 1000.0
+        self.own = 10.0
+
+    def run(self, seconds: float, own_cores: float, other_cores: float) -> None:
+        self.now += seconds
+        self.own += own_cores * seconds
+        self.busy += (own_cores + other_cores) * seconds
+
+    def policy(self, cores: int = 2) -> runtime.AdaptiveThreads:
+        return runtime.AdaptiveThreads(cores=cores, interval=2.0, clock=lambda: self.now,
+                                       busy_reader=lambda: self.busy, own_reader=lambda: self.own)
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    runtime._adaptive = None
+    torch.set_num_threads(before)
+
+
+def test_threads_for_leaves_the_busy_cores_to_others():
+    assert [runtime.threads_for(2, others) for others in (0.0, 0.2, 0.5, 1.0, 1.9, 3.0)] == [2, 2, 1, 1, 1, 1]
+    assert runtime.threads_for(8, 2.0) == 6
+
+
+def test_own_threads_never_count_as_load():
+    """The scan's own two busy threads are not "another process": the choice stays at two cores
+    (the old policy read the load average, which counts them)."""
+    machine = FakeMachine()
+    policy = machine.policy()
+    policy._last = policy.sample()
+    policy.threads = 2
+    machine.run(3.0, own_cores=2.0, other_cores=0.0)
+    assert policy.check() == 2 and policy.others == pytest.approx(0.0)
+
+
+def test_a_machine_that_becomes_busy_mid_run_drops_to_one_thread_and_back():
+    machine = FakeMachine()
+    policy = machine.policy()
+    policy._last = policy.sample()
+    policy.threads = 2
+    machine.run(3.0, own_cores=2.0, other_cores=0.0)
+    assert policy.check() == 2 and torch.get_num_threads() == 2
+    machine.run(3.0, own_cores=1.3, other_cores=0.7)  # a busy loop starts: it gets ~0.7 core against us
+    assert policy.check() == 1 and torch.get_num_threads() == 1
+    machine.run(1.0, own_cores=1.0, other_cores=0.0)  # within the interval: no new measurement
+    assert policy.check() == 1
+    machine.run(3.0, own_cores=1.0, other_cores=0.0)  # it ended
+    assert policy.check() == 2 and torch.get_num_threads() == 2
+    assert [threads for _, threads, _ in policy.changes] == [1, 2]
+
+
+def test_every_module_call_checks_in_automatic_mode(monkeypatch):
+    """Analyzers need not cooperate: the policy runs from a global module pre-hook, on the thread
+    that computes (torch's thread count is per calling thread under OpenMP)."""
+    machine = FakeMachine()
+    policy = machine.policy()
+    monkeypatch.setattr(runtime, "AdaptiveThreads", lambda: policy)
+    monkeypatch.setattr(runtime.time, "sleep", lambda seconds: machine.run(seconds, 0.0, 0.0))
+    assert runtime.set_threads(0) == 2
+    layer = torch.nn.Linear(4, 4)
+    machine.run(3.0, own_cores=1.0, other_cores=1.0)
+    layer(torch.ones(1, 4))
+    assert torch.get_num_threads() == 1
+    runtime.set_threads(2)  # an explicit count switches the automatic policy off
+    machine.run(3.0, own_cores=1.0, other_cores=0.0)
+    layer(torch.ones(1, 4))
+    assert runtime.adaptive_policy() is None and torch.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("requested", [-1, 100000])
+def test_impossible_thread_counts_are_clear_errors(requested):
+    with pytest.raises(ProbeError, match="--threads must be between 1 and"):
+        runtime.set_threads(requested)
