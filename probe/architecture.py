@@ -1,0 +1,436 @@
+"""The architecture layer: every family fact an analyzer needs, asked of one object.
+
+`architecture(model)` reads a loaded model through the TransformerLens 4 bridge's own per-family
+adapter (its component names are the same for every family: `embed`, `blocks[l].ln1 / ln2 /
+ln1_post / ln2_post / attn (q, k, v, qkv, o, q_norm, k_norm) / mlp`, `ln_final`, `unembed`) and the
+stacked per-head weights the bridge exposes (`W_Q` ... `W_O`, fused projections already split),
+and adds what the bridge lacks:
+
+- norms as values (kind, eps, effective weight with Gemma's `1 + w` offset detected, placement:
+  pre / post / both, QK-norm per head or over the whole projection), applied exactly by the
+  Hugging Face module;
+- rotary facts (rotated dimensions for partial rotary, theta), the attention scale, soft-caps and
+  sliding windows per layer, parallel vs sequential blocks;
+- the MLP of a layer as a callable on any `[..., d_model]` tensor (gated, plain or MoE: MoE blocks
+  want `[batch, pos, d]` and some return `(hidden, router_logits)`; the callable hides both);
+- the embedding as the model adds it to the residual (scale included), unembedding columns of a
+  few tokens (never the full vocabulary), and each component's Hugging Face module path, so a
+  test can find the same module in an independently loaded copy.
+
+Every call on a module reads the Hugging Face original under the bridge's wrapper: no hook that a
+caller attached to the bridge fires inside a weight-only computation. A component the family
+does not have, that an analyzer asks for, raises `MissingComponentError` naming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from probe.errors import ProbeError
+
+BLOCK_NORMS = ("ln1", "ln2", "ln1_post", "ln2_post")  # pre-attention, pre-MLP, post-attention, post-MLP
+ATTN_NORMS = ("q_norm", "k_norm")
+
+
+class ArchitectureError(ProbeError):
+    """A model whose layout the architecture layer cannot read."""
+
+
+class MissingComponentError(ArchitectureError):
+    """The model has no such component (e.g. no attention in a state-space model, no MLP weights)."""
+
+    def __init__(self, model_name: str, component: str, why: str = "") -> None:
+        self.component = component
+        super().__init__(f"{model_name}: the architecture layer found no {component}"
+                         + (f" ({why})" if why else "")
+                         + "; this analysis needs it. Families covered: see docs/ARCHITECTURES.md.")
+
+
+def hf_module(component: Any) -> Any:
+    """The Hugging Face module under a bridge component (the bridge swaps them in place)."""
+    while True:
+        inner = component.__dict__.get("_modules", {}).get("_original_component")
+        if inner is None:
+            inner = getattr(component, "original_component", None)
+        if inner is None or inner is component:
+            return component
+        component = inner
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One normalisation: `kind` 'rms' or 'layer'; `weight` the effective multiplier (`1 + w` for
+    Gemma, whose stored weight is w: `offset` 1); `bias` (LayerNorm); `eps`; `path` in the HF model.
+    Calling it applies the Hugging Face module itself (exact, dtype handling included)."""
+
+    kind: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    eps: float
+    offset: float
+    path: str
+    module: nn.Module
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @property
+    def size(self) -> int:
+        return int(self.weight.shape[-1])
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary positions: `dims` of each head's d_head rotated (partial rotary: fewer), base `theta`."""
+
+    dims: int
+    theta: float | None
+
+
+@dataclass(frozen=True)
+class Attention:
+    """What a layer's attention does between q.k and the softmax, and where its modules are."""
+
+    scaling: float
+    softcap: float | None
+    window: int | None  # key k visible from query q iff q - k < window
+    o_path: str         # the output projection (its input is z, heads concatenated)
+    qkv_fused: bool
+
+
+class Mlp:
+    """A layer's MLP (or MoE block) as a function of the residual-stream input `[..., d_model]`."""
+
+    def __init__(self, kind: str, module: nn.Module, path: str, act: str | None, n_experts: int | None,
+                 top_k: int | None) -> None:
+        self.kind, self.module, self.path, self.act = kind, module, path, act
+        self.n_experts, self.top_k = n_experts, top_k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = self.module(x.reshape(1, -1, shape[-1]))  # MoE blocks unpack (batch, pos, d)
+        if isinstance(out, tuple):  # (hidden, router_logits) on some MoE families
+            out = out[0]
+        return out.reshape(shape)
+
+    def __repr__(self) -> str:
+        experts = f", {self.n_experts} experts top-{self.top_k}" if self.kind == "moe" else ""
+        return f"Mlp({self.kind}, act={self.act}{experts}, {self.path})"
+
+
+class Architecture:
+    """Family facts of one loaded model; build with `architecture(model)` (cached per model)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        bridge = model.bridge
+        self.name = f"{model.spec} ({model.architecture})"
+        self.family = model.architecture
+        for needed in ("blocks", "embed", "ln_final", "unembed"):
+            if not hasattr(bridge, needed):
+                raise MissingComponentError(self.name, f"'{needed}' component in the bridge's adapter")
+        self.blocks = list(bridge.blocks)
+        for layer, block in enumerate(self.blocks):
+            for needed in ("attn", "mlp"):
+                if not hasattr(block, needed):
+                    raise MissingComponentError(self.name, f"blocks.{layer}.{needed}")
+            for needed in ("v", "o"):
+                if not hasattr(block.attn, needed):
+                    raise MissingComponentError(self.name, f"blocks.{layer}.attn.{needed} (value/output projection)")
+        cfg = bridge.cfg
+        self.n_layers, self.n_heads, self.n_kv_heads = model.n_layers, model.n_heads, model.n_kv_heads
+        self.d_model, self.d_head = model.d_model, model.d_head
+        self.block_kind = "parallel" if getattr(cfg, "parallel_attn_mlp", False) else "sequential"
+        self.normalization = getattr(cfg, "normalization_type", None)
+        self.positional = getattr(cfg, "positional_embedding_type", None)
+        self.hf_config = model.hf_model.config
+        self.kv_index = torch.tensor([model.kv_head_of(h) for h in range(self.n_heads)])
+        softcap = _config_value(self.hf_config, "final_logit_softcapping")
+        self.softcap_logits = float(softcap) if softcap else None
+
+    # ---- heads ----------------------------------------------------------------------------------
+    def kv_of(self, head: int) -> int:
+        return int(self.kv_index[head])
+
+    def _stacked(self, name: str) -> torch.Tensor | None:
+        try:
+            value = getattr(self.model.bridge, name)
+        except AttributeError:  # the bridge raises for a bias-free checkpoint
+            return None
+        return None if value is None else value.detach()
+
+    @functools.cached_property
+    def W_Q(self) -> torch.Tensor:
+        """`[L, H, d_model, d_head]` (the bridge's stack; fused qkv already split)."""
+        return self._required("W_Q")
+
+    @functools.cached_property
+    def W_K(self) -> torch.Tensor:
+        """`[L, K, d_model, d_head]` per key/value head; `kv_of(h)` maps a query head to its row."""
+        return self._required("W_K")
+
+    @functools.cached_property
+    def W_V(self) -> torch.Tensor:
+        """`[L, K, d_model, d_head]` per key/value head."""
+        return self._required("W_V")
+
+    @functools.cached_property
+    def W_O(self) -> torch.Tensor:
+        """`[L, H, d_head, d_model]`."""
+        return self._required("W_O")
+
+    @functools.cached_property
+    def b_Q(self) -> torch.Tensor | None:
+        return self._stacked("b_Q")
+
+    @functools.cached_property
+    def b_K(self) -> torch.Tensor | None:
+        return self._stacked("b_K")
+
+    @functools.cached_property
+    def b_V(self) -> torch.Tensor | None:
+        return self._stacked("b_V")
+
+    @functools.cached_property
+    def b_O(self) -> torch.Tensor | None:
+        return self._stacked("b_O")
+
+    def _required(self, name: str) -> torch.Tensor:
+        value = self._stacked(name)
+        if value is None:
+            raise MissingComponentError(self.name, f"stacked {name} weights")
+        return value
+
+    # ---- norms ----------------------------------------------------------------------------------
+    def norm(self, name: str, layer: int) -> Norm | None:
+        """`ln1` (before attention), `ln2` (before the MLP), `ln1_post` / `ln2_post` (on the attention /
+        MLP output, Gemma 2/3 and OLMo-2), `q_norm` / `k_norm` (QK-norm); None where the family has none."""
+        if name not in BLOCK_NORMS + ATTN_NORMS:
+            raise ArchitectureError(f"Unknown norm {name!r}; one of {BLOCK_NORMS + ATTN_NORMS}.")
+        return self._norm(name, layer)
+
+    @functools.lru_cache(maxsize=None)  # noqa: B019 - one Architecture per model, kept with it
+    def _norm(self, name: str, layer: int) -> Norm | None:
+        block = self.blocks[layer]
+        parent, prefix = (block.attn, f"{block.name}.{block.attn.name}") if name in ATTN_NORMS else (block, block.name)
+        component = getattr(parent, name, None) if name in parent._modules else None
+        if component is None:
+            return None
+        return _read_norm(hf_module(component), f"{prefix}.{component.name}")
+
+    @functools.cached_property
+    def final_norm(self) -> Norm:
+        bridge = self.model.bridge
+        return _read_norm(hf_module(bridge.ln_final), bridge.ln_final.name)
+
+    def placement(self, layer: int) -> str:
+        """'pre' (Llama, GPT-2), 'post' (OLMo-2: norms on the sublayer outputs only) or 'both' (Gemma 2/3)."""
+        pre = self.norm("ln1", layer) is not None
+        post = self.norm("ln1_post", layer) is not None
+        return "both" if pre and post else ("post" if post else "pre")
+
+    def qk_norm(self, layer: int) -> str | None:
+        """None, 'per-head' (Qwen3, Gemma 3: over d_head) or 'whole' (OLMo-2: over all heads' q)."""
+        q_norm = self.norm("q_norm", layer)
+        if q_norm is None:
+            return None
+        return "per-head" if q_norm.size == self.d_head else "whole"
+
+    # ---- attention ------------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=None)  # noqa: B019
+    def attention(self, layer: int) -> Attention:
+        block = self.blocks[layer]
+        hf_attn = hf_module(block.attn)
+        scaling = float(getattr(hf_attn, "scaling", self.d_head ** -0.5))
+        softcap = getattr(hf_attn, "attn_logit_softcapping", None)
+        window = getattr(hf_attn, "sliding_window", None)
+        return Attention(scaling=scaling, softcap=float(softcap) if softcap else None,
+                         window=int(window) if window else None,
+                         o_path=f"{block.name}.{block.attn.name}.{block.attn.o.name}",
+                         qkv_fused="qkv" in block.attn._modules)
+
+    def rotary(self, layer: int) -> Rotary | None:
+        """Rotated dims per head and theta; None for learned/absolute positions (GPT-2)."""
+        if self.positional != "rotary":
+            return None
+        params = _config_value(self.hf_config, "rope_parameters") or {}
+        hf_attn = hf_module(self.blocks[layer].attn)
+        if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+            params = params.get(getattr(hf_attn, "layer_type", None) or "full_attention") or next(iter(params.values()))
+        params = params if isinstance(params, dict) else {}
+        dims = getattr(hf_attn, "rotary_ndims", None) or int(self.d_head * float(params.get("partial_rotary_factor", 1.0)))
+        theta = params.get("rope_theta", _config_value(self.hf_config, "rope_theta"))
+        return Rotary(dims=int(dims), theta=float(theta) if theta is not None else None)
+
+    def attn_output_one_token(self, layer: int, x: torch.Tensor, heads: Sequence[int] | None = None) -> torch.Tensor:
+        """What layer `layer`'s attention adds to the residual for a one-token context (the token sees
+        only itself, and rotary is the identity at position 0): `sum_h v_kv(h) W_O[h] + b_O`, through the
+        post-attention norm where the family has one. `x` `[n, d]` is the residual entering the layer;
+        `heads` restricts the sum (None: every query head)."""
+        ln1 = self.norm("ln1", layer)
+        h_in = (ln1(x.to(ln1.weight.dtype)) if ln1 is not None else x).float()
+        v = torch.einsum("nd,kde->nke", h_in, self.W_V[layer].float())
+        if self.b_V is not None:
+            v = v + self.b_V[layer].float()
+        chosen = list(range(self.n_heads)) if heads is None else list(heads)
+        z = v[:, self.kv_index[chosen]]                                          # [n, h, dh]
+        out = torch.einsum("nhe,hed->nd", z, self.W_O[layer][chosen].float())
+        if self.b_O is not None:
+            out = out + self.b_O[layer].float()
+        post = self.norm("ln1_post", layer)
+        return post(out.to(post.weight.dtype)).float() if post is not None else out
+
+    # ---- MLP ------------------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=None)  # noqa: B019
+    def mlp(self, layer: int) -> Mlp:
+        block = self.blocks[layer]
+        component = block.mlp
+        module = hf_module(component)
+        cfg = self.model.bridge.cfg
+        kind_name = type(component).__name__
+        n_experts = getattr(cfg, "num_experts", None)
+        if "MoE" in kind_name or (n_experts and "gate" in component._modules and "in" not in component._modules):
+            kind = "moe"
+        elif "gate" in component._modules or "Gate" in kind_name:
+            kind = "gated"
+        else:
+            kind = "plain"
+        return Mlp(kind, module, f"{block.name}.{component.name}", getattr(cfg, "act_fn", None),
+                   n_experts if kind == "moe" else None,
+                   getattr(cfg, "experts_per_token", None) if kind == "moe" else None)
+
+    def mlp_block_output(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor | None = None) -> torch.Tensor:
+        """What layer `layer`'s MLP adds to the residual: its norms around the MLP, on the residual `x`
+        entering the layer (+ `attn_out` where the block is sequential; parallel blocks read `x`)."""
+        h = x if (attn_out is None or self.block_kind == "parallel") else x + attn_out
+        ln2 = self.norm("ln2", layer)
+        if self.block_kind == "parallel" and ln2 is None:
+            ln2 = self.norm("ln1", layer)  # a shared input norm (GPT-J style)
+        out = self.mlp(layer)(ln2(h.to(ln2.weight.dtype)) if ln2 is not None else h)
+        post = self.norm("ln2_post", layer)
+        return (post(out) if post is not None else out).float()
+
+    # ---- embedding and unembedding --------------------------------------------------------------
+    @functools.cached_property
+    def _embedding(self) -> nn.Module:
+        return hf_module(self.model.bridge.embed)
+
+    @property
+    def W_E(self) -> torch.Tensor:
+        """`[vocab, d_model]` token embedding (no scale; see `embed_scale`)."""
+        return self._embedding.weight.detach()
+
+    @functools.cached_property
+    def embed_scale(self) -> float:
+        """The factor the model multiplies token embeddings by (Gemma: sqrt(d_model)); 1 elsewhere."""
+        scale = getattr(self._embedding, "embed_scale", None)
+        if scale is None:
+            return 1.0
+        return float(torch.as_tensor(scale).to(self._embedding.weight.dtype))
+
+    @property
+    def has_learned_positions(self) -> bool:
+        return hasattr(self.model.bridge, "pos_embed")
+
+    def embed(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
+        """Token embeddings as the model adds them to the residual stream (scale included, no positions)."""
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self._embedding.weight.device)
+        return self._embedding(ids)
+
+    @functools.cached_property
+    def _unembedding(self) -> nn.Module:
+        return hf_module(self.model.bridge.unembed)
+
+    def W_U_columns(self, ids: Sequence[int]) -> torch.Tensor:
+        """Unembedding columns `[d_model, n]` of `ids` only, float32."""
+        weight = self._unembedding.weight
+        return weight[torch.as_tensor(list(ids), device=weight.device)].T.float()
+
+    @property
+    def unembed_weight(self) -> torch.Tensor:
+        """The unembedding matrix as stored, `[vocab, d_model]` (rows are W_U's columns)."""
+        return self._unembedding.weight.detach()
+
+    @property
+    def b_U(self) -> torch.Tensor | None:
+        bias = getattr(self._unembedding, "bias", None)
+        return None if bias is None else bias.detach().float()
+
+    # ---- paths ----------------------------------------------------------------------------------
+    def path(self, component: str, layer: int | None = None) -> str:
+        """The Hugging Face module path of a component (`embed`, `ln_final`, `unembed`, `attn`, `attn.o`,
+        `mlp`, a norm name), for finding the same module in another copy of the model."""
+        bridge = self.model.bridge
+        if layer is None:
+            if not hasattr(bridge, component):
+                raise MissingComponentError(self.name, component)
+            return getattr(bridge, component).name
+        block = self.blocks[layer]
+        node, parts = block, [block.name]
+        for part in component.split("."):
+            if part not in node._modules:
+                raise MissingComponentError(self.name, f"blocks.{layer}.{component}")
+            node = node._modules[part]
+            parts.append(node.name)
+        return ".".join(parts)
+
+    def summary(self) -> dict[str, Any]:
+        """The facts as a plain dict (docs, the app, reports)."""
+        rotary = self.rotary(0)
+        return {
+            "family": self.family, "block": self.block_kind, "norm": self.final_norm.kind,
+            "placement": self.placement(0), "qk_norm": self.qk_norm(0),
+            "gemma_offset": self.final_norm.offset, "rotary_dims": rotary.dims if rotary else None,
+            "d_head": self.d_head, "mlp": self.mlp(0).kind, "qkv_fused": self.attention(0).qkv_fused,
+            "n_kv_heads": self.n_kv_heads, "embed_scale": self.embed_scale,
+            "softcap_attn": self.attention(0).softcap, "softcap_logits": self.softcap_logits,
+            "windows": [self.attention(layer).window for layer in range(self.n_layers)],
+        }
+
+
+def _config_value(config: Any, name: str) -> Any:
+    value = getattr(config, name, None)
+    if value is None and hasattr(config, "get_text_config"):
+        value = getattr(config.get_text_config(), name, None)
+    return value
+
+
+def _read_norm(module: nn.Module, path: str) -> Norm:
+    """Kind, eps, effective weight and offset of a norm module, checked against the module's output."""
+    weight = getattr(module, "weight", None)
+    bias = getattr(module, "bias", None)
+    if isinstance(module, nn.LayerNorm) or (bias is not None and isinstance(bias, torch.Tensor)):
+        eps = float(getattr(module, "eps", 1e-5))
+        return Norm("layer", weight.detach(), None if bias is None else bias.detach(), eps, 0.0, path, module)
+    if weight is None:
+        raise ArchitectureError(f"{path}: a norm without a weight ({type(module).__name__}) is not supported.")
+    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
+    # A row of ones has mean square 1: the module returns weight_eff / sqrt(1 + eps).
+    ones = torch.ones(1, weight.shape[-1], dtype=torch.float32, device=weight.device)
+    with torch.no_grad():
+        effective = (module(ones.to(weight.dtype)).float() * math.sqrt(1.0 + eps))[0]
+    stored = weight.detach().float()
+    offset = 0.0
+    for candidate in (0.0, 1.0):
+        if torch.allclose(effective, stored + candidate, atol=1e-3 * max(1.0, float(effective.abs().max()))):
+            offset = candidate
+            break
+    else:
+        raise ArchitectureError(f"{path} ({type(module).__name__}) is not a diagonal RMS norm with weight w or 1 + w.")
+    return Norm("rms", (stored + offset).to(weight.dtype), None, eps, offset, path, module)
+
+
+def architecture(model: Any) -> Architecture:
+    """The `Architecture` of a loaded model, built once and kept with it (`model.extra`)."""
+    cached = model.extra.get("_architecture")
+    if cached is None or cached.model is not model:
+        cached = Architecture(model)
+        model.extra["_architecture"] = cached
+    return cached
