@@ -339,14 +339,15 @@ def head_attribution(model: LoadedModel, prompts: Sequence[CounterfactualPrompt]
     W_O = bridge.W_O.detach().to(torch.float64)  # [L, H, d_head, d_model]
     lm_head = model.hf_model.get_output_embeddings().weight  # [vocab, d_model]
     like = lm_head.new_zeros(1)
-    final_gain, centres = _norm_linearisation(bridge.ln_final, model.d_model, like)
-    post = {l: _norm_linearisation(n, model.d_model, like)[0] for l in range(model.n_layers)
-            if (n := _post_attention_norm(model, l)) is not None}
+    with model.lock:  # the probes run through the bridge's norm components (their hook points fire)
+        final_gain, centres = _norm_linearisation(bridge.ln_final, model.d_model, like)
+        post = {l: _norm_linearisation(n, model.d_model, like)[0] for l in range(model.n_layers)
+                if (n := _post_attention_norm(model, l)) is not None}
     names = _hook_names(model)
     per_prompt = torch.zeros(len(prompts), model.n_layers, model.n_heads, dtype=torch.float64)
     clean = torch.zeros(len(prompts), dtype=torch.float64)
     for indices, ids in _groups(prompts, model, batch_size):
-        logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+        logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
         z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][:, -1] for l in range(model.n_layers)], 1)
         out = torch.einsum("blhd,lhdm->blhm", z.to(torch.float64), W_O)
         for layer, gain in post.items():
@@ -374,7 +375,6 @@ def reference_direct_effect(model: LoadedModel, prompt: CounterfactualPrompt, he
     (Gemma) and the final norm scale are written back to their clean values (frozen). The direct
     effect is clean d minus the d of that run.
     """
-    bridge = model.bridge
     ids = model.encode(prompt.text)
     layer = head.layer
     later = [f"blocks.{k}.hook_mlp_out" for k in range(layer, model.n_layers)]
@@ -383,7 +383,7 @@ def reference_direct_effect(model: LoadedModel, prompt: CounterfactualPrompt, he
     if _post_attention_norm(model, layer) is not None:
         frozen.append(f"blocks.{layer}.ln1_post.hook_scale")
     keep = set(later + frozen)
-    logits, cache = bridge.run_with_cache(ids, names_filter=lambda name: name in keep)
+    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in keep)
 
     def d_of(values: torch.Tensor) -> float:
         last = values[0, -1].to(torch.float64)
@@ -402,8 +402,8 @@ def reference_direct_effect(model: LoadedModel, prompt: CounterfactualPrompt, he
         return hook_fn
 
     hooks = [(f"blocks.{layer}.attn.hook_z", zero_head)] + [(name, restore(name)) for name in later + frozen]
-    with bridge.hooks(fwd_hooks=hooks):
-        ablated = bridge(ids)
+    with model.hooks(hooks):
+        ablated = model.logits(ids)
     return d_of(logits) - d_of(ablated)
 
 

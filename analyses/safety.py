@@ -216,7 +216,7 @@ def clean_run(model: LoadedModel, ids: torch.Tensor, keep_residual: bool = True)
     names = {"ln_final.hook_out"}
     if keep_residual:
         names |= {f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)}
-    logits, cache = model.bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
     resid = [cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(model.n_layers)] if keep_residual else None
     return CleanRun(ids, resid, cache["ln_final.hook_out"][0, -1].float(),
                     torch.log_softmax(logits[0, -1].float(), dim=-1))
@@ -234,18 +234,20 @@ def _run_from_layer(model: LoadedModel, resid: torch.Tensor, start: int) -> torc
     positions = torch.arange(length, device=resid.device).unsqueeze(0)
     mask = torch.full((length, length), torch.finfo(resid.dtype).min, dtype=resid.dtype, device=resid.device)
     mask = torch.triu(mask, diagonal=1)[None, None].expand(batch, 1, length, length)
-    position_embeddings = inner.rotary_emb(resid, position_ids=positions)
-    hidden = resid
-    for layer in inner.layers[start:]:
-        out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                    position_ids=positions, past_key_values=None, use_cache=False)
-        hidden = out[0] if isinstance(out, tuple) else out
-    return inner.norm(hidden)
+    with model.lock:  # a partial forward through the bridged layers: no other thread's hooks in it
+        position_embeddings = inner.rotary_emb(resid, position_ids=positions)
+        hidden = resid
+        for layer in inner.layers[start:]:
+            out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
+                        position_ids=positions, past_key_values=None, use_cache=False)
+            hidden = out[0] if isinstance(out, tuple) else out
+        return inner.norm(hidden)
 
 
 def _unembed(model: LoadedModel, final: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities (fp32) from final-norm states `[B, d]`."""
-    return torch.log_softmax(model.hf_model.lm_head(final).float(), dim=-1)
+    with model.lock:  # lm_head is the bridge's unembedding component (its hook points fire)
+        return torch.log_softmax(model.hf_model.lm_head(final).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -275,7 +277,7 @@ def ablated_readouts(model: LoadedModel, clean: CleanRun, groups: Sequence[Seque
                 final = _run_from_layer(model, resid, start)[:, -1]
             else:
                 ids = clean.ids.expand(len(chunk), -1)
-                _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n == "ln_final.hook_out")
+                _, cache = model.run_with_cache(ids, names_filter=lambda n: n == "ln_final.hook_out")
                 final = cache["ln_final.hook_out"][:, -1]
         finals[chunk] = final.float().cpu()
         if log_probs is not None:
@@ -506,7 +508,7 @@ def sahara_reference(model: LoadedModel, prompts: Sequence[torch.Tensor], size: 
     """Slow reference of Algorithm 1: full forward per (group, prompt), plain loops, no batching."""
     group: list[Head] = []
     with torch.no_grad():
-        base = torch.stack([model.bridge.run_with_cache(ids, names_filter=lambda n: n == "ln_final.hook_out")[1]
+        base = torch.stack([model.run_with_cache(ids, names_filter=lambda n: n == "ln_final.hook_out")[1]
                             ["ln_final.hook_out"][0, -1].float() for ids in prompts])
         for _ in range(size):
             best, best_score = None, -math.inf
@@ -516,7 +518,7 @@ def sahara_reference(model: LoadedModel, prompts: Sequence[torch.Tensor], size: 
                 rows = []
                 for ids in prompts:
                     with intervene(model, ablate(group + [head], ablation, epsilon)):
-                        _, cache = model.bridge.run_with_cache(ids, names_filter=lambda n: n == "ln_final.hook_out")
+                        _, cache = model.run_with_cache(ids, names_filter=lambda n: n == "ln_final.hook_out")
                     rows.append(cache["ln_final.hook_out"][0, -1].float())
                 score = float(subspace_angle(base, torch.stack(rows), r_main, center))
                 if score > best_score:

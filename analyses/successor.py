@@ -231,29 +231,30 @@ def effective_embeddings(model: LoadedModel, token_ids: Sequence[int], include_r
     family = _family(model)
     hf = model.hf_model
     ids = torch.as_tensor(list(token_ids), device=model.device, dtype=torch.long)
-    if family == "llama":
-        block = _orig(hf.model.layers[0])
-        x = _orig(hf.model.embed_tokens)(ids)
-        sandwich = hasattr(block, "pre_feedforward_layernorm")
-        if include_attn0:
-            attn = _orig(block.self_attn)
-            v = _orig(attn.v_proj)(_orig(block.input_layernorm)(x)).view(len(ids), model.n_kv_heads, -1)
-            v = v[:, torch.tensor([model.kv_head_of(h) for h in range(model.n_heads)])]
-            out = _orig(attn.o_proj)(v.reshape(len(ids), -1))
-            x = x + (_orig(block.post_attention_layernorm)(out) if sandwich else out)
-        pre = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
-        e = _orig(block.mlp)(_orig(pre)(x))
-        if sandwich:
-            e = _orig(block.post_feedforward_layernorm)(e)
-    else:
-        block = _orig(hf.transformer.h[0])
-        x = _orig(hf.transformer.wte)(ids)
-        if include_attn0:
-            d = model.d_model
-            attn = _orig(block.attn)
-            v = _orig(attn.c_attn)(_orig(block.ln_1)(x))[:, 2 * d:]
-            x = x + _orig(attn.c_proj)(v)
-        e = _orig(block.mlp)(_orig(block.ln_2)(x))
+    with model.lock:  # block 0's MLP runs through the bridge's linear components (their hook points fire)
+        if family == "llama":
+            block = _orig(hf.model.layers[0])
+            x = _orig(hf.model.embed_tokens)(ids)
+            sandwich = hasattr(block, "pre_feedforward_layernorm")
+            if include_attn0:
+                attn = _orig(block.self_attn)
+                v = _orig(attn.v_proj)(_orig(block.input_layernorm)(x)).view(len(ids), model.n_kv_heads, -1)
+                v = v[:, torch.tensor([model.kv_head_of(h) for h in range(model.n_heads)])]
+                out = _orig(attn.o_proj)(v.reshape(len(ids), -1))
+                x = x + (_orig(block.post_attention_layernorm)(out) if sandwich else out)
+            pre = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
+            e = _orig(block.mlp)(_orig(pre)(x))
+            if sandwich:
+                e = _orig(block.post_feedforward_layernorm)(e)
+        else:
+            block = _orig(hf.transformer.h[0])
+            x = _orig(hf.transformer.wte)(ids)
+            if include_attn0:
+                d = model.d_model
+                attn = _orig(block.attn)
+                v = _orig(attn.c_attn)(_orig(block.ln_1)(x))[:, 2 * d:]
+                x = x + _orig(attn.c_proj)(v)
+            e = _orig(block.mlp)(_orig(block.ln_2)(x))
     if include_residual:
         e = e + x
     return e.float()

@@ -286,7 +286,7 @@ def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head
     validate_heads(heads, model)
     layers = {h.layer for h in heads}
     names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
-    _, cache = model.bridge.run_with_cache(ids, names_filter=lambda name: name in names)
+    _, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)  # holds model.lock
     return {h: cache[f"blocks.{h.layer}.attn.hook_z"][:, :, h.head].detach().clone() for h in heads}
 
 

@@ -12,6 +12,7 @@ session-scoped fixtures, the app `st.cache_resource`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -19,7 +20,7 @@ import logging
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,12 @@ class LoadedModel:
 
     `bridge` is the TransformerLens 4 `TransformerBridge` (hooks, caches); `hf_model` the wrapped
     Hugging Face model (same weights, no copy).
+
+    One model may serve several threads (the app's sessions). Every forward through it holds `lock`
+    for the whole forward, and hooks are attached only while `lock` is held, so no thread ever runs
+    through another thread's hooks; see `_serialise`. Run through the methods below (`logits`,
+    `run_with_cache`, `run_with_hooks`, `hooks`, `generate`); direct `bridge`/`hf_model` calls are
+    locked too.
     """
 
     spec: str
@@ -127,6 +134,9 @@ class LoadedModel:
     # Held while hooks are attached and while running: a model shared between threads (the app's
     # sessions) never runs one session's prompt through another session's interventions.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _serialise(self)
 
     # ---- heads ------------------------------------------------------------------------------
     @property
@@ -195,6 +205,26 @@ class LoadedModel:
             return self.bridge(ids)
 
     @torch.no_grad()
+    def run_with_cache(self, ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
+        """The bridge's `run_with_cache` (logits and an `ActivationCache`; `names_filter=` to keep a few),
+        holding the lock: hooks of other threads never fire in it, nor its caching hooks in theirs."""
+        with self.lock:
+            return self.bridge.run_with_cache(ids, **kwargs)
+
+    def run_with_hooks(self, ids: torch.Tensor, fwd_hooks: Sequence[tuple[Any, Callable[..., Any]]] = (),
+                       **kwargs: Any) -> Any:
+        """One forward with `fwd_hooks` (TransformerLens `(name or filter, fn)` pairs), holding the lock."""
+        with self.lock:
+            return self.bridge.run_with_hooks(ids, fwd_hooks=list(fwd_hooks), **kwargs)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[Any, Callable[..., Any]]] = (), **kwargs: Any) -> Iterator[Any]:
+        """Attach `fwd_hooks` for the block, holding the lock for all of it (other threads wait);
+        yields the bridge."""
+        with self.lock, self.bridge.hooks(fwd_hooks=list(fwd_hooks), **kwargs) as bridge:
+            yield bridge
+
+    @torch.no_grad()
     def generate(self, ids: torch.Tensor, max_new_tokens: int = 16,
                  stop_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Greedy continuation `[1, n_new]`, stopping after an EOS/stop token (not included).
@@ -223,6 +253,68 @@ class LoadedModel:
                 step = torch.tensor([[token]], device=ids.device)
                 logits = self.hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         return torch.tensor([new], dtype=torch.long, device=ids.device)
+
+
+# ---- one thread at a time ---------------------------------------------------------------------------
+
+# The bridge's methods that attach hooks and run (`hooks` is a context manager: locked for its block).
+_LOCKED_BRIDGE_METHODS = ("run_with_cache", "run_with_hooks", "generate", "hf_generate", "generate_stream")
+# The bridge's methods that leave hooks attached after they return: only the lock's holder may call them.
+_OWNER_ONLY_BRIDGE_METHODS = ("add_hook", "add_perma_hook", "add_caching_hooks", "cache_all", "cache_some")
+
+
+def _holding(model: LoadedModel, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def locked(*args: Any, **kwargs: Any) -> Any:
+        with model.lock:
+            return method(*args, **kwargs)
+    return locked
+
+
+def _holder_only(model: LoadedModel, method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if not model.lock._is_owned():
+            raise ProbeError(
+                f"{method.__name__} leaves hooks on a model that other threads share; attach hooks inside "
+                "`with model.lock:` (and remove them before leaving it), or use `model.hooks(...)` / "
+                "`probe.interventions.intervene(...)`, which remove them on exit."
+            )
+        return method(*args, **kwargs)
+    return checked
+
+
+def _serialise(model: LoadedModel) -> None:
+    """Make every forward through `model`, and every hook registration on it, hold `model.lock`.
+
+    Structural, so no caller can forget it: the HF model's `forward` (which every path ends in: the
+    bridge's `forward`, `run_with_cache`, `run_with_hooks`, `generate`, direct `hf_model(...)` calls and
+    cached decoding) takes the lock; the bridge's hook-attaching methods take it from before they attach
+    until after they remove (`hooks` for its whole block); the methods that leave hooks attached refuse
+    to run without it. The wrappers are instance attributes that read `model.lock` on each call;
+    wrapping again (a second `LoadedModel` on the same bridge, e.g. `dataclasses.replace`) re-wraps the
+    class's own methods.
+    """
+    bridge, hf = model.bridge, model.hf_model
+    hf.__dict__.pop("forward", None)
+    hf.__dict__["forward"] = _holding(model, hf.forward)
+    for name in (*_LOCKED_BRIDGE_METHODS, *_OWNER_ONLY_BRIDGE_METHODS, "hooks"):
+        bridge.__dict__.pop(name, None)
+    for name in _LOCKED_BRIDGE_METHODS:
+        if hasattr(bridge, name):
+            bridge.__dict__[name] = _holding(model, getattr(bridge, name))
+    for name in _OWNER_ONLY_BRIDGE_METHODS:
+        if hasattr(bridge, name):
+            bridge.__dict__[name] = _holder_only(model, getattr(bridge, name))
+    attach = bridge.hooks
+
+    @contextlib.contextmanager
+    @functools.wraps(attach)
+    def hooks(*args: Any, **kwargs: Any) -> Iterator[Any]:
+        with model.lock, attach(*args, **kwargs) as hooked:
+            yield hooked
+
+    bridge.__dict__["hooks"] = hooks
 
 
 # ---- loading -------------------------------------------------------------------------------------

@@ -88,7 +88,7 @@ def _capture_receivers(model, rows: torch.Tensor, receivers: list[Head],
         return hook
 
     capture_hooks = [(f"blocks.{layer}.attn.hook_z", make(heads)) for layer, heads in by_layer.items()]
-    with model.bridge.hooks(fwd_hooks=capture_hooks):  # registered first, so it runs before the freeze
+    with model.hooks(capture_hooks):  # registered first, so it runs before the freeze
         with intervene(model, interventions):
             model.logits(rows)
     return captured

@@ -1,0 +1,226 @@
+"""The architecture proof matrix: every family users bring, loaded the user's way (`hf:<folder>`).
+
+Per family (tests/families.py: 3 layers, d_model 64, 4 query heads, 2 KV heads where the family has
+GQA, random weights and random norm weights/biases):
+
+- bridge logits == an independently loaded Hugging Face copy of the same folder (eager, fp32);
+- a left-padded batch gives each row's logits alone (the bridge's masked forward, and probe's one
+  padded path, `analyses.organism.greedy_continuations`);
+- zero-ablating one query head (probe's intervention on hook_z) == zeroing that head's d_head slice of
+  the output projection's input in the HF copy (found through the architecture layer's module path);
+- the architecture layer's facts, and the successor / retrieval paths that read them, against the
+  model's own modules (hooks, or the HF copy: a different path).
+
+The worst deviation of each check is recorded in `DEVIATIONS` and printed at the end of the module
+(`-s`), which is where docs/ARCHITECTURES.md's numbers come from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from families import FAMILIES, GQA, build_folder, load_hf_copy
+from probe.architecture import MissingComponentError, architecture
+from probe.heads import Head
+from probe.interventions import intervene, zero_ablation
+from probe.models import LoadedModel, load_model
+
+ALL = list(FAMILIES)
+TEXT = "the capital city of the country is a secret number 12 and the key to the park is 13"
+ROWS = ("mary went to the store", "the capital of the country is a secret and the answer is 12",
+        "a book")
+ATOL = 1e-4
+DEVIATIONS: dict[tuple[str, str], float] = {}
+
+
+def record(family: str, check: str, value: float) -> float:
+    DEVIATIONS[(family, check)] = max(DEVIATIONS.get((family, check), 0.0), float(value))
+    return float(value)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Any:
+    yield
+    if DEVIATIONS:
+        checks = sorted({c for _, c in DEVIATIONS})
+        print("\nlargest deviation per family x check")
+        print("family      " + " ".join(f"{c:>12s}" for c in checks))
+        for family in ALL:
+            cells = [DEVIATIONS.get((family, c)) for c in checks]
+            print(f"{family:11s} " + " ".join(f"{'-' if v is None else f'{v:.1e}':>12s}" for v in cells))
+
+
+_LOADED: dict[str, tuple[LoadedModel, torch.nn.Module, Path]] = {}
+
+
+@pytest.fixture(params=ALL)
+def family(request: pytest.FixtureRequest, root: Path) -> tuple[str, LoadedModel, torch.nn.Module]:
+    """(name, model loaded with `load_model("hf:<folder>")`, independent HF copy), once per family."""
+    name = request.param
+    if name not in _LOADED:
+        folder = build_folder(name, root)
+        _LOADED[name] = (load_model(f"hf:{folder}", device="cpu"), load_hf_copy(folder), folder)
+    model, copy, _ = _LOADED[name]
+    return name, model, copy
+
+
+# ---- (a) the bridge runs the family as Hugging Face does -------------------------------------------
+
+def test_bridge_logits_equal_an_independent_hf_copy(family):
+    name, model, copy = family
+    ids = model.encode(TEXT)
+    assert ids.shape[-1] > 8  # longer than the Gemma windows (8)
+    with torch.no_grad():
+        diff = (model.logits(ids).float() - copy(ids).logits.float()).abs().max()
+    assert record(name, "logits", diff) <= ATOL
+
+
+def test_family_shape_is_what_the_folder_says(family):
+    name, model, _ = family
+    assert (model.n_layers, model.n_heads, model.d_model) == (3, 4, 64)
+    assert model.n_kv_heads == (2 if name in GQA else 4)
+
+
+# ---- (b) left padding ------------------------------------------------------------------------------
+
+def _left_padded(model: LoadedModel, texts: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    rows = [model.encode(t)[0] for t in texts]
+    width = max(len(r) for r in rows)
+    pad = model.tokenizer.pad_token_id
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask, rows
+
+
+def test_left_padded_batch_equals_each_row_alone(family):
+    """The bridge's masked forward (it derives positions from the mask, so learned positions and rotary
+    both see each row from 0) gives every row's last-position logits as that row alone."""
+    name, model, _ = family
+    ids, mask, rows = _left_padded(model, ROWS)
+    with torch.no_grad(), model.lock:
+        batched = model.bridge(ids, attention_mask=mask)[:, -1].float()
+    worst = 0.0
+    for i, row in enumerate(rows):
+        alone = model.logits(row[None])[0, -1].float()
+        worst = max(worst, float((batched[i] - alone).abs().max()))
+    assert record(name, "left-pad", worst) <= ATOL
+
+
+def test_probes_padded_generation_equals_each_row_alone(family):
+    """probe's one padded batch path (the organism's `greedy_continuations`, HF generate on the bridged
+    model with left padding) continues every row as that row alone does."""
+    from analyses.organism import greedy_continuations
+
+    name, model, _ = family
+    batched = greedy_continuations(model.hf_model, model.tokenizer, list(ROWS), max_new_tokens=4,
+                                   add_special_tokens=True)
+    alone = [greedy_continuations(model.hf_model, model.tokenizer, [t], max_new_tokens=4, add_special_tokens=True)[0]
+             for t in ROWS]
+    assert batched == alone
+
+
+# ---- (c) a head's zero ablation is what the maths says --------------------------------------------
+
+def test_zero_ablation_equals_zeroing_the_heads_slice_of_the_output_projection(family):
+    """Per query head (GQA: heads sharing a KV head are ablated one at a time): probe's hook_z
+    intervention == a forward pre-hook on the HF copy's output projection (path from the layer)."""
+    name, model, copy = family
+    arch = architecture(model)
+    ids = model.encode(TEXT)
+    layer, dh = 1, model.d_head
+    projection = copy.get_submodule(arch.attention(layer).o_path)
+    worst, moved = 0.0, 0.0
+    with torch.no_grad():
+        clean = copy(ids).logits
+        for head in range(model.n_heads):
+            with intervene(model, [zero_ablation([Head(layer, head)])]):
+                ablated = model.logits(ids).float()
+
+            def zero_slice(module: Any, args: tuple[torch.Tensor, ...], head: int = head) -> tuple[torch.Tensor, ...]:
+                z = args[0].clone()
+                z[..., head * dh:(head + 1) * dh] = 0
+                return (z, *args[1:])
+
+            handle = projection.register_forward_pre_hook(zero_slice)
+            try:
+                expected = copy(ids).logits.float()
+            finally:
+                handle.remove()
+            worst = max(worst, float((ablated - expected).abs().max()))
+            moved = max(moved, float((expected - clean).abs().max()))
+    assert moved > 1e-3  # the ablation changes the output (a hook can fire and change nothing)
+    assert record(name, "zero-head", worst) <= ATOL
+
+
+# ---- the layer's facts -----------------------------------------------------------------------------
+
+EXPECTED_FACTS = {
+    # family: (block, norm kind, placement, qk-norm, Gemma offset, rotary dims, mlp kind, fused qkv)
+    "llama": ("sequential", "rms", "pre", None, 0.0, 16, "gated", False),
+    "mistral": ("sequential", "rms", "pre", None, 0.0, 16, "gated", False),
+    "mixtral": ("sequential", "rms", "pre", None, 0.0, 16, "moe", False),
+    "qwen2": ("sequential", "rms", "pre", None, 0.0, 16, "gated", False),
+    "qwen3": ("sequential", "rms", "pre", "per-head", 0.0, 16, "gated", False),
+    "qwen3_moe": ("sequential", "rms", "pre", "per-head", 0.0, 16, "moe", False),
+    "gemma2": ("sequential", "rms", "both", None, 1.0, 16, "gated", False),
+    "gemma3": ("sequential", "rms", "both", "per-head", 1.0, 16, "gated", False),
+    "phi3": ("sequential", "rms", "pre", None, 0.0, 16, "gated", True),
+    "olmo2": ("sequential", "rms", "post", "whole", 0.0, 16, "gated", False),
+    "gpt_neox": ("parallel", "layer", "pre", None, 0.0, 4, "plain", True),
+    "gpt2": ("sequential", "layer", "pre", None, 0.0, None, "plain", True),
+}
+
+
+def test_architecture_facts(family):
+    name, model, copy = family
+    arch = architecture(model)
+    assert architecture(model) is arch  # cached per model
+    facts = arch.summary()
+    got = (facts["block"], facts["norm"], facts["placement"], facts["qk_norm"], facts["gemma_offset"],
+           facts["rotary_dims"], facts["mlp"], facts["qkv_fused"])
+    assert got == EXPECTED_FACTS[name]
+    assert arch.W_Q.shape == (3, 4, 64, 16) and arch.W_O.shape == (3, 4, 16, 64)
+    assert arch.W_K.shape == arch.W_V.shape == (3, model.n_kv_heads, 64, 16)
+    assert [arch.kv_of(h) for h in range(4)] == ([0, 0, 1, 1] if name in GQA else [0, 1, 2, 3])
+    assert facts["embed_scale"] == (8.0 if name.startswith("gemma") else 1.0)
+    # every path names a module of the independent copy, and the norms' weights are the copy's
+    for component in ("attn", "attn.o", "mlp"):
+        copy.get_submodule(arch.path(component, 0))
+    for norm in ("ln1", "ln2", "ln1_post", "ln2_post", "q_norm", "k_norm"):
+        found = arch.norm(norm, 0)
+        if found is not None:
+            stored = copy.get_submodule(found.path).weight.float()
+            assert torch.allclose(found.weight.float(), stored + found.offset)
+    with pytest.raises(MissingComponentError, match="blocks.0.attn.nothing"):
+        arch.path("attn.nothing", 0)
+
+
+def test_mlp_and_embedding_equal_the_hf_copys_modules(family):
+    """The layer's MLP callable (MoE included: it takes [n, d] and hides tuple outputs) and embedding
+    == the HF copy's own modules on the same input."""
+    name, model, copy = family
+    arch = architecture(model)
+    torch.manual_seed(0)
+    x = torch.randn(7, 64)
+    worst = 0.0
+    with torch.no_grad():
+        for layer in range(model.n_layers):
+            reference = copy.get_submodule(arch.path("mlp", layer))(x[None])
+            reference = reference[0] if isinstance(reference, tuple) else reference
+            worst = max(worst, float((arch.mlp(layer)(x) - reference[0]).abs().max()))
+        ids = model.encode(TEXT)[0]
+        embedded = copy.get_input_embeddings()(ids)
+        worst = max(worst, float((arch.embed(ids) - embedded).abs().max()))
+    assert record(name, "mlp/embed", worst) <= ATOL
