@@ -11,8 +11,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, is_dataclass
 from enum import Enum
@@ -23,6 +21,7 @@ import torch
 
 from probe import __version__
 from probe.assets import probe_home
+from probe.files import CorruptHandler, atomic_writer, read_json_or_set_aside
 from probe.heads import Head
 
 
@@ -124,32 +123,36 @@ class HeadScores:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader never sees half a file (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w") as out:
-            json.dump(to_jsonable(data), out, indent=1)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write JSON so that a reader never sees half a file (temp file + rename; no temp file is left behind)."""
+    with atomic_writer(path) as out:
+        json.dump(to_jsonable(data), out, indent=1)
+
+
+def _check_cache_entry(data: Any) -> None:
+    """What `ResultCache` readers need of a file: a provenance (with model and time) and a result."""
+    if not isinstance(data, dict) or not isinstance(data.get("provenance"), dict) or "result" not in data:
+        raise ValueError("not a cache entry (provenance and result expected)")
+    for name in ("model_fingerprint", "created"):
+        if name not in data["provenance"]:
+            raise KeyError(f"provenance lacks {name!r}")
 
 
 class ResultCache:
-    """Results on disk under `<root>/<analyzer>/<provenance key>.json`, written atomically."""
+    """Results on disk under `<root>/<analyzer>/<provenance key>.json`, written atomically.
 
-    def __init__(self, root: Path | None = None) -> None:
+    An unreadable entry is a miss, not an error: it is set aside (`.corrupt-<time>`, bytes kept) and
+    reported to `on_corrupt` (default: a `CorruptFileWarning`), so the result is simply computed again.
+    """
+
+    def __init__(self, root: Path | None = None, on_corrupt: CorruptHandler | None = None) -> None:
         self.root = Path(root) if root else probe_home() / "results"
+        self.on_corrupt = on_corrupt
 
     def path(self, provenance: Provenance) -> Path:
         return self.root / provenance.analyzer / f"{provenance.key}.json"
 
     def get(self, provenance: Provenance) -> dict[str, Any] | None:
-        path = self.path(provenance)
-        if not path.exists():
-            return None
-        return json.loads(path.read_text())
+        return read_json_or_set_aside(self.path(provenance), self.on_corrupt, _check_cache_entry)
 
     def put(self, provenance: Provenance, result: dict[str, Any]) -> Path:
         path = self.path(provenance)
@@ -160,7 +163,9 @@ class ResultCache:
         """Every cached result (optionally of one model), newest first."""
         found = []
         for path in self.root.glob("*/*.json"):
-            data = json.loads(path.read_text())
+            data = read_json_or_set_aside(path, self.on_corrupt, _check_cache_entry)
+            if data is None:
+                continue
             if model_fingerprint is None or data["provenance"]["model_fingerprint"] == model_fingerprint:
                 found.append(data)
         return sorted(found, key=lambda d: d["provenance"]["created"], reverse=True)
