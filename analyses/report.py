@@ -19,6 +19,7 @@ from plotly.subplots import make_subplots
 
 from analyses.registry import ANALYZERS
 from probe.errors import ProbeError
+from probe.files import one_line, write_text_atomic
 from probe.results import HeadScores
 
 
@@ -26,7 +27,14 @@ def load_document(folder: Path) -> dict[str, Any]:
     path = Path(folder) / "results.json"
     if not path.exists():
         raise ProbeError(f"{path} does not exist: run `probe scan --out {folder}` first.")
-    return json.loads(path.read_text())
+    try:
+        document = json.loads(path.read_bytes())
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ProbeError(f"{path} is corrupt ({one_line(error)}): rerun `probe scan --out {folder}` to rebuild it "
+                         f"from the finished analyses in {Path(folder) / 'results'}.") from error
+    if not isinstance(document, dict) or not isinstance(document.get("analyses"), dict):
+        raise ProbeError(f"{path} is not a scan document: rerun `probe scan --out {folder}` to rebuild it.")
+    return document
 
 
 def head_scores(document: dict[str, Any]) -> dict[str, HeadScores]:
@@ -116,8 +124,8 @@ def write_reports(folder: Path, document: dict[str, Any] | None = None) -> tuple
     folder = Path(folder)
     document = document or load_document(folder)
     html_path, md_path = folder / "report.html", folder / "report.md"
-    html_path.write_text(build_html(document))
-    md_path.write_text(build_markdown(document))
+    write_text_atomic(html_path, build_html(document))  # a killed write never leaves half a report
+    write_text_atomic(md_path, build_markdown(document))
     return html_path, md_path
 
 

@@ -124,7 +124,7 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     from analyses.registry import resolve
     from analyses.report import write_reports
-    from analyses.scan import ScanSettings, run_scan
+    from analyses.scan import ScanSettings, run_scan, scan_lock
 
     entries = resolve(args.analyses)
     if not entries:
@@ -154,14 +154,17 @@ def cmd_scan(args: argparse.Namespace) -> int:
                 bars.advance(overall)
                 if kind == "error":
                     console.print(f"[red]{name} failed:[/red] {payload['error']}")
+            elif kind == "corrupt":
+                console.print(f"[yellow]warning:[/yellow] {payload['message']}")
 
         document = run_scan(model, entries, settings, out, on_event)
-    html_path, md_path = write_reports(out, document)
+    with scan_lock(out):  # the report is rebuilt from results.json as it is now (another scan may have added to it)
+        html_path, md_path = write_reports(out)
     for name, record in document["analyses"].items():
         top = ", ".join(f"{h} ({s:.3g})" for h, s in record["top_heads"][:3])
         console.print(f"{name:10s} {record['seconds']:7.1f} s   top: {top}")
     console.print(f"report: {html_path.resolve()}\n        {md_path.resolve()}\n        {(out / 'results.json').resolve()}")
-    return 1 if document["errors"] else 0
+    return 1 if any(entry.name in document["errors"] for entry in entries) else 0  # this scan's failures
 
 
 def cmd_report(args: argparse.Namespace) -> int:
