@@ -34,6 +34,7 @@ from torch import nn
 
 from analyses.common import Progress, no_progress, provenance, random_head_sets
 from analyses.data.succession import TaskSet, TokenTask, build_tasks
+from probe.architecture import Architecture, ArchitectureError, Norm, architecture
 from probe.errors import ProbeError
 from probe.heads import Head
 from probe.interventions import head_means, intervene, mean_ablation
@@ -50,7 +51,7 @@ class SuccessorError(ProbeError):
 
 
 class UnsupportedArchitectureError(SuccessorError):
-    """The model's modules are not laid out like Llama/Gemma/Qwen (`model.layers`) or GPT-2 (`transformer.h`)."""
+    """The architecture layer (`probe.architecture`) cannot read a component this analysis needs."""
 
 
 @dataclass(frozen=True)
@@ -95,16 +96,16 @@ class SuccessorConfig:
 class Circuit:
     """Weights of every head's effective OV circuit, stacked over layers (row-vector convention)."""
 
-    in_norms: list[nn.Module]
+    in_norms: list[Any]                # each layer's head-input norm (identity where the family has none)
     in_weight: torch.Tensor            # [L, d] diagonal of each head-input norm
     in_bias: torch.Tensor | None       # [L, d] (LayerNorm)
     centre: bool                       # LayerNorm models centre before the weight
     W_V: torch.Tensor                  # [L, K, d, dh]
     b_V: torch.Tensor | None           # [L, K, dh]
     W_O: torch.Tensor                  # [L, H, dh, d]
-    post_norms: list[nn.Module] | None  # Gemma: post-attention norm on the attention output
+    post_norms: list[Any] | None       # Gemma 2/3, OLMo-2: post-attention norm on the attention output
     post_weight: torch.Tensor | None   # [L, d]
-    final_norm: nn.Module
+    final_norm: Any
     final_weight: torch.Tensor         # [d]
     final_bias: torch.Tensor | None
     unembed: torch.Tensor              # [vocab, d] (lm_head weight; columns of W_U are its rows)
@@ -116,105 +117,56 @@ class Circuit:
         return self.unembed[torch.as_tensor(list(ids), device=self.unembed.device)].T.float()
 
 
-def _orig(module: Any) -> Any:
-    """The Hugging Face module under a TransformerBridge wrapper (the bridge swaps them in place).
-
-    Reading weights and applying norms/MLPs on the originals keeps hooks that a caller may have
-    attached to the bridge out of a weight-only computation.
-    """
-    while hasattr(module, "_original_component"):
-        module = module._original_component
-    return module
-
-
-def _family(model: LoadedModel) -> str:
-    hf = model.hf_model
-    if hasattr(hf, "model") and hasattr(hf.model, "layers") and hasattr(hf.model, "embed_tokens"):
-        return "llama"
-    if hasattr(hf, "transformer") and hasattr(hf.transformer, "h"):
-        return "gpt2"
-    raise UnsupportedArchitectureError(
-        f"{model.spec} ({model.architecture}): the successor analysis reads weights from Llama-like "
-        "(model.layers, e.g. Llama, Gemma 3, Qwen, Mistral) or GPT-2-like (transformer.h) modules.")
+def _arch(model: LoadedModel) -> Architecture:
+    """The model's architecture layer; a family it cannot read is this analyzer's clear error."""
+    try:
+        return architecture(model)
+    except ArchitectureError as error:
+        raise UnsupportedArchitectureError(
+            f"{model.spec} ({model.architecture}): the successor analysis cannot read this model: {error}"
+        ) from error
 
 
-def _norm_diagonal(norm: nn.Module, d_model: int) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
-    """(diagonal weight, bias, centres?) of a norm module; RMS-type weights are read by probing.
-
-    Feeding sqrt(d) * e_i (RMS = 1) to an RMSNorm returns weight_i * e_i whatever the parametrisation
-    (Llama's w, Gemma's 1 + w), so one code path serves every RMSNorm class.
-    """
-    if isinstance(norm, nn.LayerNorm):
-        return norm.weight.detach().float(), (None if norm.bias is None else norm.bias.detach().float()), True
-    weight = next((p for p in norm.parameters()), None)
-    probe_in = torch.eye(d_model, device=weight.device if weight is not None else "cpu") * math.sqrt(d_model)
-    with torch.no_grad():
-        out = norm(probe_in.to(weight.dtype if weight is not None else torch.float32)).float()
-    diagonal = out.diagonal().clone()
-    if (out - torch.diag(diagonal)).abs().max() > 1e-4 * max(1.0, float(diagonal.abs().max())):
-        raise UnsupportedArchitectureError(f"{type(norm).__name__} is not a diagonal RMS norm.")
-    return diagonal, None, False
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
 
 
-def _layer_modules(model: LoadedModel) -> list[dict[str, Any]]:
-    """Per layer: head-input norm, value/output weights, post-attention norm (or None)."""
-    family = _family(model)
-    hf, H, d = model.hf_model, model.n_heads, model.d_model
-    layers: list[dict[str, Any]] = []
-    if family == "llama":
-        for wrapped in hf.model.layers:
-            block = _orig(wrapped)
-            attn = _orig(block.self_attn)
-            v_proj, o_proj = _orig(attn.v_proj), _orig(attn.o_proj)
-            n_kv = model.n_kv_heads
-            dh = v_proj.out_features // n_kv
-            W_V = v_proj.weight.detach().float().view(n_kv, dh, d).transpose(1, 2)
-            b_V = None if v_proj.bias is None else v_proj.bias.detach().float().view(n_kv, dh)
-            W_O = o_proj.weight.detach().float().view(d, H, dh).permute(1, 2, 0)
-            sandwich = hasattr(block, "pre_feedforward_layernorm")
-            layers.append({"in_norm": _orig(block.input_layernorm), "W_V": W_V, "b_V": b_V, "W_O": W_O,
-                           "post_norm": _orig(block.post_attention_layernorm) if sandwich else None})
-    else:
-        for wrapped in hf.transformer.h:
-            block = _orig(wrapped)
-            attn = _orig(block.attn)
-            c_attn, c_proj = _orig(attn.c_attn), _orig(attn.c_proj)
-            dh = d // H
-            weight, bias = c_attn.weight.detach().float(), c_attn.bias.detach().float()
-            W_V = weight[:, 2 * d:].reshape(d, H, dh).permute(1, 0, 2)
-            b_V = bias[2 * d:].reshape(H, dh)
-            W_O = c_proj.weight.detach().float().reshape(H, dh, d)
-            layers.append({"in_norm": _orig(block.ln_1), "W_V": W_V, "b_V": b_V, "W_O": W_O, "post_norm": None})
-    return layers
+def _norm_or_identity(norm: Norm | None) -> Any:
+    """A norm as a callable; a family without that norm (OLMo-2 has no pre-attention norm) reads x as is."""
+    return norm if norm is not None else _identity
 
 
 def build_circuit(model: LoadedModel) -> Circuit:
-    """Stack every layer's OV weights and norm diagonals (weights only; no forward pass)."""
-    family = _family(model)
-    d = model.d_model
-    layers = _layer_modules(model)
-    in_diag = [_norm_diagonal(layer["in_norm"], d) for layer in layers]
-    post = [layer["post_norm"] for layer in layers]
+    """Stack every layer's OV weights and norm diagonals (weights only; no forward pass).
+
+    Everything is read from the architecture layer (`probe.architecture`): the bridge's stacked
+    per-head W_V / W_O (fused projections already split), each norm's effective diagonal (Gemma's
+    1 + w included), the post-attention norm where the family has one (Gemma 2/3, OLMo-2)."""
+    arch = _arch(model)
+    L, d = model.n_layers, model.d_model
+    ones = torch.ones(d)
+    in_norms = [arch.norm("ln1", layer) for layer in range(L)]
+    post = [arch.norm("ln1_post", layer) for layer in range(L)]
     has_post = all(p is not None for p in post)
-    final_norm = _orig(model.hf_model.model.norm if family == "llama" else model.hf_model.transformer.ln_f)
-    final_weight, final_bias, _ = _norm_diagonal(final_norm, d)
-    head = _orig(model.hf_model.get_output_embeddings())
-    b_V = [layer["b_V"] for layer in layers]
+    centre = any(n is not None and n.kind == "layer" for n in in_norms)
+    in_bias = ([n.bias.float() for n in in_norms if n is not None and n.bias is not None]
+               if centre else [])
+    final = arch.final_norm
     return Circuit(
-        in_norms=[layer["in_norm"] for layer in layers],
-        in_weight=torch.stack([w for w, _, _ in in_diag]),
-        in_bias=torch.stack([b for _, b, _ in in_diag]) if in_diag[0][1] is not None else None,
-        centre=in_diag[0][2],
-        W_V=torch.stack([layer["W_V"] for layer in layers]),
-        b_V=torch.stack(b_V) if all(b is not None for b in b_V) else None,
-        W_O=torch.stack([layer["W_O"] for layer in layers]),
+        in_norms=[_norm_or_identity(n) for n in in_norms],
+        in_weight=torch.stack([n.weight.float() if n is not None else ones for n in in_norms]),
+        in_bias=torch.stack(in_bias) if len(in_bias) == L else None,
+        centre=centre,
+        W_V=arch.W_V.float(),
+        b_V=None if arch.b_V is None else arch.b_V.float(),
+        W_O=arch.W_O.float(),
         post_norms=post if has_post else None,  # type: ignore[arg-type]
-        post_weight=(torch.stack([_norm_diagonal(p, d)[0] for p in post])  # type: ignore[arg-type]
-                     if has_post else None),
-        final_norm=final_norm, final_weight=final_weight, final_bias=final_bias,
-        unembed=head.weight.detach(),
-        b_U=None if getattr(head, "bias", None) is None else head.bias.detach().float(),
-        kv_of=torch.tensor([model.kv_head_of(h) for h in range(model.n_heads)]),
+        post_weight=torch.stack([p.weight.float() for p in post]) if has_post else None,  # type: ignore[union-attr]
+        final_norm=final, final_weight=final.weight.float(),
+        final_bias=None if final.bias is None else final.bias.float(),
+        unembed=arch.unembed_weight,
+        b_U=arch.b_U,
+        kv_of=arch.kv_index.clone(),
     )
 
 
@@ -223,38 +175,21 @@ def effective_embeddings(model: LoadedModel, token_ids: Sequence[int], include_r
                          include_attn0: bool = False) -> torch.Tensor:
     """e(t) `[n, d]` for many tokens at once: block 0's MLP (with its exact norms) on the embedding.
 
-    Llama: MLP0(ln2(W_E[t])). Gemma 3: post_ff_norm(MLP0(pre_ff_norm(sqrt(d) * W_E[t]))) (the
-    embedding module applies the sqrt(d) scale). GPT-2: MLP0(ln_2(W_E[t])), no positional embedding.
-    `include_attn0` adds attention 0 on a one-token context (the token attends only to itself, so
-    its output is o_proj(v_proj(ln1(x)))), `include_residual` adds the residual stream to MLP0's output.
+    Through the architecture layer, for every family: the embedding as the model adds it (Gemma's
+    sqrt(d) scale included), then what block 0's MLP adds to the residual (its pre-MLP norm, the MLP
+    or MoE block, a post-MLP norm where the family has one). No positional embedding (GPT-2).
+    `include_attn0` adds attention 0 on a one-token context first (the token attends only to itself,
+    so its output is v W_O + b_O, through a post-attention norm where there is one; a parallel block's
+    MLP still reads the embedding), `include_residual` adds the residual stream to MLP0's output.
     """
-    family = _family(model)
-    hf = model.hf_model
+    arch = _arch(model)
     ids = torch.as_tensor(list(token_ids), device=model.device, dtype=torch.long)
-    with model.lock:  # block 0's MLP runs through the bridge's linear components (their hook points fire)
-        if family == "llama":
-            block = _orig(hf.model.layers[0])
-            x = _orig(hf.model.embed_tokens)(ids)
-            sandwich = hasattr(block, "pre_feedforward_layernorm")
-            if include_attn0:
-                attn = _orig(block.self_attn)
-                v = _orig(attn.v_proj)(_orig(block.input_layernorm)(x)).view(len(ids), model.n_kv_heads, -1)
-                v = v[:, torch.tensor([model.kv_head_of(h) for h in range(model.n_heads)])]
-                out = _orig(attn.o_proj)(v.reshape(len(ids), -1))
-                x = x + (_orig(block.post_attention_layernorm)(out) if sandwich else out)
-            pre = block.pre_feedforward_layernorm if sandwich else block.post_attention_layernorm
-            e = _orig(block.mlp)(_orig(pre)(x))
-            if sandwich:
-                e = _orig(block.post_feedforward_layernorm)(e)
-        else:
-            block = _orig(hf.transformer.h[0])
-            x = _orig(hf.transformer.wte)(ids)
-            if include_attn0:
-                d = model.d_model
-                attn = _orig(block.attn)
-                v = _orig(attn.c_attn)(_orig(block.ln_1)(x))[:, 2 * d:]
-                x = x + _orig(attn.c_proj)(v)
-            e = _orig(block.mlp)(_orig(block.ln_2)(x))
+    with model.lock:  # block 0's modules are the bridge's components (their hook points fire)
+        x = arch.embed(ids).float()
+        attn = arch.attn_output_one_token(0, x) if include_attn0 else None
+        e = arch.mlp_block_output(0, x, attn)
+        if attn is not None:
+            x = x + attn
     if include_residual:
         e = e + x
     return e.float()
@@ -348,15 +283,13 @@ def reference_logits(model: LoadedModel, task: TokenTask, head: Head, token_inde
     Norms are applied as modules (the exact per-token computation); under the default "weight"
     convention the fast path must reach the same argmax because the dropped scales are positive.
     """
-    family = _family(model)
-    hf = model.hf_model
+    arch = _arch(model)
     token = task.token_ids[token_index]
     e = effective_embeddings(model, [token], config.include_residual, config.include_attn0)[0]
-    block = _orig(hf.model.layers[head.layer] if family == "llama" else hf.transformer.h[head.layer])
     if config.norm_convention == "none":
         x = e
     else:
-        x = _orig(block.input_layernorm if family == "llama" else block.ln_1)(e)
+        x = _norm_or_identity(arch.norm("ln1", head.layer))(e)
     W_V, W_O, W_U, b_V = weights or bridge_weights(model)
     kv = model.kv_head_of(head.head) if W_V.shape[1] == model.n_kv_heads else head.head
     v = x @ W_V[head.layer, kv]
@@ -364,9 +297,8 @@ def reference_logits(model: LoadedModel, task: TokenTask, head: Head, token_inde
         v = v + b_V[head.layer, kv]
     out = v @ W_O[head.layer, head.head]
     if config.norm_convention != "none":
-        if family == "llama" and hasattr(block, "pre_feedforward_layernorm"):
-            out = _orig(block.post_attention_layernorm)(out)
-        out = _orig(hf.model.norm if family == "llama" else hf.transformer.ln_f)(out)
+        out = _norm_or_identity(arch.norm("ln1_post", head.layer))(out)  # Gemma 2/3, OLMo-2
+        out = arch.final_norm(out)
     columns = W_U[:, torch.tensor(task.token_ids)]
     return out @ columns
 

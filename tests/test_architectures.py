@@ -224,3 +224,90 @@ def test_mlp_and_embedding_equal_the_hf_copys_modules(family):
         embedded = copy.get_input_embeddings()(ids)
         worst = max(worst, float((arch.embed(ids) - embedded).abs().max()))
     assert record(name, "mlp/embed", worst) <= ATOL
+
+
+# ---- successor heads on the layer ------------------------------------------------------------------
+
+def _task_ids(model: LoadedModel, n: int = 6) -> list[int]:
+    from analyses.data.succession import build_tasks
+
+    ids = [i for task in build_tasks(model.tokenizer, number_max=20).tasks for i in task.token_ids]
+    return list(dict.fromkeys(ids))[:n]
+
+
+def _one_token_run(model: LoadedModel, ids: list[int], hooks: list[tuple[str, Any]], keep: list[str]) -> dict[str, torch.Tensor]:
+    """Each token alone as a one-token context (batch of [n, 1]) through the bridge, with `hooks`;
+    the hook values named in `keep`. Learned positions (GPT-2) are zeroed: e(t) has none."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(tensor: torch.Tensor, hook: Any) -> None:
+        seen[hook.name] = tensor[:, 0].detach().float().clone()
+
+    extra = [("hook_pos_embed", lambda t, hook: torch.zeros_like(t))] if "hook_pos_embed" in model.bridge.hook_dict \
+        and architecture(model).has_learned_positions else []
+    with torch.no_grad():
+        model.run_with_hooks(torch.tensor(ids)[:, None], fwd_hooks=[*extra, *hooks, *[(k, grab) for k in keep]])
+    canonical = {k: model.bridge.hook_dict[k].name for k in keep}
+    return {k: seen[canonical[k]] for k in keep}
+
+
+def test_successor_effective_embedding_equals_the_models_own_block0(family):
+    """e(t) from the layer == the bridge's own block 0 on the token alone (hooks): with attention 0
+    and the residual, `hook_resid_post`; MLP0 alone, `resid_post - resid_pre` with attention 0's
+    output zeroed."""
+    from analyses import successor
+
+    name, model, _ = family
+    ids = _task_ids(model)
+    full = successor.effective_embeddings(model, ids, include_residual=True, include_attn0=True)
+    mlp0 = successor.effective_embeddings(model, ids)
+    got = _one_token_run(model, ids, [], ["blocks.0.hook_resid_post"])
+    worst = float((full - got["blocks.0.hook_resid_post"]).abs().max())
+    zeroed = _one_token_run(model, ids, [("blocks.0.hook_attn_out", lambda t, hook: torch.zeros_like(t))],
+                            ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"])
+    worst = max(worst, float((mlp0 - (zeroed["blocks.0.hook_resid_post"] - zeroed["blocks.0.hook_resid_pre"])).abs().max()))
+    assert record(name, "successor e(t)", worst) <= ATOL
+
+
+def test_successor_ov_logits_equal_the_models_own_attention(family):
+    """Every head's effective OV logits ("module" convention, value biases on) == the bridge's own layer on e(t) as a
+    one-token context (residual entering the layer replaced by e(t), every other head's z zeroed, the
+    head-free output subtracted), through the HF copy's final norm and unembedding."""
+    from analyses import successor
+
+    name, model, copy = family
+    arch = architecture(model)
+    ids = _task_ids(model)
+    E = successor.effective_embeddings(model, ids)
+    fast = successor.ov_logits(successor.build_circuit(model), E, ids, "module", include_biases=True)  # b_V is in z
+    final = copy.get_submodule(arch.path("ln_final"))
+    columns = copy.get_submodule(arch.path("unembed")).weight[torch.tensor(ids)].T.float()
+    worst = 0.0
+    for layer in range(model.n_layers):
+        def put(t: torch.Tensor, hook: Any) -> torch.Tensor:
+            return E[:, None].to(t.dtype)
+
+        outputs = {}
+        for keep in [None, *range(model.n_heads)]:
+            def only(z: torch.Tensor, hook: Any, keep: int | None = keep) -> torch.Tensor:
+                mask = torch.zeros(z.shape[-2], 1, dtype=z.dtype)
+                if keep is not None:
+                    mask[keep] = 1
+                return z * mask
+
+            hooks = [(f"blocks.{layer}.hook_resid_pre", put), (f"blocks.{layer}.attn.hook_z", only)]
+            outputs[keep] = _one_token_run(model, ids, hooks, [f"blocks.{layer}.hook_attn_out"])[f"blocks.{layer}.hook_attn_out"]
+        for head in range(model.n_heads):
+            with torch.no_grad():
+                logits = final(outputs[head] - outputs[None]).float() @ columns
+            worst = max(worst, float((fast[layer, head] - logits).abs().max()))
+    assert record(name, "successor OV", worst) <= ATOL
+
+
+def test_successor_runs_on_every_family(family):
+    from analyses import successor
+
+    name, model, _ = family
+    config = successor.SuccessorConfig(number_max=20, run_probe=False, run_arithmetic=False, run_causal=False)
+    result = successor.run(model, config)
+    assert result.scores.scores.shape == (3, 4) and sum(result.n_scored.values()) > 0
