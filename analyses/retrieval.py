@@ -11,12 +11,14 @@ Samples count only when the model actually retrieved the answer (ROUGE-1 recall 
 the response > 0.5, switchable); ungated scores are kept for diagnosis (spec pitfall 11).
 
 Fast path (why it is fast): one greedy generation with a KV cache; the prefill runs unhooked through
-the HF model's own SDPA attention (no L x L scores at all), and the rotated keys are read from the
-cache afterwards (equal to `hook_rot_k`, tested); each decode step keeps its rotated query
-(`hook_rot_q`). The attention rows of the answer positions are then recomputed from those queries and
-keys (GQA expansion, the layer's own score scaling, soft-capping, causal and sliding-window masks):
-memory is linear in the context, never an L x L pattern. `reference_sample` is the slow reference:
-no cache, a full forward per decode step, the argmax read from the model's own `hook_pattern`.
+the HF model's own SDPA attention (no L x L scores at all); each decode step runs hooked and keeps,
+per layer and head, only the argmax key of its own attention row (`hook_pattern` of the one new query:
+`[H, N]`, already with the family's GQA expansion, scaling, soft-cap, QK-norm, partial rotary, causal and
+sliding-window masks). Memory is linear in the context, never an L x L pattern, and nothing is
+family-specific, so fused-qkv families (Phi-3, GPT-NeoX), whose bridge never fires `hook_rot_q`, run
+too. `reference_sample` is the slow reference: no cache, a full forward per decode step, the argmax
+read from the full `hook_pattern`. `answer_rows` (rows recomputed from rotated q/k with
+`attention_geometry`, the architecture layer's facts) is kept for analyses that need whole rows.
 
 Masking (spec §4): NIAH accuracy with the top-k heads masked vs k random heads drawn from the
 complement of the top set, as uniform attention (the reference's masking) and as zero-ablation, on the
@@ -42,6 +44,7 @@ from analyses.data.haystack import (
     rouge1_recall,
 )
 from analyses.data.needles import NEEDLES, Needle
+from probe.architecture import architecture
 from probe.errors import ProbeError, PromptTooLongError
 from probe.heads import Head
 from probe.interventions import Intervention, intervene, uniform_attention, zero_ablation
@@ -136,23 +139,11 @@ class LayerGeometry:
 
 
 def attention_geometry(model: LoadedModel) -> list[LayerGeometry]:
-    """Per-layer scaling, soft-capping and sliding window, as the bridge's attention uses them."""
-    layers = []
-    for layer in range(model.n_layers):
-        attn = model.bridge.blocks[layer].attn
-        hf_attn = getattr(attn, "original_component", None) or attn
-        scaling = float(getattr(hf_attn, "scaling", model.d_head ** -0.5))
-        softcap = getattr(hf_attn, "attn_logit_softcapping", None)
-        window = getattr(hf_attn, "sliding_window", None)
-        layers.append(LayerGeometry(scaling, float(softcap) if softcap else None, int(window) if window else None))
-    return layers
-
-
-def _qk_hook_names(model: LoadedModel) -> tuple[str, str]:
-    """Rotated query/key hooks where the model has RoPE, the plain ones otherwise (learned positions)."""
-    if "blocks.0.attn.hook_rot_q" in model.bridge.hook_dict:
-        return "hook_rot_q", "hook_rot_k"
-    return "hook_q", "hook_k"
+    """Per-layer scaling, soft-capping and sliding window, as the bridge's attention uses them
+    (from the architecture layer, `probe.architecture`)."""
+    arch = architecture(model)
+    return [LayerGeometry(a.scaling, a.softcap, a.window)
+            for a in (arch.attention(layer) for layer in range(model.n_layers))]
 
 
 def answer_rows(queries: torch.Tensor, keys: torch.Tensor, first_position: int, geometry: LayerGeometry,
@@ -246,24 +237,24 @@ def _is_stop(model: LoadedModel, token: int, stops: set[int]) -> bool:
 @torch.no_grad()
 def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, match: str = "id",
                 geometry: list[LayerGeometry] | None = None, stop: bool = True) -> SampleTrace:
-    """Greedy answer + copy events from the cached keys and the decode steps' rotated queries.
+    """Greedy answer + copy events from each decode step's own attention row.
 
     The prefill of `prompt[:-1]` runs with no hooks and, where the model allows it, through the HF
     attention modules with SDPA (`_native_attention`): no `[H, N, N]` score tensor, so it costs about
-    one linear-memory forward. Every key the answer rows need is then in the full `DynamicCache`
-    (post-RoPE, post k-norm: what `hook_rot_k` sees). Only the decode steps run hooked, keeping
-    `hook_rot_q`. `stop=False` decodes exactly `max_new_tokens` (benchmarks on random weights)."""
-    geometry = geometry or attention_geometry(model)
-    q_name, _ = _qk_hook_names(model)
+    one linear-memory forward; its keys and values go into a full `DynamicCache`. Only the decode steps
+    run hooked: each keeps the argmax key of every head's row of `hook_pattern` (`[H]` per layer and
+    step), the very quantity the reference reads from full forwards. `geometry` is accepted for
+    compatibility and not needed. `stop=False` decodes exactly `max_new_tokens` (benchmarks on random
+    weights)."""
     ids = sample.ids(model.device)
     n = ids.shape[-1]
     model.check_fits(n + max_new_tokens)
-    queries: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
+    rows: list[list[torch.Tensor]] = [[] for _ in range(model.n_layers)]
 
-    def keep_q(tensor: torch.Tensor, hook: Any) -> None:
-        queries[int(hook.name.split(".")[1])].append(tensor[0].detach().clone())
+    def keep_argmax(pattern: torch.Tensor, hook: Any) -> None:
+        rows[int(hook.name.split(".")[1])].append(pattern[0, :, -1, :].argmax(-1).cpu())
 
-    hooks = [(f"blocks.{layer}.attn.{q_name}", keep_q) for layer in range(model.n_layers)]
+    hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_argmax) for layer in range(model.n_layers)]
     stops = _stop_ids(model)
     answer: list[int] = []
     cache = _new_cache(model)
@@ -286,10 +277,11 @@ def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, mat
     argmax = torch.zeros(model.n_layers, model.n_heads, n_steps, dtype=torch.long)
     if n_steps:
         for layer in range(model.n_layers):
-            k = _cached_keys(cache, layer)[: n - 1 + n_steps]
-            q = torch.cat(queries[layer], dim=0)[:n_steps]
-            rows = answer_rows(q, k, n - 1, geometry[layer], model.group_size)
-            argmax[layer] = rows.argmax(-1).cpu()
+            if len(rows[layer]) < n_steps:
+                raise RetrievalError(f"{model.spec}: layer {layer}'s attention pattern hook fired "
+                                     f"{len(rows[layer])} times in {n_steps} decode steps; the bridge does not "
+                                     "expose this family's attention weights.")
+            argmax[layer] = torch.stack(rows[layer][:n_steps], dim=-1)
     text = _TokenText(model) if match == "text" else None
     events, unique = _copy_counts(argmax, sample.input_ids, answer, sample.answer_tokens, match, text)
     return SampleTrace(answer, model.decode(answer), events, unique, argmax)

@@ -311,3 +311,58 @@ def test_successor_runs_on_every_family(family):
     config = successor.SuccessorConfig(number_max=20, run_probe=False, run_arithmetic=False, run_causal=False)
     result = successor.run(model, config)
     assert result.scores.scores.shape == (3, 4) and sum(result.n_scored.values()) > 0
+
+
+# ---- retrieval heads on the layer ------------------------------------------------------------------
+
+def _sample_with_ids(ids: torch.Tensor, span: tuple[int, int]) -> Any:
+    """A NIAH sample carrying this model's token ids and an answer span (random weights: no real needle)."""
+    import dataclasses
+
+    from analyses.data.haystack import build_sample
+    from analyses.planted import RETRIEVAL_NEEDLE, retrieval_model, retrieval_sentences
+
+    template = build_sample(retrieval_model().tokenizer, RETRIEVAL_NEEDLE, 40, 50, "base", retrieval_sentences(), 0, 0)
+    return dataclasses.replace(template, input_ids=tuple(ids[0].tolist()), answer_tokens=span)
+
+
+def test_retrieval_fast_path_equals_the_step_by_step_reference(family):
+    """Cached decode with each step's own attention-row argmax == a full forward per step (no cache)
+    reading the full hook_pattern: same greedy answer, same argmax key for every layer, head, step."""
+    from analyses import retrieval
+
+    name, model, _ = family
+    ids = model.encode(" ".join(["the capital of mary is the book of john and the key to the park"] * 2))
+    sample = _sample_with_ids(ids, (3, 8))
+    fast = retrieval.fast_sample(model, sample, 8, stop=False)
+    slow = retrieval.reference_sample(model, sample, 8, stop=False)
+    assert len(fast.answer_ids) == 8 and fast.answer_ids == slow.answer_ids
+    assert fast.argmax.shape == (3, 4, 8)
+    mismatched = int((fast.argmax != slow.argmax).sum())
+    record(name, "retrieval argmax≠", mismatched)
+    assert mismatched == 0
+    assert torch.equal(fast.events, slow.events) and torch.equal(fast.unique, slow.unique)
+
+
+def test_attention_geometry_from_the_layer_recomputes_the_models_pattern(family):
+    """The layer's scaling / soft-cap / window per layer: rows recomputed from the hooked (rotated)
+    q and k == hook_pattern. Fused-qkv families (Phi-3, GPT-NeoX): the bridge never fires hook_rot_q,
+    so there are no rotated queries to recompute from (the fast path does not need them)."""
+    from analyses.retrieval import answer_rows, attention_geometry
+
+    name, model, _ = family
+    rotary = architecture(model).rotary(0) is not None
+    q_name, k_name = ("hook_rot_q", "hook_rot_k") if rotary else ("hook_q", "hook_k")
+    ids = model.encode(TEXT)
+    names = [f"blocks.{layer}.attn.{n}" for layer in range(model.n_layers) for n in (q_name, k_name, "hook_pattern")]
+    _, cache = model.run_with_cache(ids, names_filter=lambda n: n in names)
+    if f"blocks.0.attn.{q_name}" not in cache.keys():
+        pytest.skip(f"{name}: the bridge does not fire {q_name} (fused qkv)")
+    geometry = attention_geometry(model)
+    first, worst = 4, 0.0
+    for layer in range(model.n_layers):
+        q = cache[f"blocks.{layer}.attn.{q_name}"][0, first:]
+        k = cache[f"blocks.{layer}.attn.{k_name}"][0]
+        rows = answer_rows(q, k, first, geometry[layer], model.group_size)
+        worst = max(worst, float((rows - cache[f"blocks.{layer}.attn.hook_pattern"][0, :, first:]).abs().max()))
+    assert record(name, "attn rows", worst) <= 1e-5
