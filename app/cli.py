@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import re
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -29,24 +33,84 @@ _SCALE = re.compile(r"^(?P<heads>[^:]+):(?P<what>q|query|v|value|o|output)=(?P<f
 _COMPONENT = {"q": "query", "v": "value", "o": "output"}
 
 
-def parse_scale(text: str, model: LoadedModel) -> Intervention:
-    """`L10H2:v=2`, `5.3:q=0.5`, `L3H*:output=-1` → a scaling intervention."""
+def read_scale(text: str) -> tuple[str, str, float]:
+    """`L10H2:v=2` → (`L10H2`, `value`, 2.0), checked without a model: a finite factor, a known component."""
     match = _SCALE.match(text.strip())
     if not match:
         raise InterventionError(f"Cannot read --scale {text!r}: write HEADS:q|v|o=FACTOR, e.g. L10H2:v=2.")
-    component = _COMPONENT.get(match["what"], match["what"])
-    return scale(parse_heads(match["heads"].replace("+", ","), model), component, float(match["factor"]))
+    try:
+        factor = float(match["factor"])
+    except ValueError:
+        raise InterventionError(f"Cannot read --scale {text!r}: {match['factor']!r} is not a number "
+                                "(write HEADS:q|v|o=FACTOR, e.g. L10H2:v=2).") from None
+    if not math.isfinite(factor):
+        raise InterventionError(f"--scale {text!r}: the factor {match['factor']} is not a finite number "
+                                "(it overflows to infinity); use a finite factor, e.g. L10H2:v=100.")
+    return match["heads"].replace("+", ","), _COMPONENT.get(match["what"], match["what"]), factor
+
+
+def parse_scale(text: str, model: LoadedModel) -> Intervention:
+    """`L10H2:v=2`, `5.3:q=0.5`, `L3H*:output=-1` → a scaling intervention."""
+    heads, component, factor = read_scale(text)
+    return scale(parse_heads(heads, model), component, factor)
+
+
+def check_ablate(ablate: Sequence[str]) -> None:
+    """Each `--ablate` names at least one head (`--ablate ""` would silently ablate nothing)."""
+    for text in ablate:
+        if not text.replace(",", "").replace("+", "").strip():
+            raise InterventionError(f"--ablate {text!r} names no head; give heads such as L5H3 or 'L0H*,L1H2'.")
 
 
 def build_interventions(model: LoadedModel, ablate: Sequence[str], method: str,
                         scales: Sequence[str]) -> list[Intervention]:
+    check_ablate(ablate)
     interventions: list[Intervention] = []
     if ablate:
         heads = parse_heads(",".join(ablate), model)
+        if not heads:
+            raise InterventionError(f"--ablate {', '.join(map(repr, ablate))} names no head; give heads such as L5H3.")
         means = head_means(model, reference_prompts(model), heads) if method == "mean" else None
         interventions.append(ablation(heads, method, means))
     interventions.extend(parse_scale(text, model) for text in scales)
     return interventions
+
+
+def check_text(option: str, text: str) -> None:
+    """Text from argv is decoded with surrogateescape: bytes that are not UTF-8 arrive as lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        byte = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character {ascii(bad)}"
+        raise ProbeError(f"{option} is not valid UTF-8 text ({byte} at character {error.start}); "
+                         "pass UTF-8 text.") from None
+
+
+def finite_json(value: Any) -> tuple[Any, list[str]]:
+    """`value` with every NaN/infinite float replaced by None, and the paths replaced (JSON has no NaN)."""
+    replaced: list[str] = []
+
+    def walk(item: Any, where: str) -> Any:
+        if isinstance(item, float) and not math.isfinite(item):
+            replaced.append(f"{where or '.'} ({item})")
+            return None
+        if isinstance(item, dict):
+            return {k: walk(v, f"{where}.{k}") for k, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [walk(v, f"{where}[{i}]") for i, v in enumerate(item)]
+        return item
+
+    return walk(value, ""), replaced
+
+
+def dumps_json(value: dict[str, Any]) -> str:
+    """Strict JSON (never a bare NaN/Infinity): non-finite numbers become null, listed under `non_finite`."""
+    clean, replaced = finite_json(value)
+    if replaced:
+        clean["non_finite"] = {"reason": "these values were NaN or infinite (e.g. an intervention overflowed the "
+                                         "model's number type); JSON has no NaN, so they are written as null", "fields": replaced}
+    return json.dumps(clean, indent=2, allow_nan=False)
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
@@ -77,15 +141,31 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from probe.compare import compare
+    from probe.compare import check_room, compare
 
+    check_text("--prompt", args.prompt)
+    check_ablate(args.ablate)
+    for text in args.scale:
+        read_scale(text)
     model = _load(args)
+    if args.top > model.d_vocab:
+        raise ProbeError(f"--top {args.top} is more than the {model.d_vocab} tokens of {model.spec}'s vocabulary; "
+                         f"use --top 1..{model.d_vocab}.")
+    check_room(model, int(model.encode(args.prompt).shape[-1]), args.generate)  # before any (mean-ablation) pass
     interventions = build_interventions(model, args.ablate, args.ablate_method, args.scale)
     with console.status("Running original and intervened passes ..."):
         result = compare(model, args.prompt, interventions, top_k=args.top, generate=args.generate)
+    _, non_finite = finite_json(result.to_json())
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(dumps_json(result.to_json()))
+        if non_finite:
+            console.print(f"warning: {len(non_finite)} value(s) were NaN or infinite, written as null "
+                          "(see non_finite in the JSON)", markup=False, soft_wrap=True)
         return 0
+    if non_finite:
+        console.print("warning: the intervened pass gave NaN or infinite values (an intervention overflowed "
+                      f"{str(model.dtype).replace('torch.', '')}); the numbers below are not meaningful",
+                      markup=False, soft_wrap=True)
     console.print(f"prompt ({result.n_tokens} tokens): {args.prompt!r}")
     applied = "; ".join(result.interventions) if result.interventions else "none"
     console.print(f"interventions applied: {applied}")
@@ -103,37 +183,53 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _read_overrides(path: str | None) -> dict:
-    if not path:
-        return {}
-    import yaml
+    """The `--config` file, bounded and checked (`analyses.registry.read_config`); {} without one."""
+    from analyses.registry import read_config
+
+    return read_config(path) if path else {}
+
+
+def check_out_folder(out: Path) -> None:
+    """`--out` is (or can be made) a folder we can write in: checked before the model loads."""
+    if out.exists() and not out.is_dir():
+        raise ProbeError(f"--out {out} is a file, not a folder; give a folder for report.html and results.json.")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ProbeError(f"Cannot create the --out folder {out}: {error.strerror or error}.") from None
+    import tempfile
 
     try:
-        data = yaml.safe_load(open(path)) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise ProbeError(f"Cannot read config {path}: {error}") from error
-    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-        raise ProbeError(f"{path} must map analysis names to settings, e.g. `retrieval: {{lengths: [512, 1024]}}`.")
-    return data
+        with tempfile.TemporaryFile(dir=out, prefix=".probe-write-check-"):
+            pass
+    except OSError as error:
+        raise ProbeError(f"Cannot write in the --out folder {out}: {error.strerror or error}.") from None
 
 
 def cmd_scan(args: argparse.Namespace) -> int:
     import shlex
-    from pathlib import Path
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from analyses.registry import resolve
+    from analyses.registry import ANALYZERS, available, make_config, resolve
     from analyses.report import write_reports
     from analyses.scan import ScanSettings, run_scan, scan_lock
 
     entries = resolve(args.analyses)
     if not entries:
         raise ProbeError("No analysis to run.")
+    overrides = _read_overrides(args.config)
+    for entry in entries:  # every setting's name and type, before the model loads
+        make_config(entry, args.preset, overrides.get(entry.name), args.seed)
+    for name in set(overrides) - {e.name for e in entries}:
+        if name in available():  # a section for an analysis not run this time is still checked
+            make_config(ANALYZERS[name], args.preset, overrides[name], args.seed)
+    out = Path(args.out)
+    check_out_folder(out)
     settings = ScanSettings(analyses=[e.name for e in entries], preset=args.preset, seed=args.seed,
-                            overrides=_read_overrides(args.config), force=args.force,
+                            overrides=overrides, force=args.force,
                             command="probe " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     model = _load(args)
-    out = Path(args.out)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console) as bars:
@@ -167,18 +263,80 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 1 if any(entry.name in document["errors"] for entry in entries) else 0  # this scan's failures
 
 
+SCHEMA_FILE = Path(__file__).resolve().parent.parent / "docs" / "results.schema.json"
+_DOCUMENT_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError)
+
+
+def read_document(folder: str | Path) -> dict[str, Any]:
+    """A scan folder's `results.json`, parsed and checked against docs/results.schema.json."""
+    from analyses.report import load_document
+
+    path = Path(folder) / "results.json"
+    try:
+        document = load_document(Path(folder))
+    except OSError as error:
+        raise ProbeError(f"Cannot read {path}: {error.strerror or error}.") from None
+    except UnicodeDecodeError as error:
+        raise ProbeError(f"{path} is not UTF-8 text (offset {error.start}); it is not a probe scan result.") from None
+    except json.JSONDecodeError as error:
+        raise ProbeError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}).") from None
+    if not isinstance(document, dict):
+        raise ProbeError(f"{path} is not a probe scan result (its top level is a {type(document).__name__}).")
+    if SCHEMA_FILE.is_file():
+        import jsonschema
+
+        schema = json.loads(SCHEMA_FILE.read_text())
+        error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(document))
+        if error is not None:
+            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "top level"
+            raise ProbeError(f"{path} does not follow the scan schema ({SCHEMA_FILE.name}) at {where}: "
+                             f"{_one_line(error.message, 160)}.")
+    return document
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from analyses.report import write_reports
 
-    html_path, md_path = write_reports(args.dir)
+    document = read_document(args.dir)
+    try:
+        html_path, md_path = write_reports(Path(args.dir), document)
+    except OSError as error:
+        raise ProbeError(f"Cannot write the report into {args.dir}: {error.strerror or error}.") from None
+    except _DOCUMENT_ERRORS as error:
+        raise ProbeError(f"Cannot build a report from {Path(args.dir) / 'results.json'}: "
+                         f"{type(error).__name__}: {_one_line(error, 160)} (is it from this version of probe?).") from None
     console.print(f"report: {html_path}\n        {md_path}")
     return 0
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from analyses.report import compare_documents, load_document
+def _model_line(model: dict[str, Any]) -> str:
+    return f"{model.get('spec')} ({model.get('n_layers')} layers x {model.get('n_heads')} heads, {model.get('fingerprint')})"
 
-    print(compare_documents(load_document(args.dir_a), load_document(args.dir_b), top=args.top))
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from analyses.report import compare_documents
+
+    a, b = read_document(args.dir_a), read_document(args.dir_b)
+    ma, mb = a["model"], b["model"]
+    if (ma["n_layers"], ma["n_heads"]) != (mb["n_layers"], mb["n_heads"]):
+        raise ProbeError(f"A is {_model_line(ma)}, B is {_model_line(mb)}: different shapes, so head LxHy of one "
+                         "is not LxHy of the other; compare scans of the same model.")
+    header = ""
+    if ma["fingerprint"] != mb["fingerprint"]:
+        console.print(f"warning: A and B are scans of different models (A: {_model_line(ma)}; B: {_model_line(mb)}); "
+                      "heads are matched by position only (L0H1 with L0H1)", markup=False, soft_wrap=True)
+        header = "DIFFERENT MODELS: heads are matched by position only\n"
+    try:
+        text = compare_documents(a, b, top=args.top)
+    except _DOCUMENT_ERRORS as error:
+        raise ProbeError(f"Cannot compare {args.dir_a} and {args.dir_b}: {type(error).__name__}: "
+                         f"{_one_line(error, 160)}.") from None
+    print(header + text)
     return 0
 
 
@@ -198,16 +356,42 @@ def cmd_organism(args: argparse.Namespace) -> int:
     return 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a mistake in one line (exit code 2), pointing at `--help` for the usage."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see `{self.prog} --help`)\n")
+
+
+def int_in(low: int, high: int | None = None, what: str = "") -> Any:
+    """An argparse type: an integer in [low, high] (high None: no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: use {bound}{what}")
+        return value
+    parse.__name__ = "integer"
+    return parse
+
+
+MAX_THREADS = 4 * (os.cpu_count() or 1)
+THREADS = int_in(0, MAX_THREADS, f" (0 = choose; this machine has {os.cpu_count() or 1} cores)")
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `probe models`)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="torch CPU threads (default: all cores if the machine is idle, else 1)")
+    parser.add_argument("--threads", type=THREADS, default=0,
+                        help=f"torch CPU threads, up to {MAX_THREADS} (default 0: all cores if the machine is idle, else 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="probe", description="Find and intervene on attention heads.")
+    parser = OneLineParser(prog="probe", description="Find and intervene on attention heads.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sub.add_parser("models", help="list model specs and whether they are available offline").set_defaults(func=cmd_models)
@@ -225,8 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--ablate-method", default="zero", choices=["zero", "mean", "uniform"])
     run.add_argument("--scale", action="append", default=[], metavar="HEADS:C=F",
                      help="scale a head's query/value/output, e.g. L10H2:v=2 (repeatable)")
-    run.add_argument("--generate", type=int, default=0, metavar="N", help="also generate N tokens greedily")
-    run.add_argument("--top", type=int, default=10, help="how many next tokens to show")
+    run.add_argument("--generate", type=int_in(0), default=0, metavar="N", help="also generate N tokens greedily")
+    run.add_argument("--top", type=int_in(1), default=10, help="how many next tokens to show")
     run.add_argument("--json", action="store_true", help="machine-readable output")
     run.set_defaults(func=cmd_run)
 
@@ -237,15 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     scan.add_argument("--preset", default="quick", choices=["quick", "default"],
                       help="quick: settings sized for a 2-core CPU (default); default: the full settings")
     scan.add_argument("--config", help="YAML file: {analysis: {setting: value}} overrides")
-    scan.add_argument("--seed", type=int, default=0)
+    scan.add_argument("--seed", type=int_in(0, 2**32 - 1), default=0)
     scan.add_argument("--force", action="store_true", help="recompute analyses that are already done")
     scan.set_defaults(func=cmd_scan)
 
     organism = sub.add_parser("organism", help="build a model organism (cached): `probe organism refusal`")
     organism.add_argument("kind", choices=["refusal"])
     organism.add_argument("--force", action="store_true", help="rebuild even if cached")
-    organism.add_argument("--threads", type=int, default=0,
-                          help="torch CPU threads (default: all cores if the machine is idle, else 1)")
+    organism.add_argument("--threads", type=THREADS, default=0,
+                          help=f"torch CPU threads, up to {MAX_THREADS} (default 0: all cores if the machine is idle, else 1)")
     organism.set_defaults(func=cmd_organism)
 
     report = sub.add_parser("report", help="rebuild report.html/report.md from a scan folder (no model needed)")
@@ -255,22 +439,40 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compare", help="how head scores differ between two scan folders")
     comp.add_argument("dir_a")
     comp.add_argument("dir_b")
-    comp.add_argument("--top", type=int, default=10)
+    comp.add_argument("--top", type=int_in(1), default=10, help="how many largest changes to list")
     comp.set_defaults(func=cmd_compare)
     return parser
 
 
+def _say_error(message: str) -> None:
+    """One line on stderr, whatever the terminal width (no rich wrapping, no markup in the message)."""
+    from rich.text import Text
+
+    text = Text("error: ", style="bold red")
+    text.append(_one_line(message, 2000))
+    console.print(text, soft_wrap=True)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse: --help (0) or a one-line usage error (2)
+        return exit_.code if isinstance(exit_.code, int) else 2
     try:
         return int(args.func(args))
     except ProbeError as error:
-        console.print(f"[bold red]error:[/bold red] {error}")
+        _say_error(str(error))
         return 2
     except KeyboardInterrupt:
         console.print("interrupted")
         return 130
+    except Exception as error:  # noqa: BLE001 - a bug, not a user mistake: one line, the traceback on request
+        if os.environ.get("PROBE_TRACEBACK"):
+            raise
+        _say_error(f"unexpected {type(error).__name__}: {error} (a bug in probe? rerun with PROBE_TRACEBACK=1 "
+                   "for the traceback)")
+        return 1
 
 
 if __name__ == "__main__":

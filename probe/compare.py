@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probe.errors import PromptTooLongError
 from probe.interventions import Intervention, intervene
 from probe.models import LoadedModel
 
@@ -69,11 +70,20 @@ def _side(model: LoadedModel, ids: torch.Tensor, top_k: int, generate: int) -> S
     return Side(top=top, probs=probs, generation=text)
 
 
+def check_room(model: LoadedModel, n_prompt: int, generate: int = 0) -> None:
+    """The prompt and the tokens to generate fit the context; the error says which is which."""
+    if generate and n_prompt + generate > model.n_ctx:
+        raise PromptTooLongError(
+            f"The prompt ({n_prompt} tokens) plus {generate} generated tokens exceed the context of "
+            f"{model.n_ctx} tokens of {model.spec}; generate at most {max(0, model.n_ctx - n_prompt)}.")
+    model.check_fits(n_prompt)
+
+
 def compare(model: LoadedModel, prompt: str, interventions: Sequence[Intervention],
             top_k: int = 10, generate: int = 0) -> Comparison:
     """Run `prompt` with and without `interventions` (hooks removed afterwards)."""
     ids = model.encode(prompt)
-    model.check_fits(ids.shape[-1] + generate)
+    check_room(model, int(ids.shape[-1]), generate)
     original = _side(model, ids, top_k, generate)
     with intervene(model, list(interventions)):
         intervened = _side(model, ids, top_k, generate)

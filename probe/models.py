@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import os
+import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -95,6 +96,27 @@ def list_specs() -> list[tuple[ModelSpec, bool]]:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str | None) -> None:
+    """`None`, `cpu`, `cuda`/`cuda:N` (with a GPU there) or `mps` (where available); else a `ProbeError`."""
+    if device is None:
+        return
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise ProbeError(f"Unknown device {device!r}; use cpu, cuda (or cuda:N) or mps.")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ProbeError(f"Device {device!r}: CUDA is not available here (no GPU, or torch built without "
+                             "CUDA); use --device cpu.")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ProbeError(f"Device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"cuda:0..cuda:{torch.cuda.device_count() - 1}.")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ProbeError(f"Device {device!r}: MPS is not available here; use --device cpu.")
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
@@ -405,17 +427,54 @@ def _load_pretrained(source: str, spec: str, gguf_file: str | None, hub_name: st
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
     except (OSError, ValueError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # a cut-off "one of:" line
         raise UnknownModelError(
-            f"Could not load {spec!r} from {source!r}: {str(error).splitlines()[0]}\n"
-            "A hub id needs network or a filled Hugging Face cache; a local folder needs config.json "
-            "and weights; a GGUF path must point at a .gguf file."
+            f"Could not load {spec!r} from {source!r}: {first[:300]} "
+            "(a hub id needs network or a filled Hugging Face cache; a local folder needs config.json, "
+            "weights and tokenizer files; a GGUF path must point at a .gguf file)."
         ) from error
     return wrap_hf_model(model, tokenizer, spec, hub_name=hub_name or source, device=device, dtype=dtype)
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                    "tokenizer_config.json")
+
+
+def _check_hf_source(source: str) -> None:
+    """`hf:<folder>`: an existing folder with config.json, weights and a tokenizer; else a one-line error.
+
+    A source that is not a folder here and reads like a hub id (`name` or `org/name`) is left to
+    transformers (cache or network).
+    """
+    if not source.strip():
+        raise UnknownModelError("hf: needs a local folder or a hub id, e.g. hf:./my-model or hf:gpt2.")
+    path = Path(source).expanduser()
+    if not path.exists():
+        if _HUB_ID.match(source) and not source.startswith("."):
+            return
+        raise UnknownModelError(f"Could not load 'hf:{source}': the folder {path} does not exist.")
+    if not path.is_dir():
+        raise UnknownModelError(f"Could not load 'hf:{source}': {path} is a file; hf: takes a model folder "
+                                "(use gguf:<file> for a .gguf file).")
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(next(path.glob(pattern), None) for pattern in _WEIGHT_GLOBS):
+        missing.append("weights (*.safetensors or *.bin)")
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        missing.append("tokenizer files (tokenizer.json, tokenizer.model or vocab.json)")
+    if missing:
+        raise UnknownModelError(f"Could not load 'hf:{source}': {path} is not a Hugging Face model folder; it has no "
+                                f"{', no '.join(missing)}.")
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "float32",
                progress: Callable[[str], None] | None = None) -> LoadedModel:
     """Load a model by spec (see module docstring). Raises `ProbeError` subclasses with the fix."""
+    check_device(device)
     if dtype not in DTYPES:
         raise ProbeError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
     say = progress or (lambda message: None)
@@ -434,6 +493,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         return extra.loader(device, dtype)
     if spec.startswith("hf:"):
         source = spec[3:]
+        _check_hf_source(source)
         say(f"loading {source} with transformers")
         return _load_pretrained(source, spec, None, "", device, dtype)
     if spec.startswith("gguf:"):
