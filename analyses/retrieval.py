@@ -246,6 +246,7 @@ def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, mat
     step), the very quantity the reference reads from full forwards. `geometry` is accepted for
     compatibility and not needed. `stop=False` decodes exactly `max_new_tokens` (benchmarks on random
     weights)."""
+    architecture(model)  # a family without attention (state-space models) is a clear MissingComponentError
     ids = sample.ids(model.device)
     n = ids.shape[-1]
     model.check_fits(n + max_new_tokens)

@@ -107,6 +107,12 @@ FAMILIES: dict[str, tuple[Callable[[int], Any], str]] = {
     "gpt_neox": (_gpt_neox, "GPTNeoXForCausalLM"),
     "gpt2": (_gpt2, "GPT2LMHeadModel"),
 }
+def _mamba(v: int) -> Any:
+    return transformers.MambaConfig(vocab_size=v, hidden_size=D_MODEL, num_hidden_layers=2, state_size=4, **SPECIAL)
+
+
+# Families the bridge boots but the architecture layer does not cover (no attention): a clear error.
+UNCOVERED: dict[str, tuple[Callable[[int], Any], str]] = {"mamba": (_mamba, "MambaForCausalLM")}
 # Grouped-query attention (4 query heads on 2 KV heads) where the family has it.
 GQA = {name for name in FAMILIES if name not in ("gpt_neox", "gpt2")}
 
@@ -116,7 +122,7 @@ def build_folder(family: str, root: Path, seed: int = 0) -> Path:
     folder = Path(root) / family
     if (folder / "config.json").is_file():
         return folder
-    make_config, class_name = FAMILIES[family]
+    make_config, class_name = FAMILIES[family] if family in FAMILIES else UNCOVERED[family]
     tokenizer = tiny.word_tokenizer(name=f"probe/{family}")
     config = make_config(len(tokenizer))
     config.architectures = [class_name]

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from families import FAMILIES, GQA, build_folder, load_hf_copy
+from families import FAMILIES, GQA, UNCOVERED, build_folder, load_hf_copy
 from probe.architecture import MissingComponentError, architecture
 from probe.heads import Head
 from probe.interventions import intervene, zero_ablation
@@ -366,3 +366,23 @@ def test_attention_geometry_from_the_layer_recomputes_the_models_pattern(family)
         rows = answer_rows(q, k, first, geometry[layer], model.group_size)
         worst = max(worst, float((rows - cache[f"blocks.{layer}.attn.hook_pattern"][0, :, first:]).abs().max()))
     assert record(name, "attn rows", worst) <= 1e-5
+
+
+# ---- a family the layer does not cover -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(UNCOVERED))
+def test_an_uncovered_family_is_one_clear_error_naming_the_component(name, root):
+    """A state-space model boots in the bridge but has no attention: the layer, successor and retrieval
+    each raise a ProbeError naming the missing component (not AttributeError / ValueError)."""
+    from analyses import retrieval, successor
+    from probe.errors import ProbeError
+
+    model = load_model(f"hf:{build_folder(name, root)}", device="cpu")
+    with pytest.raises(MissingComponentError, match=r"blocks\.0\.attn"):
+        architecture(model)
+    with pytest.raises(successor.UnsupportedArchitectureError, match=r"blocks\.0\.attn"):
+        successor.run(model, successor.SuccessorConfig(number_max=20, run_probe=False, run_arithmetic=False,
+                                                       run_causal=False))
+    sample = _sample_with_ids(model.encode("the capital of mary is the book"), (1, 3))
+    with pytest.raises(ProbeError, match=r"blocks\.0\.attn"):
+        retrieval.fast_sample(model, sample, 2)
