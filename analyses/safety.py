@@ -246,8 +246,8 @@ def _run_from_layer(model: LoadedModel, resid: torch.Tensor, start: int) -> torc
 
 def _unembed(model: LoadedModel, final: torch.Tensor) -> torch.Tensor:
     """Next-token log-probabilities (fp32) from final-norm states `[B, d]`."""
-    with model.lock:  # lm_head is the bridge's unembedding component (its hook points fire)
-        return torch.log_softmax(model.hf_model.lm_head(final).float(), dim=-1)
+    with model.lock:  # the output embedding is the bridge's unembedding component (its hook points fire)
+        return torch.log_softmax(model.hf_model.get_output_embeddings()(final).float(), dim=-1)
 
 
 @torch.no_grad()
