@@ -386,3 +386,33 @@ def test_an_uncovered_family_is_one_clear_error_naming_the_component(name, root)
     sample = _sample_with_ids(model.encode("the capital of mary is the book"), (1, 3))
     with pytest.raises(ProbeError, match=r"blocks\.0\.attn"):
         retrieval.fast_sample(model, sample, 2)
+
+
+# ---- the other analyzers' fast paths on every family ----------------------------------------------
+
+def test_safety_ships_fast_path_equals_its_reference(family):
+    """Query-level Ships (batched ablated rows; from the cached residual on Llama-like models) == one
+    full forward per ablated head."""
+    from analyses import safety
+
+    name, model, _ = family
+    ids = model.encode("the capital of mary is the book of john")
+    fast, slow = safety.ships_query(model, ids), safety.ships_query_reference(model, ids)
+    assert fast.shape == (3, 4) and float(slow.abs().max()) > 0
+    assert record(name, "safety Ships", float((fast - slow).abs().max())) <= ATOL
+
+
+def test_factual_attribution_equals_removing_the_direct_path(family):
+    """All-heads direct logit attribution == per-head forwards with the head's direct path removed
+    (final norm frozen), every head."""
+    from analyses import factual
+
+    name, model, _ = family
+    vocab = model.tokenizer.get_vocab()
+    prompt = factual.CounterfactualPrompt("mary", ("book",), "key", "the capital of mary is the key . q: what",
+                                          vocab["book"], vocab["key"], False)
+    attribution = factual.head_attribution(model, [prompt])
+    assert attribution.per_prompt.abs().max() > 1e-3
+    worst = max(abs(factual.reference_direct_effect(model, prompt, head) - float(attribution.per_prompt[0, head.layer, head.head]))
+                for head in model.all_heads())
+    assert record(name, "factual DLA", worst) <= ATOL
