@@ -186,6 +186,20 @@ class Architecture:
         """`[L, H, d_head, d_model]`."""
         return self._required("W_O")
 
+    @property
+    def W_K_per_query(self) -> torch.Tensor:
+        """`[L, H, d_model, d_head]`: each query head's key weights (GQA expanded through `kv_index`)."""
+        return self.W_K[:, self.kv_index]
+
+    @property
+    def W_V_per_query(self) -> torch.Tensor:
+        """`[L, H, d_model, d_head]`: each query head's value weights (GQA expanded through `kv_index`)."""
+        return self.W_V[:, self.kv_index]
+
+    def OV(self, layer: int, head: int) -> torch.Tensor:
+        """`[d_model, d_model]` OV matrix of one query head (row-vector convention: x @ W_V @ W_O)."""
+        return self.W_V[layer, self.kv_of(head)].float() @ self.W_O[layer, head].float()
+
     @functools.cached_property
     def b_Q(self) -> torch.Tensor | None:
         return self._stacked("b_Q")

@@ -194,6 +194,9 @@ def test_architecture_facts(family):
     assert arch.W_Q.shape == (3, 4, 64, 16) and arch.W_O.shape == (3, 4, 16, 64)
     assert arch.W_K.shape == arch.W_V.shape == (3, model.n_kv_heads, 64, 16)
     assert [arch.kv_of(h) for h in range(4)] == ([0, 0, 1, 1] if name in GQA else [0, 1, 2, 3])
+    assert arch.W_V_per_query.shape == arch.W_K_per_query.shape == (3, 4, 64, 16)
+    assert torch.equal(arch.W_V_per_query[1, 3], arch.W_V[1, arch.kv_of(3)])
+    torch.testing.assert_close(arch.OV(1, 3), arch.W_V[1, arch.kv_of(3)] @ arch.W_O[1, 3])
     assert facts["embed_scale"] == (8.0 if name.startswith("gemma") else 1.0)
     # every path names a module of the independent copy, and the norms' weights are the copy's
     for component in ("attn", "attn.o", "mlp"):
