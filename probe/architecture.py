@@ -327,7 +327,8 @@ class Architecture:
         ln2 = self.norm("ln2", layer)
         if self.block_kind == "parallel" and ln2 is None:
             ln2 = self.norm("ln1", layer)  # a shared input norm (GPT-J style)
-        out = self.mlp(layer)(ln2(h.to(ln2.weight.dtype)) if ln2 is not None else h)
+        h = h.to(self.model.dtype)  # the modules run in the model's dtype (bf16 models too)
+        out = self.mlp(layer)(ln2(h) if ln2 is not None else h)
         post = self.norm("ln2_post", layer)
         return (post(out) if post is not None else out).float()
 
@@ -431,12 +432,12 @@ def _read_norm(module: nn.Module, path: str) -> Norm:
     with torch.no_grad():
         effective = (module(ones.to(weight.dtype)).float() * math.sqrt(1.0 + eps))[0]
     stored = weight.detach().float()
-    offset = 0.0
-    for candidate in (0.0, 1.0):
-        if torch.allclose(effective, stored + candidate, atol=1e-3 * max(1.0, float(effective.abs().max()))):
-            offset = candidate
-            break
-    else:
+    # The two parametrisations differ by exactly 1 on every entry: pick the closer one, and accept it
+    # when its error is within the module dtype's rounding (bf16: ~0.4%) of the weight's scale.
+    errors = {candidate: float((effective - stored - candidate).abs().max()) for candidate in (0.0, 1.0)}
+    offset = min(errors, key=errors.get)
+    tolerance = (1e-3 + 4 * torch.finfo(weight.dtype).eps) * max(1.0, float(effective.abs().max()))
+    if errors[offset] > tolerance:
         raise ArchitectureError(f"{path} ({type(module).__name__}) is not a diagonal RMS norm with weight w or 1 + w.")
     return Norm("rms", (stored + offset).to(weight.dtype), None, eps, offset, path, module)
 

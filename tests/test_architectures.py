@@ -419,3 +419,18 @@ def test_factual_attribution_equals_removing_the_direct_path(family):
     worst = max(abs(factual.reference_direct_effect(model, prompt, head) - float(attribution.per_prompt[0, head.layer, head.head]))
                 for head in model.all_heads())
     assert record(name, "factual DLA", worst) <= ATOL
+
+
+@pytest.mark.parametrize("name", ["gemma3", "olmo2", "mixtral"])
+def test_bfloat16_models_read_and_run(name, root):
+    """bf16 rounding does not hide Gemma's 1 + w offset, and the layer's modules run in the model's dtype
+    (OLMo-2 has no pre-MLP norm to cast for it; MoE in bf16)."""
+    from analyses import successor
+
+    model = load_model(f"hf:{build_folder(name, root)}", device="cpu", dtype="bfloat16")
+    arch = architecture(model)
+    assert arch.final_norm.offset == (1.0 if name.startswith("gemma") else 0.0)
+    e = successor.effective_embeddings(model, [5, 6], include_residual=True, include_attn0=True)
+    assert e.dtype == torch.float32 and torch.isfinite(e).all()
+    config = successor.SuccessorConfig(number_max=20, run_probe=False, run_arithmetic=False, run_causal=False)
+    assert successor.run(model, config).scores.scores.shape == (3, 4)
