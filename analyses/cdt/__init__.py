@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from analyses.cdt import circuits, tasks
+from analyses.cdt import circuits, rules, tasks
 from analyses.cdt.arch import CDTError, UnsupportedArchitectureError
 from analyses.cdt.circuits import Circuit
 from analyses.cdt.engine import Engine, RuleOptions
@@ -51,6 +51,7 @@ class CDTConfig:
     attention_rule: str = "paper"
     product_rule: str = "relevant_only"
     stabilise: bool = True
+    ln_bias_rule: str = "input"  # LayerNorm bias split: input (reference code) | normalised
     dtype: str = "float32"
     random_draws: int = 10
     curve_every: int = 1  # faithfulness at sizes k, 2k, … (and the full circuit)
@@ -102,6 +103,8 @@ def _check(config: CDTConfig) -> None:
         raise CDTError(f"Unknown target_mode {config.target_mode!r}; choose one of {', '.join(TARGET_MODES)}.")
     if config.per_iteration < 1 or config.max_heads < 1 or config.curve_every < 1:
         raise CDTError("per_iteration, max_heads and curve_every must be at least 1.")
+    if config.ln_bias_rule not in rules.LN_BIAS_SPLITS:
+        raise CDTError(f"Unknown ln_bias_rule {config.ln_bias_rule!r}; choose one of {', '.join(rules.LN_BIAS_SPLITS)}.")
 
 
 def _batches(model, config: CDTConfig, evaluation: bool) -> list[tasks.LogitDiffBatch]:
@@ -131,7 +134,8 @@ def run(model, config: CDTConfig = CDTConfig(), progress: Progress | None = None
     """Sweep, search, evaluate (and optionally the path-patching baseline); see the module docstring."""
     _check(config)
     say = progress or no_progress
-    engine = Engine(model, config.dtype, RuleOptions(config.attention_rule, config.product_rule, config.stabilise))
+    engine = Engine(model, config.dtype, RuleOptions(config.attention_rule, config.product_rule, config.stabilise,
+                                                     config.ln_bias_rule))
     say(0.0, "building the task")
     discovery = _batches(model, config, evaluation=False)
     evaluation = _batches(model, config, evaluation=True)

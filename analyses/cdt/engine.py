@@ -42,11 +42,14 @@ class RuleOptions:
     attention: `paper` (β pattern from βq, βk) or `value_only` (pattern held at the true one).
     product: gated-MLP product rule, `relevant_only` | `symmetric` | `irrelevant_first` (rules.product).
     stabilise: the paper's sign stabiliser after the MLP projections and the MLP residual add.
+    ln_bias: LayerNorm bias split, `input` (the reference code: by |β|, |γ| of the norm's input) or
+    `normalised` (by the normalised parts); RMSNorm has no bias, so it never matters there.
     """
 
     attention: str = "paper"
     product: str = "relevant_only"
     stabilise: bool = True
+    ln_bias: str = "input"
 
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -99,7 +102,7 @@ class Engine:
         """ln1 → q/k/v (→ q/k norms → rotary) → attention → z hook → W_O (→ post-attn norm)."""
         lw: LayerWeights = self.w.layers[index]
         length = resid[0].shape[1]
-        x = rules.norm(resid, lw.ln1)
+        x = rules.norm(resid, lw.ln1, self.options.ln_bias)
         q = rules.linear_heads(x, lw.W_Q, lw.b_Q)
         k = rules.linear_heads(x, lw.W_K, lw.b_K)
         v = rules.linear_heads(x, lw.W_V, lw.b_V)
@@ -109,8 +112,8 @@ class Engine:
             record.update({f"blocks.{index}.ln1.hook_out": x, f"blocks.{index}.attn.hook_q": q,
                            f"blocks.{index}.attn.hook_k": k, f"blocks.{index}.attn.hook_v": v})
         if lw.q_norm is not None:
-            q = rules.norm(q, lw.q_norm)
-            k = rules.norm(k, lw.k_norm)  # type: ignore[arg-type]
+            q = rules.norm(q, lw.q_norm, self.options.ln_bias)
+            k = rules.norm(k, lw.k_norm, self.options.ln_bias)  # type: ignore[arg-type]
         if lw.rope_kind is not None:
             cos, sin = self.w.rope(lw.rope_kind, length)
             q = rules.rotate(q, cos, sin)
@@ -128,7 +131,7 @@ class Engine:
         out = (torch.einsum("bthd,hdm->btm", z[0], lw.W_O), torch.einsum("bthd,hdm->btm", z[1], lw.W_O))
         out = rules.split_bias(out[0], out[1], lw.b_O)
         if lw.post_attn_norm is not None:
-            out = rules.norm(out, lw.post_attn_norm)
+            out = rules.norm(out, lw.post_attn_norm, self.options.ln_bias)
         if record is not None:
             record[f"blocks.{index}.hook_attn_out"] = out
         return out
@@ -137,7 +140,7 @@ class Engine:
         """ln2 → W_in (and W_gate) → activation (→ product) → W_out (→ post-FF norm), stabilised."""
         lw = self.w.layers[index]
         stab = rules.stabilise if self.options.stabilise else (lambda p: p)
-        x = rules.norm(resid, lw.ln2)
+        x = rules.norm(resid, lw.ln2, self.options.ln_bias)
         up = stab(rules.linear(x, lw.W_in, lw.b_in))
         if lw.W_gate is not None:
             gate = stab(rules.linear(x, lw.W_gate, lw.b_gate))
@@ -148,7 +151,7 @@ class Engine:
             pre = up
         out = stab(rules.linear(hidden, lw.W_out, lw.b_out))
         if lw.post_mlp_norm is not None:
-            out = rules.norm(out, lw.post_mlp_norm)
+            out = rules.norm(out, lw.post_mlp_norm, self.options.ln_bias)
         if record is not None:
             record.update({f"blocks.{index}.ln2.hook_out": x, f"blocks.{index}.mlp.hook_pre": pre,
                            f"blocks.{index}.mlp.hook_post": hidden, f"blocks.{index}.hook_mlp_out": out})
@@ -172,7 +175,7 @@ class Engine:
         return post
 
     def final_norm(self, resid: Pair, record: dict | None = None) -> Pair:
-        out = rules.norm(resid, self.w.ln_final)
+        out = rules.norm(resid, self.w.ln_final, self.options.ln_bias)
         if record is not None:
             record["ln_final.hook_out"] = out
         return out

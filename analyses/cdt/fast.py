@@ -10,7 +10,7 @@ totals are computed once per prompt batch (P rows) and broadcast. Per rule:
 | linear (no bias) | βW (no γ needed) |
 | linear with bias | βW + b·|βW| / (|βW| + |tW − βW| + tol) |
 | RMSNorm | β·w / rms(total) |
-| LayerNorm | (β − mean β)·w / σ(total) + bias share as for linear |
+| LayerNorm | (β − mean β)·w / σ(total) + b·|β| / (|β| + |t − β| + tol) (input parts; `ln_bias="normalised"`: as for linear) |
 | rotary | rotation of β |
 | attention (`paper`) | softmax(mask(βq βkᵀ·s)) βv ; (`value_only`) P βv with P the clean pattern |
 | activation | act(t) − act(t − β) |
@@ -56,11 +56,37 @@ def _norm_total(total: Tensor, spec: Norm) -> tuple[Tensor, Tensor]:
     return (total - total.mean(-1, keepdim=True)) * inv * spec.weight, inv
 
 
-def _norm_beta(beta: Tensor, normed_no_bias: Tensor, inv: Tensor, spec: Norm) -> Tensor:
+def _norm_beta(beta: Tensor, normed_no_bias: Tensor, inv: Tensor, spec: Norm, total_in: Tensor,
+               ln_bias: str = "input") -> Tensor:
+    """β after a norm; LayerNorm bias split by |β|, |total_in − β| (`input`) or the normalised parts."""
     if spec.kind == "rms":
         return beta * inv * spec.weight
     beta_n = (beta - beta.mean(-1, keepdim=True)) * inv * spec.weight
-    return _share(beta_n, normed_no_bias, spec.bias)
+    if spec.bias is None or ln_bias == "normalised":
+        return _share(beta_n, normed_no_bias, spec.bias)
+    if ln_bias != "input":
+        raise ValueError(f"unknown LayerNorm bias split {ln_bias!r}; choose one of {rules.LN_BIAS_SPLITS}")
+    gamma = total_in - beta
+    return beta_n + spec.bias * beta.abs() / (beta.abs() + gamma.abs() + rules.TOL)
+
+
+def _activation_beta(beta: Tensor, total: Tensor, act: Callable[[Tensor], Tensor],
+                     act_total: Tensor | None = None) -> Tensor:
+    """β after an elementwise activation, irrelevant part first: act(t) − act(t − β)."""
+    return (act(total) if act_total is None else act_total) - act(total - beta)
+
+
+def _attention_beta(q_b: Tensor, k_b: Tensor, v_b: Tensor, pattern: Tensor, scale: float,
+                    visible: Tensor, rule: str) -> Tensor:
+    """β of z from β of q and of k, v (already expanded to query heads) and the clean pattern."""
+    if rule == "paper":
+        neg = torch.finfo(q_b.dtype).min
+        scores = torch.einsum("...qhd,...khd->...hqk", q_b, k_b) * scale
+        beta_pattern = torch.softmax(scores.masked_fill(~visible, neg), dim=-1)
+        return torch.einsum("...hqk,...khd->...qhd", beta_pattern, v_b)
+    if rule == "value_only":
+        return torch.einsum("...hqk,...khd->...qhd", pattern, v_b)
+    raise ValueError(f"unknown attention rule {rule!r}")
 
 
 def _stabilise(beta: Tensor, total: Tensor) -> Tensor:
@@ -129,7 +155,7 @@ class BetaPass:
               spec: Norm) -> tuple[Tensor | None, Tensor]:
         normed, inv = self._total(index, name + ".nb", lambda: _norm_total(total_in, spec))  # type: ignore[arg-type,return-value]
         total = self._total(index, name, lambda: normed if spec.bias is None else normed + spec.bias)
-        return (None if beta is None else _norm_beta(beta, normed, inv, spec)), total
+        return (None if beta is None else _norm_beta(beta, normed, inv, spec, total_in, self.options.ln_bias)), total
 
     def _stab(self, beta: Tensor | None, total: Tensor) -> Tensor | None:
         if beta is None or not self.options.stabilise:
@@ -166,14 +192,8 @@ class BetaPass:
         z_t = self._total(index, "z", lambda: torch.einsum("...hqk,...khd->...qhd", pattern, self._expand(v_t)))
         z_b = None
         if q_b is not None:
-            if self.options.attention == "paper":
-                scores = torch.einsum("...qhd,...khd->...hqk", q_b, self._expand(k_b)) * lw.attn_scale
-                beta_pattern = torch.softmax(scores.masked_fill(~visible, neg), dim=-1)
-                z_b = torch.einsum("...hqk,...khd->...qhd", beta_pattern, self._expand(v_b))
-            elif self.options.attention == "value_only":
-                z_b = torch.einsum("...hqk,...khd->...qhd", pattern, self._expand(v_b))
-            else:
-                raise ValueError(f"unknown attention rule {self.options.attention!r}")
+            z_b = _attention_beta(q_b, self._expand(k_b), self._expand(v_b), pattern, lw.attn_scale, visible,  # type: ignore[arg-type]
+                                  self.options.attention)
         if hooks is not None:
             z_b = hooks.on_z(index, z_b, z_t)
         out_no_bias = self._total(index, "attn.nb", lambda: torch.einsum("...thd,hdm->...tm", z_t, lw.W_O))
@@ -193,12 +213,12 @@ class BetaPass:
             gate_b, gate_t = self._linear(index, "gate" + tag, x_b, x_t, lw.W_gate, lw.b_gate)
             gate_b = self._stab(gate_b, gate_t)
             act_t = self._total(index, "act" + tag, lambda: lw.act(gate_t))
-            act_b = None if gate_b is None else act_t - lw.act(gate_t - gate_b)
+            act_b = None if gate_b is None else _activation_beta(gate_b, gate_t, lw.act, act_t)
             hidden_t = self._total(index, "hidden" + tag, lambda: act_t * up_t)
             hidden_b = None if act_b is None else _product(act_b, act_t, up_b, up_t, self.options.product)  # type: ignore[arg-type]
         else:
             hidden_t = self._total(index, "hidden" + tag, lambda: lw.act(up_t))
-            hidden_b = None if up_b is None else hidden_t - lw.act(up_t - up_b)
+            hidden_b = None if up_b is None else _activation_beta(up_b, up_t, lw.act, hidden_t)
         out_b, out_t = self._linear(index, "down" + tag, hidden_b, hidden_t, lw.W_out, lw.b_out)
         out_b = self._stab(out_b, out_t)
         if lw.post_mlp_norm is not None:
@@ -237,7 +257,7 @@ class BetaPass:
         """β of logit(good) − logit(bad) at the last position, `[S, P]`."""
         total = self.final_total[..., -1, :]
         normed, inv = _norm_total(total, self.w.ln_final)
-        nb = _norm_beta(beta[..., -1, :], normed, inv, self.w.ln_final)  # [S, P, d]
+        nb = _norm_beta(beta[..., -1, :], normed, inv, self.w.ln_final, total, self.options.ln_bias)  # [S, P, d]
         columns = torch.stack([good, bad], dim=1).to(self.engine.device)  # [P, 2]
         W = self.w.W_U[:, columns].to(self.engine.dtype)  # [d, P, 2]
         total_n = normed if self.w.ln_final.bias is None else normed + self.w.ln_final.bias
@@ -249,7 +269,7 @@ class BetaPass:
         if self.w.logit_softcap:
             cap = self.w.logit_softcap
             soft = lambda x: torch.tanh(x / cap) * cap  # noqa: E731
-            lb = soft(lt) - soft(lt - lb)
+            lb = _activation_beta(lb, lt, soft)
         return lb[..., 0] - lb[..., 1]
 
 

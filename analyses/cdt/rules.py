@@ -44,13 +44,20 @@ def linear_heads(pair: Pair, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return split_bias(y_beta, y_gamma, bias)
 
 
-def norm(pair: Pair, spec: Norm) -> Pair:
+LN_BIAS_SPLITS = ("input", "normalised")  # LayerNorm bias split: by |β|, |γ| of the input (reference) or of the output
+
+
+def norm(pair: Pair, spec: Norm, ln_bias: str = "input") -> Pair:
     """LayerNorm / RMSNorm with the scale taken from the *total* (shared denominator).
 
     RMSNorm: β' = β·w / rms(β+γ), γ' = γ·w / rms(β+γ): exact, no bias. LayerNorm: centring is
-    linear (each part centred on its own mean), the shared 1/σ(β+γ) scales both, and the bias is
-    split by the magnitudes of the two normalised parts.
+    linear (each part centred on its own mean), the shared 1/σ(β+γ) scales both, and the bias b is
+    split per unit by magnitudes: `ln_bias="input"` (default, the reference code's
+    `prop_layer_norm`): β gets b·|β|/(|β|+|γ|+tol) of the *input* parts; `"normalised"`: by the
+    normalised parts (the rule used before). Either way γ takes the rest of b, so β' + γ' is exact.
     """
+    if ln_bias not in LN_BIAS_SPLITS:
+        raise ValueError(f"unknown LayerNorm bias split {ln_bias!r}; choose one of {LN_BIAS_SPLITS}")
     beta, gamma = pair
     total = beta + gamma
     if spec.kind == "rms":
@@ -59,7 +66,10 @@ def norm(pair: Pair, spec: Norm) -> Pair:
     inv = torch.rsqrt(total.var(-1, keepdim=True, unbiased=False) + spec.eps)
     beta_n = (beta - beta.mean(-1, keepdim=True)) * inv * spec.weight
     gamma_n = (gamma - gamma.mean(-1, keepdim=True)) * inv * spec.weight
-    return split_bias(beta_n, gamma_n, spec.bias)
+    if spec.bias is None or ln_bias == "normalised":
+        return split_bias(beta_n, gamma_n, spec.bias)
+    share = spec.bias * beta.abs() / (beta.abs() + gamma.abs() + TOL)
+    return beta_n + share, gamma_n + (spec.bias - share)
 
 
 def activation(pair: Pair, act: Callable[[torch.Tensor], torch.Tensor]) -> Pair:
