@@ -442,10 +442,13 @@ def _read_norm(module: nn.Module, path: str) -> Norm:
     return Norm("rms", (stored + offset).to(weight.dtype), None, eps, offset, path, module)
 
 
-def architecture(model: Any) -> Architecture:
-    """The `Architecture` of a loaded model, built once and kept with it (`model.extra`)."""
+def architecture(model: Any, refresh: bool = False) -> Architecture:
+    """The `Architecture` of a loaded model, built once and kept with it (`model.extra`).
+
+    The stacked weights are read on first use and kept: after changing a model's weights in place
+    (training), pass `refresh=True`."""
     cached = model.extra.get("_architecture")
-    if cached is None or cached.model is not model:
+    if refresh or cached is None or cached.model is not model:
         cached = Architecture(model)
         model.extra["_architecture"] = cached
     return cached

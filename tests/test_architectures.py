@@ -187,6 +187,8 @@ def test_architecture_facts(family):
     name, model, copy = family
     arch = architecture(model)
     assert architecture(model) is arch  # cached per model
+    assert architecture(model, refresh=True) is not arch
+    arch = architecture(model)
     facts = arch.summary()
     got = (facts["block"], facts["norm"], facts["placement"], facts["qk_norm"], facts["gemma_offset"],
            facts["rotary_dims"], facts["mlp"], facts["qkv_fused"])
