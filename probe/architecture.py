@@ -17,9 +17,11 @@ and adds what the bridge lacks:
   few tokens (never the full vocabulary), and each component's Hugging Face module path, so a
   test can find the same module in an independently loaded copy.
 
-Every call on a module reads the Hugging Face original under the bridge's wrapper: no hook that a
-caller attached to the bridge fires inside a weight-only computation. A component the family
-does not have, that an analyzer asks for, raises `MissingComponentError` naming it.
+Modules are the Hugging Face originals under the bridge's wrappers: norms and the embedding run
+without any bridge hook. An MLP's inner projections are the bridge's linear components (the bridge
+swaps them into the HF module), so hooks on `blocks.{l}.mlp.*` fire inside `mlp(layer)(x)`: call it
+holding `model.lock`, as a forward does. A component the family does not have, that an analyzer asks
+for, raises `MissingComponentError` naming it.
 """
 
 from __future__ import annotations
