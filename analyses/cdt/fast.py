@@ -10,7 +10,7 @@ totals are computed once per prompt batch (P rows) and broadcast. Per rule:
 | linear (no bias) | βW (no γ needed) |
 | linear with bias | βW + b·|βW| / (|βW| + |tW − βW| + tol) |
 | RMSNorm | β·w / rms(total) |
-| LayerNorm | (β − mean β)·w / σ(total) + b·|β| / (|β| + |t − β| + tol) (input parts; `ln_bias="normalised"`: as for linear) |
+| LayerNorm | (β − mean β)·w / σ(total) + b·|β| / (|β| + |t − β| + tol) (`ln_bias="normalised"`: as linear) |
 | rotary | rotation of β |
 | attention (`paper`) | softmax(mask(βq βkᵀ·s)) βv ; (`value_only`) P βv with P the clean pattern |
 | activation | act(t) − act(t − β) |
@@ -192,8 +192,8 @@ class BetaPass:
         z_t = self._total(index, "z", lambda: torch.einsum("...hqk,...khd->...qhd", pattern, self._expand(v_t)))
         z_b = None
         if q_b is not None:
-            z_b = _attention_beta(q_b, self._expand(k_b), self._expand(v_b), pattern, lw.attn_scale, visible,  # type: ignore[arg-type]
-                                  self.options.attention)
+            k_b, v_b = self._expand(k_b), self._expand(v_b)  # type: ignore[arg-type]
+            z_b = _attention_beta(q_b, k_b, v_b, pattern, lw.attn_scale, visible, self.options.attention)
         if hooks is not None:
             z_b = hooks.on_z(index, z_b, z_t)
         out_no_bias = self._total(index, "attn.nb", lambda: torch.einsum("...thd,hdm->...tm", z_t, lw.W_O))

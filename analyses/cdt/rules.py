@@ -44,7 +44,8 @@ def linear_heads(pair: Pair, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return split_bias(y_beta, y_gamma, bias)
 
 
-LN_BIAS_SPLITS = ("input", "normalised")  # LayerNorm bias split: by |β|, |γ| of the input (reference) or of the output
+# LayerNorm bias split: by |β|, |γ| of the norm's input (the reference code) or of its normalised output
+LN_BIAS_SPLITS = ("input", "normalised")
 
 
 def norm(pair: Pair, spec: Norm, ln_bias: str = "input") -> Pair:
