@@ -33,6 +33,7 @@ from probe.heads import Head
 from probe.interventions import intervene, streaming_attention, streaming_mask
 from probe.models import LoadedModel
 from probe.results import HeadScores, Provenance, ResultCache, to_jsonable
+from probe.runtime import release_free_memory
 
 ANALYZER = "duo"
 VERSION = "1"
@@ -200,12 +201,22 @@ def train_gates(model: LoadedModel, config: DuoConfig, progress: Progress = no_p
     for step in range(config.steps):
         index = step % len(samples)
         sample, teacher = samples[index], teachers[index]
-        student = final_states(model, sample.ids, gate_hooks(model, gates, config.sink, config.recent))
-        distill = (student[sample.loss_positions] - teacher).pow(2).mean(-1).mean()
-        loss = distill + config.reg_weight * gates.clamp(0, 1).abs().mean()
+        captured: dict[str, torch.Tensor] = {}
+
+        def grab(value: torch.Tensor, hook: Any) -> torch.Tensor:
+            captured["h"] = value
+            return value
+
         optimiser.zero_grad()
-        loss.backward()
+        hooks = gate_hooks(model, gates, config.sink, config.recent) + [("ln_final.hook_normalized", grab)]
+        with model.recompute_layers_in_backward(), model.hooks(hooks) as bridge:
+            bridge(sample.ids, use_cache=False)
+            student = captured.pop("h")[0]
+            distill = (student[sample.loss_positions] - teacher).pow(2).mean(-1).mean()
+            loss = distill + config.reg_weight * gates.clamp(0, 1).abs().mean()
+            loss.backward()  # the gate hooks stay attached: the layers are recomputed here
         optimiser.step()
+        release_free_memory()
         scheduler.step()
         with torch.no_grad():
             gates.clamp_(0, 1)

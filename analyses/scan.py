@@ -26,6 +26,7 @@ from probe.assets import probe_home
 from probe.errors import ProbeError
 from probe.files import CorruptHandler, corrupt_message, read_json_or_set_aside
 from probe.models import LoadedModel, facts
+from probe.runtime import release_free_memory
 from probe.results import ResultCache, stable_hash, to_jsonable, write_json_atomic
 
 SCHEMA = "probe.scan/1"
@@ -220,6 +221,8 @@ def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: Sca
         write_json_atomic(path, record)
         np.savez(out / "arrays" / f"{entry.name}.npz", scores=result.scores.scores.double().numpy())
         records[entry.name] = record
+        del result
+        release_free_memory()  # the next analysis starts from an unfragmented heap
         emit("done", entry.name, {"seconds": record["seconds"]})
     with scan_lock(out):
         document = _gather(model, entries, settings, out, records, errors, emit)

@@ -240,6 +240,27 @@ class LoadedModel:
             return self.bridge.run_with_hooks(ids, fwd_hooks=list(fwd_hooks), **kwargs)
 
     @contextlib.contextmanager
+    def recompute_layers_in_backward(self) -> Iterator[None]:
+        """Inside the block, a forward with autograd keeps only each decoder layer's input and the
+        backward recomputes the layer (Hugging Face's gradient checkpointing, non-reentrant so that
+        parameters outside the model, such as Duo's gates, still get their gradients). Hooks must
+        stay attached until the backward ends: the recomputation runs them again. Memory then grows
+        with one layer's activations instead of all of them (Duo's quick training: 7.0 GB peak before)."""
+        hf = self.hf_model
+        if not getattr(hf, "supports_gradient_checkpointing", False):
+            yield  # nothing to save on this family: plain autograd
+            return
+        was_training = hf.training
+        with self.lock:
+            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            hf.train()  # HF recomputes only in training mode; the weights stay frozen
+            try:
+                yield
+            finally:
+                hf.gradient_checkpointing_disable()
+                hf.train(was_training)
+
+    @contextlib.contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[Any, Callable[..., Any]]] = (), **kwargs: Any) -> Iterator[Any]:
         """Attach `fwd_hooks` for the block, holding the lock for all of it (other threads wait);
         yields the bridge."""

@@ -12,6 +12,8 @@ thread's torch threads to the cores they leave free (at least 1).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import threading
 import time
@@ -113,6 +115,26 @@ class AdaptiveThreads:
         return self.threads
 
 
+def release_free_memory() -> bool:
+    """Give the heap's free pages back to the system (glibc `malloc_trim`); False where unavailable.
+
+    Long loops of large, differently sized tensors (Duo's training steps) leave glibc's heap
+    fragmented: measured on SmolLM2, the resident set rose from 1.2 GB to 2.9 GB over two gate steps
+    with ~1.2 GB in use; trimming after each step kept it at 1.2 GB between steps, at no measurable
+    cost (95 s vs 98 s for five steps). A fixed mmap threshold would bound it too, but made the
+    same steps 50 % slower (page faults on every fresh large tensor).
+    """
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _libc = False
+    return bool(_libc) and bool(_libc.malloc_trim(0))
+
+
+_libc: ctypes.CDLL | bool | None = None
 _adaptive: AdaptiveThreads | None = None
 _hook_handle = None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -83,3 +85,39 @@ def test_learned_streaming_choice_distorts_smollm2_less_than_random_choices(smol
                       for _ in range(3)]
     print(f"final-state MSE: learned choice {learned:.5f}, random choices {random_choices}")
     assert learned < min(random_choices), (learned, random_choices)
+
+
+def test_recomputing_layers_in_backward_gives_the_same_gate_gradients(tiny_gqa):
+    """Duo trains through every layer's attention; recomputing each layer in the backward (the
+    memory bound) must give exactly the gradients of plain autograd, and must really recompute
+    (the hooks fire again in the backward) or it saves nothing."""
+    model = tiny_gqa
+    ids = torch.randint(4, model.d_vocab, (1, 40), generator=torch.Generator().manual_seed(0))
+
+    def gate_gradient(recompute: bool) -> tuple[torch.Tensor, int]:
+        gates = torch.nn.Parameter(torch.full((model.n_layers, model.n_kv_heads), 0.5))
+        calls = {"n": 0}
+        captured = {}
+
+        def count(value, hook):
+            calls["n"] += 1
+            return value
+
+        def grab(value, hook):
+            captured["h"] = value
+            return value
+
+        hooks = duo.gate_hooks(model, gates, sink=2, recent=4) + [("blocks.0.attn.hook_pattern", count),
+                                                                  ("ln_final.hook_normalized", grab)]
+        context = model.recompute_layers_in_backward() if recompute else contextlib.nullcontext()
+        with context, model.hooks(hooks) as bridge:
+            bridge(ids, use_cache=False)
+            captured["h"][0, -8:].pow(2).sum().backward()
+        return gates.grad.clone(), calls["n"]
+
+    plain, plain_calls = gate_gradient(False)
+    recomputed, recomputed_calls = gate_gradient(True)
+    assert plain.abs().max() > 1e-4
+    torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
+    assert (plain_calls, recomputed_calls) == (1, 2)
+    assert not model.hf_model.training
