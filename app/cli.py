@@ -26,7 +26,7 @@ from probe.errors import InterventionError, ProbeError
 from probe.heads import parse_heads
 from probe.interventions import Intervention, ablation, head_means, reference_prompts, scale
 from probe.models import DEFAULT_MODEL, LoadedModel, load_model, spec_summary
-from probe.runtime import set_threads
+from probe.runtime import adaptive_policy, set_threads
 
 console = Console(stderr=True)
 _SCALE = re.compile(r"^(?P<heads>[^:]+):(?P<what>q|query|v|value|o|output)=(?P<factor>-?[0-9.eE+-]+)$")
@@ -260,6 +260,11 @@ def cmd_scan(args: argparse.Namespace) -> int:
         top = ", ".join(f"{h} ({s:.3g})" for h, s in record["top_heads"][:3])
         console.print(f"{name:10s} {record['seconds']:7.1f} s   top: {top}")
     console.print(f"report: {html_path.resolve()}\n        {md_path.resolve()}\n        {(out / 'results.json').resolve()}")
+    policy = adaptive_policy()
+    if policy is not None:
+        moves = ", ".join(f"{threads} after {at - policy.started:.0f} s (others used {others:.1f} cores)"
+                          for at, threads, others in policy.changes)
+        console.print(f"[dim]threads (automatic): {moves or 'unchanged'}[/dim]")
     return 1 if any(entry.name in document["errors"] for entry in entries) else 0  # this scan's failures
 
 

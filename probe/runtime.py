@@ -68,6 +68,7 @@ class AdaptiveThreads:
     threads: int = 0
     others: float = 0.0
     changes: list[tuple[float, int, float]] = field(default_factory=list)  # (time, threads, others)
+    started: float = 0.0  # clock time of start()
     _last: tuple[float, float, float] | None = None
     _guard: threading.Lock = field(default_factory=threading.Lock)
 
@@ -104,6 +105,7 @@ class AdaptiveThreads:
         """First decision from a short sample of the machine before the job starts working
         (all cores where /proc/stat cannot be read)."""
         self.threads = self.cores
+        self.started = self.clock()
         first = self.sample()
         if first is not None:
             time.sleep(settle)

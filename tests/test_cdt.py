@@ -18,16 +18,6 @@ from analyses.planted import induction_batch
 from analyses.planted import induction_model as planted_induction_model
 from probe.heads import Head
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One intra-op thread for these tests, restored after each: on the shared 2-core machine two
-    threads under contention made the small CD-T passes 10-40x slower (planted test 15.8 s vs 0.15 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def planted():
     """The planted previous-token → induction model (built once: ~2 s)."""

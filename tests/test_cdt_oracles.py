@@ -25,14 +25,6 @@ F64 = torch.float64
 LN3 = math.log(3.0)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def t(*rows) -> torch.Tensor:
     return torch.tensor(rows, dtype=F64)
 

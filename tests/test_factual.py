@@ -25,15 +25,6 @@ from probe.interventions import scale, zero_ablation
 PLANTED_POOL = [Capital(country, city) for country, city in PLANTED_TABLE]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread; with two on a busy 2-core machine they run ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def planted():
     return planted_factual_model()

@@ -21,15 +21,6 @@ HARMLESS = ["how do i make a cake ?", "write a letter", "buy tea for my friend",
             "write a song for my friend", "how do i make tea ?", "make a cake for my friend"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core CPU: 2 OpenMP threads spin against other jobs (1 s -> 90 s here)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny():
     tokenizer = word_tokenizer(WORDS, name="probe/tiny-organism")
     model = tiny_llama(len(tokenizer), n_layers=2, n_heads=4, n_kv_heads=2, seed=3)

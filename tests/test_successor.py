@@ -19,15 +19,6 @@ from probe.tiny import tiny_llama, word_tokenizer
 FAST = successor.SuccessorConfig(run_probe=False, run_arithmetic=False, run_causal=False)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small matrices: on the shared 2-core machine two threads are up to 10x slower than one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def planted():
     return _planted_model()
