@@ -4,8 +4,10 @@ Usage: python bench/bench_memory.py [--model smollm2-135m] [--threads 1] [--anal
 
 For every analysis a fresh child process loads the model, records its resident set after the load,
 runs the analyzer's preset (never from a cache) and reports its peak resident set (`ru_maxrss`).
-The peak of the whole quick scan is the largest of these, since a scan runs them one after the
-other in one process and frees each result's tensors. Writes bench/results/memory.json.
+A scan runs them one after the other in one process and trims the heap between them, so its peak
+is close to the largest of these (the scan's own peak is measured with `/usr/bin/time -v probe scan
+...`, see README). Writes bench/results/memory.json; `--analyses a,b` re-measures those rows only
+(each row names the commit it ran on).
 """
 
 from __future__ import annotations
@@ -51,6 +53,13 @@ def child(model_spec: str, analysis: str, preset: str, threads: int) -> None:
                       "peak_rss_mib": round(peak, 1), "run_s": round(seconds, 1)}))
 
 
+def _commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                           text=True, cwd=ROOT).stdout.strip()
+    return done.stdout.strip() + ("+changes" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -75,13 +84,22 @@ def main() -> None:
         if done.returncode != 0:
             raise SystemExit(f"{name} failed: {done.stderr.strip().splitlines()[-1:]}")
         row = json.loads(done.stdout.strip().splitlines()[-1])
+        row["commit"] = _commit()
+        row["measured"] = time.strftime("%Y-%m-%d %H:%M")
         print(f"{name:>10}: peak {row['peak_rss_mib']:8.1f} MiB (after load {row['rss_after_load_mib']:.1f}), "
               f"{row['run_s']:.1f} s", flush=True)
         rows.append(row)
+    out = Path(args.out)
+    kept = []
+    if out.exists() and args.analyses != "all":  # a partial run replaces only its own rows
+        previous = json.loads(out.read_text())
+        if (previous.get("model"), previous.get("preset")) == (args.model, args.preset):
+            kept = [r for r in previous.get("rows", []) if r["analysis"] not in names]
+    rows = sorted(kept + rows, key=lambda r: list(ANALYZERS).index(r["analysis"]))
     result = {"model": args.model, "preset": args.preset, "threads": args.threads,
               "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "scan_peak_rss_mib": max(r["peak_rss_mib"] for r in rows), "rows": rows}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+              "largest_peak_rss_mib": max(r["peak_rss_mib"] for r in rows), "rows": rows}
+    out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
