@@ -251,13 +251,23 @@ class LoadedModel:
             yield  # nothing to save on this family: plain autograd
             return
         was_training = hf.training
+        # transformers 5 renamed gradient_checkpointing_* to activation_checkpointing_* (old names warn)
+        non_reentrant = {"use_reentrant": False}
+        if hasattr(hf, "activation_checkpointing_enable"):
+            def enable() -> None:
+                hf.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+            disable = hf.activation_checkpointing_disable
+        else:
+            def enable() -> None:
+                hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+            disable = hf.gradient_checkpointing_disable
         with self.lock:
-            hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable()
             hf.train()  # HF recomputes only in training mode; the weights stay frozen
             try:
                 yield
             finally:
-                hf.gradient_checkpointing_disable()
+                disable()
                 hf.train(was_training)
 
     @contextlib.contextmanager
