@@ -48,7 +48,7 @@ from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
 from analyses.data.strongreject import harmful_split, harmless_split
 from probe import assets
 from probe.errors import ProbeError
-from probe.runtime import set_threads
+from probe.runtime import poll, set_threads
 from probe.models import SPECS, LoadedModel, register_spec, wrap_hf_model
 from probe.results import stable_hash, write_json_atomic
 
@@ -307,6 +307,7 @@ def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
     harmless_rows = torch.tensor([False] * config.harmful_per_batch + [True] * config.harmless_per_batch)
     try:
         for step in range(config.steps):
+            poll()  # the automatic thread policy (a plain HF model: no LoadedModel forward polls it)
             started = time.perf_counter()
             batch = (draw("harmful", config.harmful_per_batch) + draw("borderline", n_edgy)
                      + draw("harmless", config.harmless_per_batch - n_edgy))

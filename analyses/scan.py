@@ -26,7 +26,7 @@ from probe.assets import probe_home
 from probe.errors import ProbeError
 from probe.files import CorruptHandler, corrupt_message, read_json_or_set_aside
 from probe.models import LoadedModel, facts
-from probe.runtime import release_free_memory
+from probe.runtime import poll, release_free_memory
 from probe.results import ResultCache, stable_hash, to_jsonable, write_json_atomic
 
 SCHEMA = "probe.scan/1"
@@ -209,8 +209,8 @@ def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: Sca
         try:
             result, record, _ = run_cached(
                 model, entry, config, settings.seed, force=settings.force,
-                progress=lambda fraction, message, name=entry.name: emit(
-                    "progress", name, {"fraction": fraction, "message": message}),
+                progress=lambda fraction, message, name=entry.name: (poll(), emit(
+                    "progress", name, {"fraction": fraction, "message": message})),
                 on_corrupt=_corrupt_event(emit, entry.name))
         except KeyboardInterrupt:
             raise

@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from probe import assets
 from probe.errors import ProbeError, PromptTooLongError, UnknownModelError
 from probe.heads import Head
+from probe.runtime import poll
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -350,7 +351,14 @@ def _serialise(model: LoadedModel) -> None:
     """
     bridge, hf = model.bridge, model.hf_model
     hf.__dict__.pop("forward", None)
-    hf.__dict__["forward"] = _holding(model, hf.forward)
+    locked_forward = _holding(model, hf.forward)
+
+    @functools.wraps(locked_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        poll()  # the automatic thread policy re-decides here, on the computing thread
+        return locked_forward(*args, **kwargs)
+
+    hf.__dict__["forward"] = forward
     for name in (*_LOCKED_BRIDGE_METHODS, *_OWNER_ONLY_BRIDGE_METHODS, "hooks"):
         bridge.__dict__.pop(name, None)
     for name in _LOCKED_BRIDGE_METHODS:

@@ -67,21 +67,24 @@ def test_a_machine_that_becomes_busy_mid_run_drops_to_one_thread_and_back():
     assert [threads for _, threads, _ in policy.changes] == [1, 2]
 
 
-def test_every_module_call_checks_in_automatic_mode(monkeypatch):
-    """Analyzers need not cooperate: the policy runs from a global module pre-hook, on the thread
-    that computes (torch's thread count is per calling thread under OpenMP)."""
+def test_every_forward_polls_in_automatic_mode(monkeypatch, tiny_gqa):
+    """Analyzers need not cooperate: every forward through a LoadedModel polls the policy, on the
+    thread that computes (torch's thread count is per calling thread under OpenMP)."""
     machine = FakeMachine()
     policy = machine.policy()
     monkeypatch.setattr(runtime, "AdaptiveThreads", lambda: policy)
     monkeypatch.setattr(runtime.time, "sleep", lambda seconds: machine.run(seconds, 0.0, 0.0))
     assert runtime.set_threads(0) == 2
-    layer = torch.nn.Linear(4, 4)
+    ids = tiny_gqa.encode("the capital of mary is")
     machine.run(3.0, own_cores=1.0, other_cores=1.0)
-    layer(torch.ones(1, 4))
+    tiny_gqa.logits(ids)
     assert torch.get_num_threads() == 1
-    runtime.set_threads(2)  # an explicit count switches the automatic policy off
     machine.run(3.0, own_cores=1.0, other_cores=0.0)
-    layer(torch.ones(1, 4))
+    tiny_gqa.hf_model(ids)  # a direct HF call polls too
+    assert torch.get_num_threads() == 2
+    runtime.set_threads(2)  # an explicit count switches the automatic policy off
+    machine.run(3.0, own_cores=1.0, other_cores=1.0)
+    tiny_gqa.logits(ids)
     assert runtime.adaptive_policy() is None and torch.get_num_threads() == 2
 
 
