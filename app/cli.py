@@ -26,7 +26,7 @@ from probe.errors import InterventionError, ProbeError
 from probe.heads import parse_heads
 from probe.interventions import Intervention, ablation, head_means, reference_prompts, scale
 from probe.models import DEFAULT_MODEL, LoadedModel, load_model, spec_summary
-from probe.runtime import adaptive_policy, set_threads
+from probe.runtime import MAX_THREADS_PER_CORE, adaptive_policy, set_threads
 
 console = Console(stderr=True)
 _SCALE = re.compile(r"^(?P<heads>[^:]+):(?P<what>q|query|v|value|o|output)=(?P<factor>-?[0-9.eE+-]+)$")
@@ -383,7 +383,7 @@ def int_in(low: int, high: int | None = None, what: str = "") -> Any:
     return parse
 
 
-MAX_THREADS = 4 * (os.cpu_count() or 1)
+MAX_THREADS = MAX_THREADS_PER_CORE * (os.cpu_count() or 1)  # the limit probe.runtime enforces
 THREADS = int_in(0, MAX_THREADS, f" (0 = choose; this machine has {os.cpu_count() or 1} cores)")
 
 
@@ -392,7 +392,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
     parser.add_argument("--threads", type=THREADS, default=0,
-                        help=f"torch CPU threads, up to {MAX_THREADS} (default 0: all cores if the machine is idle, else 1)")
+                        help=f"torch CPU threads, up to {MAX_THREADS} (default 0: automatic, re-decided while it runs from the CPU other processes use)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     organism.add_argument("kind", choices=["refusal"])
     organism.add_argument("--force", action="store_true", help="rebuild even if cached")
     organism.add_argument("--threads", type=THREADS, default=0,
-                          help=f"torch CPU threads, up to {MAX_THREADS} (default 0: all cores if the machine is idle, else 1)")
+                          help=f"torch CPU threads, up to {MAX_THREADS} (default 0: automatic, re-decided while it runs from the CPU other processes use)")
     organism.set_defaults(func=cmd_organism)
 
     report = sub.add_parser("report", help="rebuild report.html/report.md from a scan folder (no model needed)")
