@@ -11,8 +11,9 @@ GQA, random weights and random norm weights/biases):
 - the architecture layer's facts, and the successor / retrieval paths that read them, against the
   model's own modules (hooks, or the HF copy: a different path).
 
-The worst deviation of each check is recorded in `DEVIATIONS` and printed at the end of the module
-(`-s`), which is where docs/ARCHITECTURES.md's numbers come from.
+The worst deviation of each check is recorded in the shared matrix (tests/matrix.py) and printed at
+the end of the module (`-s`); with `PROBE_MATRIX_OUT=<file>` the cells are written there and
+tools/architectures_table.py turns them into docs/ARCHITECTURES.md's tables.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 import pytest
 import torch
 
-from families import FAMILIES, GQA, UNCOVERED, build_folder, load_hf_copy
+from families import FAMILIES, GQA, UNCOVERED, build_folder
+from matrix import format_cells, loaded_family, record, record_facts
 from probe.architecture import MissingComponentError, architecture
 from probe.heads import Head
 from probe.interventions import intervene, zero_ablation
@@ -34,12 +36,6 @@ TEXT = "the capital city of the country is a secret number 12 and the key to the
 ROWS = ("mary went to the store", "the capital of the country is a secret and the answer is 12",
         "a book")
 ATOL = 1e-4
-DEVIATIONS: dict[tuple[str, str], float] = {}
-
-
-def record(family: str, check: str, value: float) -> float:
-    DEVIATIONS[(family, check)] = max(DEVIATIONS.get((family, check), 0.0), float(value))
-    return float(value)
 
 
 @pytest.fixture(scope="module")
@@ -50,27 +46,15 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module", autouse=True)
 def _report() -> Any:
     yield
-    if DEVIATIONS:
-        checks = sorted({c for _, c in DEVIATIONS})
-        print("\nlargest deviation per family x check")
-        print("family      " + " ".join(f"{c:>12s}" for c in checks))
-        for family in ALL:
-            cells = [DEVIATIONS.get((family, c)) for c in checks]
-            print(f"{family:11s} " + " ".join(f"{'-' if v is None else f'{v:.1e}':>12s}" for v in cells))
-
-
-_LOADED: dict[str, tuple[LoadedModel, torch.nn.Module, Path]] = {}
+    print("\nlargest deviation (smallest effect) per family x check\n" + format_cells(ALL))
 
 
 @pytest.fixture(params=ALL)
 def family(request: pytest.FixtureRequest, root: Path) -> tuple[str, LoadedModel, torch.nn.Module]:
-    """(name, model loaded with `load_model("hf:<folder>")`, independent HF copy), once per family."""
-    name = request.param
-    if name not in _LOADED:
-        folder = build_folder(name, root)
-        _LOADED[name] = (load_model(f"hf:{folder}", device="cpu"), load_hf_copy(folder), folder)
-    model, copy, _ = _LOADED[name]
-    return name, model, copy
+    """(name, model loaded with `load_model("hf:<folder>")`, independent HF copy), once per process
+    (tests/matrix.py)."""
+    model, copy, _ = loaded_family(request.param, root)
+    return request.param, model, copy
 
 
 # ---- (a) the bridge runs the family as Hugging Face does -------------------------------------------
@@ -190,6 +174,7 @@ def test_architecture_facts(family):
     assert architecture(model, refresh=True) is not arch
     arch = architecture(model)
     facts = arch.summary()
+    record_facts(name, facts)
     got = (facts["block"], facts["norm"], facts["placement"], facts["qk_norm"], facts["gemma_offset"],
            facts["rotary_dims"], facts["mlp"], facts["qkv_fused"])
     assert got == EXPECTED_FACTS[name]
@@ -344,7 +329,7 @@ def test_retrieval_fast_path_equals_the_step_by_step_reference(family):
     assert len(fast.answer_ids) == 8 and fast.answer_ids == slow.answer_ids
     assert fast.argmax.shape == (3, 4, 8)
     mismatched = int((fast.argmax != slow.argmax).sum())
-    record(name, "retrieval argmax≠", mismatched)
+    record(name, "retrieval argmax≠", mismatched, tolerance=0)
     assert mismatched == 0
     assert torch.equal(fast.events, slow.events) and torch.equal(fast.unique, slow.unique)
 
@@ -370,7 +355,7 @@ def test_attention_geometry_from_the_layer_recomputes_the_models_pattern(family)
         k = cache[f"blocks.{layer}.attn.{k_name}"][0]
         rows = answer_rows(q, k, first, geometry[layer], model.group_size)
         worst = max(worst, float((rows - cache[f"blocks.{layer}.attn.hook_pattern"][0, :, first:]).abs().max()))
-    assert record(name, "attn rows", worst) <= 1e-5
+    assert record(name, "attn rows", worst, tolerance=1e-5) <= 1e-5
 
 
 # ---- a family the layer does not cover -------------------------------------------------------------
