@@ -276,16 +276,51 @@ def score_tasks(model: LoadedModel, task_set: TaskSet, config: SuccessorConfig,
 # ---- slow reference (the paper's algorithm, one head and one token at a time) -----------------
 
 @torch.no_grad()
+def reference_embeddings(model: LoadedModel, token_ids: Sequence[int], include_residual: bool = False,
+                         include_attn0: bool = False) -> torch.Tensor:
+    """e(t) `[n, d]` read off the model's own forward, not computed: every token alone as a one-token
+    context through the bridge, block 0's residual stream taken from its hook points.
+
+    MLP0's output is `resid_post - resid_pre - attn_out` of block 0 (attention 0's output zeroed
+    unless `include_attn0`; learned positions zeroed, e(t) has none). This shares nothing with
+    `effective_embeddings` but the weights, so a wrong norm, scale or block order there shows here."""
+    grabbed: dict[str, torch.Tensor] = {}
+
+    def grab(tensor: torch.Tensor, hook: Any) -> None:
+        grabbed[hook.name] = tensor[:, 0].detach().double().clone()
+
+    def zero(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+        return torch.zeros_like(tensor)
+
+    names = {key: model.bridge.hook_dict[key].name
+             for key in ("blocks.0.hook_resid_pre", "blocks.0.hook_attn_out", "blocks.0.hook_resid_post")}
+    hooks: list[tuple[str, Any]] = []
+    if _arch(model).has_learned_positions and "hook_pos_embed" in model.bridge.hook_dict:
+        hooks.append(("hook_pos_embed", zero))
+    if not include_attn0:
+        hooks.append(("blocks.0.hook_attn_out", zero))
+    hooks += [(key, grab) for key in names]
+    ids = torch.as_tensor(list(token_ids), dtype=torch.long, device=model.device)[:, None]
+    model.run_with_hooks(ids, fwd_hooks=hooks)
+    pre, attn, post = (grabbed[names[k]] for k in names)
+    mlp0 = post - pre - attn
+    return (mlp0 + pre + attn if include_residual else mlp0).float()
+
+
+@torch.no_grad()
 def reference_logits(model: LoadedModel, task: TokenTask, head: Head, token_index: int,
-                     config: SuccessorConfig, weights: tuple[Any, ...] | None = None) -> torch.Tensor:
+                     config: SuccessorConfig, weights: tuple[Any, ...] | None = None,
+                     embedding: torch.Tensor | None = None) -> torch.Tensor:
     """Effective-OV logits of one head for one token over its task, from the bridge's weights.
 
-    Norms are applied as modules (the exact per-token computation); under the default "weight"
-    convention the fast path must reach the same argmax because the dropped scales are positive.
+    e(t) comes from the model's own forward (`reference_embeddings`) unless given; norms are applied
+    as modules (the exact per-token computation); under the default "weight" convention the fast path
+    must reach the same argmax because the dropped scales are positive.
     """
     arch = _arch(model)
     token = task.token_ids[token_index]
-    e = effective_embeddings(model, [token], config.include_residual, config.include_attn0)[0]
+    e = embedding if embedding is not None else reference_embeddings(
+        model, [token], config.include_residual, config.include_attn0)[0]
     if config.norm_convention == "none":
         x = e
     else:
@@ -312,9 +347,12 @@ def bridge_weights(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def reference_scores(model: LoadedModel, task_set: TaskSet, config: SuccessorConfig,
                      heads: Sequence[Head] | None = None) -> dict[Head, float]:
-    """Successor score per head by the naive loop: for each head, each task token, restricted argmax."""
+    """Successor score per head by the naive loop: for each head, each task token, restricted argmax,
+    with e(t) read from the model's own block 0 through hooks (`reference_embeddings`)."""
     heads = list(heads) if heads is not None else model.all_heads()
     weights = bridge_weights(model)
+    embedded = {task.key: reference_embeddings(model, task.token_ids, config.include_residual, config.include_attn0)
+                for task in task_set.tasks}  # one forward per task variant, from the model's hooks
     scores: dict[Head, float] = {}
     for head in heads:
         hits = total = 0
@@ -322,7 +360,7 @@ def reference_scores(model: LoadedModel, task_set: TaskSet, config: SuccessorCon
             for index, successor in enumerate(task.successor):
                 if successor < 0:
                     continue
-                logits = reference_logits(model, task, head, index, config, weights)
+                logits = reference_logits(model, task, head, index, config, weights, embedded[task.key][index])
                 hits += int(int(torch.argmax(logits)) == successor)
                 total += 1
         scores[head] = hits / total
@@ -399,7 +437,10 @@ def mod10_probe(task_set: TaskSet, embeddings: torch.Tensor, l2: float = 1e-2) -
 
 
 def residue_directions(task_set: TaskSet, embeddings: torch.Tensor) -> torch.Tensor:
-    """`[10, d]`: mean effective embedding of the tokens with index ≡ r (mod 10), minus the grand mean."""
+    """`[10, d]`: mean effective embedding of the tokens with index ≡ r (mod 10), minus the grand mean.
+
+    Over every token (a summary for the report); `vector_arithmetic` recomputes the two class means it
+    uses with the tested item and its target held out (`HeldOutMeans`)."""
     _, indices, _, E = _unique_items(task_set, embeddings)
     residues = torch.tensor([i % 10 for i in indices])
     grand = E.mean(0)
@@ -410,39 +451,99 @@ def residue_directions(task_set: TaskSet, embeddings: torch.Tensor) -> torch.Ten
     return directions
 
 
-@torch.no_grad()
-def vector_arithmetic(circuit: Circuit, task_set: TaskSet, embeddings: torch.Tensor, head: Head,
-                      config: SuccessorConfig) -> list[dict[str, Any]]:
-    """e(t) - s*d_r + s*d_j through `head`: success iff the top task logit is succ(item with residue j).
+class HeldOutMeans:
+    """Residue-class means of the effective embeddings with some items left out, from class sums.
 
-    The target item is the one in t's decade with residue j (23, r=3, j=7 -> 27, expected 28).
-    """
-    directions = residue_directions(task_set, embeddings)
-    rows: list[dict[str, Any]] = []
+    An item is (task, index): leaving it out removes every variant's token of it (" Monday" and
+    "Monday" carry the same item), so a direction never contains the vector it is tested on."""
+
+    def __init__(self, task_set: TaskSet, embeddings: torch.Tensor) -> None:
+        ids, indices, tasks, E = _unique_items(task_set, embeddings)
+        self.E = E.double()
+        self.residue = torch.tensor([i % 10 for i in indices])
+        self.rows_of: dict[tuple[str, int], list[int]] = defaultdict(list)
+        for row, (task, index) in enumerate(zip(tasks, indices)):
+            self.rows_of[(task, index)].append(row)
+        self.sums = torch.zeros(10, E.shape[1], dtype=torch.float64)
+        self.counts = torch.zeros(10, dtype=torch.long)
+        for r in range(10):
+            members = self.residue == r
+            self.sums[r] = self.E[members].sum(0)
+            self.counts[r] = int(members.sum())
+
+    def mean(self, residue: int, held_out: Sequence[tuple[str, int]]) -> torch.Tensor | None:
+        """Mean of class `residue` without the items `held_out`; None when nothing is left."""
+        rows = [row for item in held_out for row in self.rows_of.get(item, [])
+                if int(self.residue[row]) == residue]
+        rows = list(dict.fromkeys(rows))
+        count = int(self.counts[residue]) - len(rows)
+        if count <= 0:
+            return None
+        total = self.sums[residue] - (self.E[rows].sum(0) if rows else 0.0)
+        return total / count
+
+
+@torch.no_grad()
+def arithmetic_trials(task_set: TaskSet, embeddings: torch.Tensor, config: SuccessorConfig,
+                      hold_out: bool = True) -> list[dict[str, Any]]:
+    """Per task variant with enough items: the vectors e(t) - s*m_r + s*m_j and the expected answers.
+
+    m_r, m_j are residue-class means (the grand mean of `residue_directions` cancels in the
+    difference). With `hold_out` (the default, and the only honest reading) both means leave out the
+    tested item t and its target t' (the item of t's decade with residue j), in every variant:
+    otherwise m_j contains e(t') itself and the arithmetic is partly told the answer.
+    `hold_out=False` is the old leaky rule, kept only so a test can show the difference."""
+    means = HeldOutMeans(task_set, embeddings)
+    out: list[dict[str, Any]] = []
     start = 0
     for task in task_set.tasks:
         n = len(task.token_ids)
-        E = embeddings[start:start + n]
+        E = embeddings[start:start + n].double()
         start += n
         if n < config.arithmetic_min_items:
             continue
         position_of = {index: i for i, index in enumerate(task.indices)}
-        vectors, expected = [], []
+        vectors, expected, skipped = [], [], 0
         for i, index in enumerate(task.indices):
             r = index % 10
             for j in range(10):
                 target = position_of.get(index - r + j)
                 if j == r or target is None or task.successor[target] < 0:
                     continue
-                vectors.append(E[i] - config.arithmetic_scale * directions[r] + config.arithmetic_scale * directions[j])
+                held = [(task.task, index), (task.task, task.indices[target])] if hold_out else []
+                m_r, m_j = means.mean(r, held), means.mean(j, held)
+                if m_r is None or m_j is None:
+                    skipped += 1
+                    continue
+                vectors.append(E[i] - config.arithmetic_scale * m_r + config.arithmetic_scale * m_j)
                 expected.append(task.successor[target])
-        if not vectors:
+        if vectors or skipped:
+            out.append({"task": task, "vectors": torch.stack(vectors).float() if vectors else None,
+                        "expected": expected, "skipped": skipped})
+    return out
+
+
+@torch.no_grad()
+def vector_arithmetic(circuit: Circuit, task_set: TaskSet, embeddings: torch.Tensor, head: Head,
+                      config: SuccessorConfig) -> list[dict[str, Any]]:
+    """e(t) - s*m_r + s*m_j through `head`: success iff the top task logit is succ(item with residue j).
+
+    The target item is the one in t's decade with residue j (23, r=3, j=7 -> 27, expected 28); the
+    class means hold out t and the target (`arithmetic_trials`). `held_out_skipped` counts trials
+    whose class had no other member."""
+    rows: list[dict[str, Any]] = []
+    for trial in arithmetic_trials(task_set, embeddings, config):
+        task, expected = trial["task"], trial["expected"]
+        if not expected:
             continue
-        logits = ov_logits(circuit, torch.stack(vectors), task.token_ids, config.norm_convention,
+        logits = ov_logits(circuit, trial["vectors"], task.token_ids, config.norm_convention,
                            config.include_biases)[head.layer, head.head]
         hits = logits.argmax(-1) == torch.tensor(expected)
-        rows.append({"task": task.key, "trials": len(expected), "successes": int(hits.sum()),
-                     "rate": float(hits.double().mean()), "chance": 1.0 / n})
+        row = {"task": task.key, "trials": len(expected), "successes": int(hits.sum()),
+               "rate": float(hits.double().mean()), "chance": 1.0 / len(task.token_ids)}
+        if trial["skipped"]:
+            row["held_out_skipped"] = trial["skipped"]
+        rows.append(row)
     return rows
 
 

@@ -95,7 +95,14 @@ def test_number_tokens_version_runs_on_tiny_gpt2(tiny_gpt2):
     rows = {r["task"]: r for r in result.arithmetic}
     # 201 numbers x 9 other residues, minus targets outside 0..199 (the decade 200 has only 200).
     assert rows["numbers/bare"]["trials"] == 200 * 9  # 0..199 x 9 residues; 200 has no decade-mates
-    assert 0.0 <= rows["numbers/bare"]["rate"] <= 1.0
+    # Every task variant's successes == a plain per-trial loop: class means recomputed from scratch
+    # without the tested item and its target, logits through the norm modules (reference_logits).
+    task_set = build_tasks(tiny_gpt2.tokenizer)
+    E = successor.effective_embeddings(tiny_gpt2, [i for t in task_set.tasks for i in t.token_ids])
+    naive = _naive_arithmetic(tiny_gpt2, task_set, E, Head.parse(result.arithmetic_head), FAST)
+    assert {k: (r["trials"], r["successes"]) for k, r in rows.items()} == naive
+    assert rows["numbers/bare"]["successes"] > 0 and rows["numbers/bare"]["rate"] == \
+        rows["numbers/bare"]["successes"] / rows["numbers/bare"]["trials"]
     assert set(result.probe) >= {"numbers", "letters", "months"}
     assert "error" in result.causal  # the word tokenizer has no "Monday," tokens: said, not faked
     figs = successor.figures(result)
@@ -140,6 +147,76 @@ def test_arithmetic_counts_the_planted_mod10_shift_exactly(tiny_llama):
         final_weight=torch.ones(d), final_bias=None, unembed=unembed, b_U=None, kv_of=torch.tensor([0]))
     rows = successor.vector_arithmetic(circuit, task_set, E, Head(0, 0), FAST)
     assert rows == [{"task": "numbers/bare", "trials": 891, "successes": 810, "rate": 810 / 891, "chance": 0.01}]
+
+
+def _naive_arithmetic(model, task_set, E, head, config):
+    """{task key: (trials, successes)} by the paper's loop, one trial at a time, nothing shared with
+    `vector_arithmetic` but the task set: items (task, index) pooled over variants, the two class
+    means rebuilt per trial without the tested item and its target."""
+    items, seen, position = [], set(), 0
+    for task in task_set.tasks:
+        for token, index in zip(task.token_ids, task.indices):
+            if token not in seen:
+                seen.add(token)
+                items.append((task.task, index, E[position].double()))
+            position += 1
+    weights = successor.bridge_weights(model)
+    out, position = {}, 0
+    for task in task_set.tasks:
+        n = len(task.token_ids)
+        block = E[position:position + n].double()
+        position += n
+        if n < config.arithmetic_min_items:
+            continue
+        trials = successes = 0
+        for i, index in enumerate(task.indices):
+            r = index % 10
+            for j in range(10):
+                if j == r or index - r + j not in task.indices:
+                    continue
+                target = task.indices.index(index - r + j)
+                if task.successor[target] < 0:
+                    continue
+                held = {(task.task, index), (task.task, index - r + j)}
+                m_r = torch.stack([e for t, k, e in items if k % 10 == r and (t, k) not in held]).mean(0)
+                m_j = torch.stack([e for t, k, e in items if k % 10 == j and (t, k) not in held]).mean(0)
+                vector = (block[i] - m_r + m_j).float()
+                logits = successor.reference_logits(model, task, head, 0, config, weights, vector)
+                trials += 1
+                successes += int(int(logits.argmax()) == task.successor[target])
+        out[task.key] = (trials, successes)
+    return out
+
+
+def test_arithmetic_directions_hold_out_the_tested_item_and_its_target(tiny_llama):
+    """Planted so that only a leak can answer: e(k) = 3·residue(k) + 0.5·decade(k) + w_k (w_k one
+    unit direction per number, 0..19), the head maps residue r -> r+1, w_k -> w_{k+1}, decades to
+    themselves, and unembeds with e. In e(t) - m_r + m_j the decade code points at the target t' of
+    t's decade (+0.25), but m_j's own w component points at the class's other member t'' (+1 once
+    t' is held out; +1/2 for both while t' is inside m_j). Held out: every trial answers succ(t''):
+    0 of 171. Leaky means (e(t') inside m_j): t' wins every trial, 171 of 171."""
+    task_set = build_tasks(tiny_llama.tokenizer, number_max=19, tasks=["numbers"])
+    (task,) = task_set.tasks
+    d = 10 + 2 + 21
+    E = torch.zeros(20, d)
+    shift = torch.zeros(d, d)
+    for k in range(20):
+        E[k, k % 10], E[k, 10 + k // 10], E[k, 12 + k] = 3.0, 0.5, 1.0
+        shift[k % 10, (k + 1) % 10] = 1.0
+        if k < 19:
+            shift[12 + k, 12 + k + 1] = 1.0
+    shift[10, 10] = shift[11, 11] = 1.0
+    unembed = torch.zeros(len(tiny_llama.tokenizer), d)
+    unembed[task.token_ids] = E
+    circuit = successor.Circuit(
+        in_norms=[], in_weight=torch.ones(1, d), in_bias=None, centre=False, W_V=torch.eye(d)[None, None],
+        b_V=None, W_O=shift[None, None], post_norms=None, post_weight=None, final_norm=torch.nn.Identity(),
+        final_weight=torch.ones(d), final_bias=None, unembed=unembed, b_U=None, kv_of=torch.tensor([0]))
+    rows = successor.vector_arithmetic(circuit, task_set, E, Head(0, 0), FAST)
+    assert rows == [{"task": "numbers/bare", "trials": 171, "successes": 0, "rate": 0.0, "chance": 0.05}]
+    (leaky,) = successor.arithmetic_trials(task_set, E, FAST, hold_out=False)
+    logits = successor.ov_logits(circuit, leaky["vectors"], task.token_ids)[0, 0]
+    assert int((logits.argmax(-1) == torch.tensor(leaky["expected"])).sum()) == 171
 
 
 def test_probe_decodes_a_planted_mod10_code_on_held_out_tasks(tiny_llama):
