@@ -1,17 +1,22 @@
-"""Read a loaded model's weights into one plain table per architecture (no forked model code).
+"""CD-T's weight table, filled from the architecture layer (`probe.architecture.architecture(model)`).
 
-CD-T needs every weight and every constant of the forward pass (norm eps, attention scale, rotary
-tables, window sizes) to re-run the model as two streams. This module reads them from the Hugging
-Face modules of `model.hf_model` (the same tensors the bridge runs) into `ArchWeights`, a layout
-that is the same for the three supported families:
+CD-T needs every weight and constant of the forward pass as a value (norm eps and weights, attention
+scale, soft-cap and window, rotary tables, MLP and expert weights) to re-run the model as two
+streams. This module copies them out of the model's `Architecture` (and `probe.arch_extra` for the
+MLP projections, MoE experts and router, rotary tables and learned positions) into `ArchWeights`,
+one layout for every family: it names no Hugging Face module. What each family adds is a field:
 
-| family  | HF classes                 | norms                      | MLP                     | positions |
-|---------|----------------------------|----------------------------|-------------------------|-----------|
-| gpt2    | GPT2LMHeadModel            | LayerNorm (eps from module)| GELU (tanh approx.)     | learned   |
-| llama   | LlamaForCausalLM (SmolLM2) | RMSNorm                    | SwiGLU (SiLU gate × up) | RoPE      |
-| gemma3  | Gemma3ForCausalLM          | RMSNorm with weight 1 + w, q/k norms, post-attn/post-FF norms | GeGLU | RoPE (local/global bases), sliding window |
+| field | families |
+|---|---|
+| `b_Q/b_K/b_V` (q/k/v biases) | GPT-2, Qwen2, GPT-NeoX |
+| `q_norm/k_norm`, `qk_norm_whole` | Gemma 3, Qwen3, Qwen3-MoE (per head); OLMo-2 (over the whole projection) |
+| `ln1/ln2` None, `post_attn_norm/post_mlp_norm` | OLMo-2 (post-norms only); Gemma 2/3 have both |
+| `attn_softcap`, `ArchWeights.logit_softcap` | Gemma 2 |
+| `parallel` | GPT-NeoX (attention and MLP both read the block input) |
+| `rotary_dims < d_head` | GPT-NeoX (partial rotary) |
+| `moe` | Mixtral, Qwen3-MoE |
 
-Anything else raises `UnsupportedArchitectureError` naming these.
+A model outside `FAMILIES` raises `UnsupportedArchitectureError` naming the families.
 """
 
 from __future__ import annotations
@@ -21,13 +26,26 @@ from dataclasses import dataclass, field
 
 import torch
 
+from probe import arch_extra
+from probe.architecture import Architecture, ArchitectureError, architecture
 from probe.errors import ProbeError
 
-SUPPORTED = {
+# Hugging Face model classes CD-T has rules for and tests (tests/test_cdt_families.py) -> short name
+FAMILIES = {
     "GPT2LMHeadModel": "gpt2",
     "LlamaForCausalLM": "llama",
     "Gemma3ForCausalLM": "gemma3",
+    "MistralForCausalLM": "mistral",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Gemma2ForCausalLM": "gemma2",
+    "Phi3ForCausalLM": "phi3",
+    "Olmo2ForCausalLM": "olmo2",
+    "GPTNeoXForCausalLM": "gpt_neox",
 }
+SUPPORTED = FAMILIES  # the old name
 
 
 class CDTError(ProbeError):
@@ -49,10 +67,27 @@ class Norm:
 
 
 @dataclass
+class Moe:
+    """A sparse MoE block: the model's router (run on the total) and the experts' gated-MLP weights."""
+
+    route: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+    W_gate: torch.Tensor  # [E, d_model, d_mlp]
+    W_up: torch.Tensor    # [E, d_model, d_mlp]
+    W_down: torch.Tensor  # [E, d_mlp, d_model]
+    act: Callable[[torch.Tensor], torch.Tensor]
+    top_k: int
+    renormalised: bool
+
+    @property
+    def n_experts(self) -> int:
+        return int(self.W_gate.shape[0])
+
+
+@dataclass
 class LayerWeights:
     """One transformer block. Head weights are per head: W_Q `[H, d_model, d_head]`, W_K/W_V per KV head."""
 
-    ln1: Norm
+    ln1: Norm | None  # None: no pre-attention norm (OLMo-2)
     W_Q: torch.Tensor
     b_Q: torch.Tensor | None
     W_K: torch.Tensor
@@ -64,18 +99,22 @@ class LayerWeights:
     q_norm: Norm | None
     k_norm: Norm | None
     post_attn_norm: Norm | None
-    ln2: Norm
-    W_in: torch.Tensor  # [d_model, d_mlp]  (the "up" projection for gated MLPs)
+    ln2: Norm | None  # None: no pre-MLP norm (OLMo-2)
+    W_in: torch.Tensor | None  # [d_model, d_mlp]  (the "up" projection for gated MLPs); None for MoE
     b_in: torch.Tensor | None
     W_gate: torch.Tensor | None  # [d_model, d_mlp] for gated MLPs, else None
     b_gate: torch.Tensor | None
-    W_out: torch.Tensor  # [d_mlp, d_model]
+    W_out: torch.Tensor | None  # [d_mlp, d_model]
     b_out: torch.Tensor | None
-    act: Callable[[torch.Tensor], torch.Tensor]
+    act: Callable[[torch.Tensor], torch.Tensor] | None
     post_mlp_norm: Norm | None
     attn_scale: float
     window: int | None  # sliding window length (key j visible to query i iff i - window < j <= i)
     rope_kind: str | None  # the rotary table this layer uses (None: no rotary)
+    qk_norm_whole: bool = False  # q/k norms over all heads' concatenated projection (OLMo-2), not per head
+    attn_softcap: float | None = None  # scores -> c·tanh(scores / c) before the mask (Gemma 2)
+    parallel: bool = False  # attention and MLP both read the block input (GPT-NeoX)
+    moe: Moe | None = None
 
 
 @dataclass
@@ -105,7 +144,7 @@ class ArchWeights:
         return self.n_heads // self.n_kv_heads
 
     def rope(self, kind: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[length, d_head]` of the rotary table `kind` (cached per length)."""
+        """cos, sin `[length, rotary_dims]` of the rotary table `kind` (cached per length)."""
         key = (kind, length)
         if key not in self._rope_cache:
             cos, sin = self.rotary(kind, length)  # type: ignore[misc]
@@ -113,148 +152,97 @@ class ArchWeights:
         return self._rope_cache[key]
 
 
+def _unsupported(model, why: str) -> UnsupportedArchitectureError:
+    hf = getattr(model, "hf_model", None)
+    supported = ", ".join(f"{cls} ({fam})" for cls, fam in FAMILIES.items())
+    return UnsupportedArchitectureError(
+        f"CD-T has no decomposition rules for {type(hf).__name__} ({getattr(model, 'spec', '?')}): {why}. "
+        f"Supported architectures: {supported}. Each operation needs its own rule (see docs/cdt.md).")
+
+
 def family_of(model) -> str:
     """The CD-T family of a loaded model, or a clear error naming what is supported."""
-    name = type(model.hf_model).__name__
-    if name not in SUPPORTED:
-        supported = ", ".join(f"{cls} ({fam})" for cls, fam in SUPPORTED.items())
-        raise UnsupportedArchitectureError(
-            f"CD-T has no decomposition rules for {name} ({model.spec}). Supported architectures: "
-            f"{supported}. Each operation needs its own rule (see docs/cdt.md)."
-        )
-    return SUPPORTED[name]
+    name = type(getattr(model, "hf_model", None)).__name__
+    if name not in FAMILIES or getattr(model, "bridge", None) is None:
+        raise _unsupported(model, "not a family CD-T was built and tested for")
+    return FAMILIES[name]
 
 
 def _t(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.detach().to(dtype)
 
 
-def _per_head_in(weight: torch.Tensor, n: int, d_head: int) -> torch.Tensor:
-    """nn.Linear weight `[n*d_head, d_model]` → `[n, d_model, d_head]`."""
-    return weight.T.reshape(weight.shape[1], n, d_head).permute(1, 0, 2).contiguous()
+def _norm(spec, dtype: torch.dtype) -> Norm | None:
+    """The architecture layer's `Norm` (effective weight: Gemma's 1 + w included) as CD-T's table entry."""
+    if spec is None:
+        return None
+    return Norm(spec.kind, spec.weight.detach().to(dtype), _t(spec.bias, dtype), float(spec.eps))
 
 
-def _per_head_bias(bias: torch.Tensor | None, n: int, d_head: int) -> torch.Tensor | None:
-    return None if bias is None else bias.reshape(n, d_head)
+def _layer(arch: Architecture, index: int, dtype: torch.dtype) -> LayerWeights:
+    attention = arch.attention(index)
+    rotary = arch.rotary(index)
+    if rotary is not None and rotary.dims % 2:
+        raise _unsupported(arch.model, f"layer {index} rotates an odd number of dims ({rotary.dims})")
 
+    def stacked(tensor: torch.Tensor | None) -> torch.Tensor | None:
+        return None if tensor is None else tensor[index].detach().to(dtype)
 
-def _rms(module, dtype: torch.dtype, plus_one: bool) -> Norm:
-    weight = module.weight.detach().to(dtype)
-    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
-    return Norm("rms", 1.0 + weight if plus_one else weight, None, eps)
-
-
-def _layer_norm(module, dtype: torch.dtype) -> Norm:
-    return Norm("layer", module.weight.detach().to(dtype), _t(module.bias, dtype), float(module.eps))
-
-
-def read_weights(model, dtype: torch.dtype = torch.float32) -> ArchWeights:
-    """Read `model.hf_model`'s weights into `ArchWeights` (a copy in `dtype`; the model is untouched)."""
-    family = family_of(model)
-    if family == "gpt2":
-        return _read_gpt2(model, dtype)
-    return _read_llama_like(model, dtype, gemma=(family == "gemma3"))
-
-
-def _read_gpt2(model, dtype: torch.dtype) -> ArchWeights:
-    hf = model.hf_model
-    body = hf.transformer
-    cfg = hf.config
-    H, d_model = cfg.n_head, cfg.n_embd
-    d_head = d_model // H
-    if getattr(cfg, "scale_attn_by_inverse_layer_idx", False) or getattr(cfg, "reorder_and_upcast_attn", False):
-        raise UnsupportedArchitectureError("GPT-2 variants with scale_attn_by_inverse_layer_idx or "
-                                           "reorder_and_upcast_attn are not supported by CD-T.")
-    scale = d_head ** -0.5 if cfg.scale_attn_weights else 1.0
-    layers = []
-    for block in body.h:
-        W = block.attn.c_attn.weight.detach().to(dtype)  # Conv1D: [d_model, 3*d_model]
-        b = block.attn.c_attn.bias.detach().to(dtype)
-        Wq, Wk, Wv = W.split(d_model, dim=1)
-        bq, bk, bv = b.split(d_model)
-
-        def heads(w: torch.Tensor) -> torch.Tensor:
-            return w.reshape(d_model, H, d_head).permute(1, 0, 2).contiguous()
-
-        W_O = block.attn.c_proj.weight.detach().to(dtype).reshape(H, d_head, d_model)
-        layers.append(LayerWeights(
-            ln1=_layer_norm(block.ln_1, dtype), W_Q=heads(Wq), b_Q=bq.reshape(H, d_head),
-            W_K=heads(Wk), b_K=bk.reshape(H, d_head), W_V=heads(Wv), b_V=bv.reshape(H, d_head),
-            W_O=W_O, b_O=_t(block.attn.c_proj.bias, dtype), q_norm=None, k_norm=None, post_attn_norm=None,
-            ln2=_layer_norm(block.ln_2, dtype), W_in=block.mlp.c_fc.weight.detach().to(dtype),
-            b_in=_t(block.mlp.c_fc.bias, dtype), W_gate=None, b_gate=None,
-            W_out=block.mlp.c_proj.weight.detach().to(dtype), b_out=_t(block.mlp.c_proj.bias, dtype),
-            act=block.mlp.act, post_mlp_norm=None, attn_scale=scale, window=None, rope_kind=None,
-        ))
-    return ArchWeights(
-        family="gpt2", n_layers=len(layers), n_heads=H, n_kv_heads=H, d_head=d_head, d_model=d_model,
-        W_E=body.wte.weight.detach(), embed_scale=1.0, W_pos=body.wpe.weight.detach().to(dtype),
-        layers=layers, ln_final=_layer_norm(body.ln_f, dtype), W_U=hf.lm_head.weight.detach().T,
-        b_U=_t(getattr(hf.lm_head, "bias", None), dtype), logit_softcap=None, dtype=dtype,
+    ln1, ln2 = _norm(arch.norm("ln1", index), dtype), _norm(arch.norm("ln2", index), dtype)
+    parallel = arch.block_kind == "parallel"
+    if parallel and ln2 is None:
+        ln2 = ln1  # one input norm shared by both branches (GPT-J style)
+    q_norm, k_norm = _norm(arch.norm("q_norm", index), dtype), _norm(arch.norm("k_norm", index), dtype)
+    if (q_norm is None) != (k_norm is None):
+        raise _unsupported(arch.model, f"layer {index} normalises only one of q and k")
+    spec = arch.mlp(index)
+    moe = dense = None
+    if spec.kind == "moe":
+        weights = arch_extra.moe_weights(arch, index)
+        # views in the model's dtype (cast on use, as the dense MLPs): the experts are most of the weights
+        moe = Moe(weights.route, weights.W_gate.to(dtype), weights.W_up.to(dtype), weights.W_down.to(dtype),
+                  weights.act, weights.top_k, weights.renormalised)
+    else:
+        dense = arch_extra.mlp_weights(arch, index)
+    return LayerWeights(
+        ln1=ln1, W_Q=stacked(arch.W_Q), b_Q=stacked(arch.b_Q), W_K=stacked(arch.W_K), b_K=stacked(arch.b_K),
+        W_V=stacked(arch.W_V), b_V=stacked(arch.b_V), W_O=stacked(arch.W_O), b_O=stacked(arch.b_O),
+        q_norm=q_norm, k_norm=k_norm, post_attn_norm=_norm(arch.norm("ln1_post", index), dtype), ln2=ln2,
+        # transposed views, not copies (in the model's dtype): the MLPs are most of the weights
+        # (318 MB of SmolLM2's), and a copy made CD-T the largest analyzer of the quick scan
+        W_in=None if dense is None else dense.W_in.to(dtype), b_in=None if dense is None else _t(dense.b_in, dtype),
+        W_gate=None if dense is None else _t(dense.W_gate, dtype),
+        b_gate=None if dense is None else _t(dense.b_gate, dtype),
+        W_out=None if dense is None else dense.W_out.to(dtype), b_out=None if dense is None else _t(dense.b_out, dtype),
+        act=None if dense is None else dense.act, post_mlp_norm=_norm(arch.norm("ln2_post", index), dtype),
+        attn_scale=float(attention.scaling), window=attention.window,
+        rope_kind=arch_extra.rotary_key(arch, index),
+        qk_norm_whole=arch.qk_norm(index) == "whole", attn_softcap=attention.softcap, parallel=parallel, moe=moe,
     )
 
 
-def _read_llama_like(model, dtype: torch.dtype, gemma: bool) -> ArchWeights:
-    hf = model.hf_model
-    body = hf.model
-    cfg = hf.config
-    H, KV = cfg.num_attention_heads, cfg.num_key_value_heads
-    d_model = cfg.hidden_size
-    d_head = getattr(cfg, "head_dim", None) or d_model // H
-    layer_types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)
-    if getattr(cfg, "attn_logit_softcapping", None):
-        raise UnsupportedArchitectureError("Attention logit soft-capping is not supported by CD-T.")
-    layers = []
-    for index, block in enumerate(body.layers):
-        attn, mlp = block.self_attn, block.mlp
-        window = None
-        if gemma and layer_types[index] == "sliding_attention":
-            window = int(cfg.sliding_window)
-        elif not gemma and getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", False):
-            window = int(cfg.sliding_window)
-        layers.append(LayerWeights(
-            ln1=_rms(block.input_layernorm, dtype, gemma),
-            W_Q=_per_head_in(attn.q_proj.weight.detach().to(dtype), H, d_head),
-            b_Q=_per_head_bias(_t(attn.q_proj.bias, dtype), H, d_head),
-            W_K=_per_head_in(attn.k_proj.weight.detach().to(dtype), KV, d_head),
-            b_K=_per_head_bias(_t(attn.k_proj.bias, dtype), KV, d_head),
-            W_V=_per_head_in(attn.v_proj.weight.detach().to(dtype), KV, d_head),
-            b_V=_per_head_bias(_t(attn.v_proj.bias, dtype), KV, d_head),
-            W_O=attn.o_proj.weight.detach().to(dtype).T.reshape(H, d_head, d_model).contiguous(),
-            b_O=_t(attn.o_proj.bias, dtype),
-            q_norm=_rms(attn.q_norm, dtype, True) if gemma else None,
-            k_norm=_rms(attn.k_norm, dtype, True) if gemma else None,
-            post_attn_norm=_rms(block.post_attention_layernorm, dtype, True) if gemma else None,
-            ln2=_rms(block.pre_feedforward_layernorm if gemma else block.post_attention_layernorm, dtype, gemma),
-            # transposed views, not copies (in the model's dtype): the MLPs are most of the weights
-            # (318 MB of SmolLM2's), and a copy made CD-T the largest analyzer of the quick scan
-            W_in=mlp.up_proj.weight.detach().to(dtype).T, b_in=_t(mlp.up_proj.bias, dtype),
-            W_gate=mlp.gate_proj.weight.detach().to(dtype).T, b_gate=_t(mlp.gate_proj.bias, dtype),
-            W_out=mlp.down_proj.weight.detach().to(dtype).T, b_out=_t(mlp.down_proj.bias, dtype),
-            act=mlp.act_fn, post_mlp_norm=_rms(block.post_feedforward_layernorm, dtype, True) if gemma else None,
-            attn_scale=float(attn.scaling), window=window, rope_kind=layer_types[index] if gemma else "default",
-        ))
-    rotary_module = body.rotary_emb
+def read_weights(model, dtype: torch.dtype = torch.float32) -> ArchWeights:
+    """The model's weights as `ArchWeights` (float copies in `dtype` of the small tensors; the big
+    matrices as views where `dtype` is the model's); the model is untouched."""
+    family = family_of(model)
+    try:
+        arch = architecture(model)
+        reason = arch_extra.unsupported_attention(arch)
+        if reason:
+            raise _unsupported(model, reason)
+        layers = [_layer(arch, index, dtype) for index in range(arch.n_layers)]
+        W_pos = arch_extra.learned_positions(arch)
+        ln_final = _norm(arch.final_norm, dtype)
+    except ArchitectureError as error:
+        raise _unsupported(model, str(error)) from error
 
     def rotary(kind: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(length, device=body.embed_tokens.weight.device)[None]
-        probe_x = torch.zeros(1, dtype=torch.float32, device=positions.device)
-        with torch.no_grad():
-            if gemma:
-                cos, sin = rotary_module(probe_x, positions, kind)
-            else:
-                cos, sin = rotary_module(probe_x, positions)
-        return cos[0], sin[0]
+        return arch_extra.rotary_tables(arch, kind, length)
 
-    embed_scale = float(getattr(body.embed_tokens, "scalar_embed_scale", 1.0)) if gemma else 1.0
-    if gemma:  # the model multiplies by the scale cast to the weight dtype; do the same
-        embed_scale = float(body.embed_tokens.embed_scale.to(body.embed_tokens.weight.dtype))
-    softcap = getattr(cfg, "final_logit_softcapping", None)
-    lm_head = hf.lm_head
     return ArchWeights(
-        family="gemma3" if gemma else "llama", n_layers=len(layers), n_heads=H, n_kv_heads=KV, d_head=d_head,
-        d_model=d_model, W_E=body.embed_tokens.weight.detach(), embed_scale=embed_scale, W_pos=None,
-        layers=layers, ln_final=_rms(body.norm, dtype, gemma), W_U=lm_head.weight.detach().T,
-        b_U=_t(getattr(lm_head, "bias", None), dtype), logit_softcap=float(softcap) if softcap else None,
-        rotary=rotary, dtype=dtype,
+        family=family, n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,
+        d_head=arch.d_head, d_model=arch.d_model, W_E=arch.W_E, embed_scale=arch.embed_scale,
+        W_pos=_t(W_pos, dtype), layers=layers, ln_final=ln_final,  # type: ignore[arg-type]
+        W_U=arch.unembed_weight.T, b_U=_t(arch.b_U, dtype), logit_softcap=arch.softcap_logits,
+        rotary=rotary if any(layer.rope_kind for layer in layers) else None, dtype=dtype,
     )
