@@ -1,26 +1,48 @@
-"""Reading residual-stream directions out as logits: the final norm with its scale frozen, then W_U.
+"""Reading the residual stream out as logits: the ONE final-norm read-out, through the architecture layer.
 
-Direct logit attribution needs the final norm as a *linear* map: the norm's scale is taken from the
-clean run (`ln_final.hook_scale`) and held fixed, so contributions add up. RMSNorm: x/s·g;
-LayerNorm: (x − mean x)/s·g (its bias belongs to no head); Gemma's RMSNorm multiplies by (1 + g).
+Two uses, two functions:
+
+- the exact read-out of a final residual: `final_norm` (the family's own final norm module) then
+  `logits_from_normalized` (unembedding, its bias, the family's final logit soft-cap): together they
+  are the model's logits, on every family;
+- direct logit attribution needs the final norm as a *linear* map: its scale is taken from the clean
+  run and held fixed, so contributions add up (`frozen_final_norm`, `direction_logits`). RMSNorm:
+  x/s·g; LayerNorm: (x − mean x)/s·g (its bias belongs to no component); Gemma's RMSNorm multiplies
+  by (1 + w), which `architecture(model).final_norm.weight` already holds. No unembedding bias and
+  no soft-cap here either: neither is linear in a contribution.
+
+Everything is read through `probe.architecture`; the full-vocabulary unembedding is used as stored
+(no float copy) unless `ids` restricts a read-out to a few tokens.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from probe.architecture import architecture
+
 
 def final_norm_weight(model: Any) -> torch.Tensor:
-    """The effective elementwise gain of the final norm."""
-    module = model.bridge.ln_final.original_component
-    weight = module.weight.detach()
-    return 1.0 + weight if "Gemma" in type(module).__name__ else weight
+    """The effective elementwise gain of the final norm (Gemma: 1 + w)."""
+    return architecture(model).final_norm.weight
 
 
 def is_layer_norm(model: Any) -> bool:
-    return isinstance(model.bridge.ln_final.original_component, torch.nn.LayerNorm)
+    """Whether the final norm centres its input (LayerNorm) rather than only rescaling it (RMSNorm)."""
+    return architecture(model).final_norm.kind == "layer"
+
+
+def final_scale(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """The final norm's scale `[..., 1]` of a residual `[..., d_model]` (RMS, or standard deviation for
+    LayerNorm, with the norm's own eps): the clean scale to freeze for `direction_logits`."""
+    norm = architecture(model).final_norm
+    x = resid.float()
+    if norm.kind == "layer":
+        x = x - x.mean(-1, keepdim=True)
+    return x.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()
 
 
 def frozen_final_norm(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -31,10 +53,43 @@ def frozen_final_norm(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def unembed(model: Any, normalized: torch.Tensor) -> torch.Tensor:
-    """Logits from normalised residual directions (no unembedding bias: it belongs to no component)."""
-    return normalized @ model.bridge.W_U
+    """Logits from normalised residual directions, full vocabulary (no unembedding bias: it belongs to
+    no component; no soft-cap: it is not linear)."""
+    weight = architecture(model).unembed_weight
+    return torch.nn.functional.linear(normalized.to(weight.dtype), weight)
 
 
 def direction_logits(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """What a residual-stream contribution `x` adds to the logits, final-norm scale frozen."""
     return unembed(model, frozen_final_norm(model, x, scale))
+
+
+def final_norm(model: Any, resid: torch.Tensor) -> torch.Tensor:
+    """The final residual `[..., d_model]` through the family's own final norm module (exact)."""
+    norm = architecture(model).final_norm
+    return norm(resid.to(norm.weight.dtype))
+
+
+def logits_from_normalized(model: Any, normalized: torch.Tensor, ids: Sequence[int] | None = None) -> torch.Tensor:
+    """The model's logits (float32) from final-norm states `[..., d_model]`: unembedding, its bias, and the
+    family's final logit soft-cap (Gemma 2). `ids` restricts the read-out to those tokens (`[..., n]`),
+    reading only their unembedding columns."""
+    arch = architecture(model)
+    bias = arch.b_U
+    if ids is None:
+        logits = unembed(model, normalized).float()
+    else:
+        ids = [int(i) for i in ids]
+        logits = normalized.float() @ arch.W_U_columns(ids)
+        bias = None if bias is None else bias[torch.as_tensor(ids, device=bias.device)]
+    if bias is not None:
+        logits = logits + bias
+    cap = arch.softcap_logits
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def log_probs_from_normalized(model: Any, normalized: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities over the full vocabulary (float32) from final-norm states."""
+    return torch.log_softmax(logits_from_normalized(model, normalized), dim=-1)

@@ -1,0 +1,115 @@
+"""probe.generation: a left-padded greedy batch continues each row as that row alone, on the families
+whose positions differ (rotary Llama, partial-rotary parallel GPT-NeoX, learned-position GPT-2), and
+interventions attached to the model are in effect during generation.
+
+The tiny random families of tests/families.py, loaded the user's way (`hf:<folder>`), are "sharpened"
+here (2-D weights x10, biases zeroed): at the stock init the LayerNorm families continue every prompt
+with one constant token, and a padding bug could not change the ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+
+from families import build_folder
+from probe.generation import _pad_id, greedy_continuations, greedy_generate
+from probe.heads import Head
+from probe.interventions import intervene, zero_ablation
+from probe.models import LoadedModel, load_model
+
+ROWS = ("mary went to the store", "the capital of the country is a secret and the answer is 12", "a book",
+        "the key to the park is 13")
+NEW = 5
+_LOADED: dict[str, LoadedModel] = {}
+
+
+def sharpened(name: str, root: Path) -> LoadedModel:
+    if name not in _LOADED:
+        source = build_folder(name, root / "stock")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        with torch.no_grad():
+            for parameter_name, parameter in hf.named_parameters():
+                if parameter.dim() == 2:
+                    parameter.mul_(10.0)
+                elif parameter_name.endswith("bias"):
+                    parameter.zero_()
+        folder = root / "sharp" / name
+        hf.save_pretrained(folder)
+        transformers.AutoTokenizer.from_pretrained(source).save_pretrained(folder)
+        _LOADED[name] = load_model(f"hf:{folder}", device="cpu")
+    return _LOADED[name]
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("generation")
+
+
+def step_by_step(model: LoadedModel, text: str, n: int) -> list[int]:
+    """The reference: one full forward per new token on the row alone (no padding, no KV cache)."""
+    ids = model.encode(text, add_special_tokens=True)
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(model.logits(ids)[0, -1].argmax())
+            new.append(token)
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return new
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox", "gpt2"])
+def test_left_padded_batch_gives_each_rows_greedy_ids_alone(name, root):
+    model = sharpened(name, root)
+    batched = greedy_generate(model, list(ROWS), NEW, add_special_tokens=True, stop_ids=())
+    reference = [step_by_step(model, text, NEW) for text in ROWS]
+    assert batched == reference
+    assert len({tuple(row) for row in batched}) == len(ROWS)  # the rows differ: padding could show
+    # the raw-HF entry point (the organism's) and a batch of 2 (the padding differs per batch) agree
+    assert greedy_continuations(model.hf_model, model.tokenizer, list(ROWS), NEW, batch_size=2,
+                                add_special_tokens=True, stop_ids=()) == reference
+
+
+def test_generation_stops_after_the_first_stop_id(root):
+    model = sharpened("llama", root)
+    full = greedy_generate(model, list(ROWS), NEW, add_special_tokens=True, stop_ids=())
+    stop = full[0][1]
+    cut = greedy_generate(model, list(ROWS), NEW, add_special_tokens=True, stop_ids=[stop])
+    for row, got in zip(full, cut):
+        expected = row[: row.index(stop) + 1] if stop in row else row
+        assert got == expected
+    assert cut[0] == full[0][:2]
+
+
+def test_an_attached_intervention_changes_the_greedy_ids(root):
+    """Zero-ablating every head of layer 0 moves the first greedy token (checked on the full forward
+    first, so the case provably differs); generation under the intervention follows the ablated model."""
+    model = sharpened("llama", root)
+    ablation = zero_ablation([Head(0, h) for h in range(model.n_heads)])
+    ids = model.encode(ROWS[0], add_special_tokens=True)
+    with torch.no_grad():
+        clean_first = int(model.logits(ids)[0, -1].argmax())
+        with intervene(model, [ablation]):
+            ablated_first = int(model.logits(ids)[0, -1].argmax())
+    assert clean_first != ablated_first
+    clean = greedy_generate(model, list(ROWS), NEW, add_special_tokens=True, stop_ids=())
+    with intervene(model, [ablation]):
+        ablated = greedy_generate(model, list(ROWS), NEW, add_special_tokens=True, stop_ids=())
+        reference = [step_by_step(model, text, NEW) for text in ROWS]
+    assert ablated[0][0] == ablated_first and clean[0][0] == clean_first
+    assert ablated == reference and ablated != clean
+    assert greedy_generate(model, list(ROWS), NEW, add_special_tokens=True, stop_ids=()) == clean  # removed on exit
+
+
+def test_pad_id_falls_back_through_eos_and_the_model_config():
+    model = SimpleNamespace(generation_config=None, config=SimpleNamespace(pad_token_id=None, eos_token_id=[7, 8]))
+    assert _pad_id(model, SimpleNamespace(pad_token_id=5, eos_token_id=2), set()) == 5
+    assert _pad_id(model, SimpleNamespace(pad_token_id=None, eos_token_id=2), set()) == 2
+    assert _pad_id(model, SimpleNamespace(pad_token_id=None, eos_token_id=None), set()) == 7
+    bare = SimpleNamespace(generation_config=None, config=SimpleNamespace())
+    assert _pad_id(bare, SimpleNamespace(), {9}) == 9
+    assert _pad_id(bare, SimpleNamespace(), set()) == 0
