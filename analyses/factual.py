@@ -5,16 +5,17 @@ makes the model choose between copying the context city (*in-context*) and recal
 (*memorised*). This module:
 
 1. measures the behaviour: greedy generation (<= 16 tokens) scored by one scorer
-   (`classify_answer`, memorised first, answer cut at the next "Q:" or newline), with Wilson
-   intervals; and a fast first-token measure (logit of the in-context first token minus that of the
-   memorised first token, and which of the two is larger);
+   (`classify_answer`, memorised first, answer cut at the next "Q:" or newline), with 95% intervals
+   from a cluster bootstrap over countries (prompts about one country are not independent); and a
+   fast first-token measure (logit of the in-context first token minus that of the memorised first
+   token, and which of the two is larger);
 2. attributes that logit difference to every head (direct logit attribution at the last position,
    through the final norm with its scale frozen from the clean run; on Gemma-3 also through the
    post-attention norm, frozen the same way): positive = in-context head, negative = memory head;
 3. steers by scaling one head's values (`probe.interventions.scale`, per query head, every position,
    every generation step): candidate heads come from attribution (top-k per direction), the head and
    factor are chosen on a tuning split with the fast measure, and reported on a held-out split of
-   other countries, with generation;
+   other countries (disjointness enforced: `check_disjoint`), with generation;
 4. checks attribution causally: zero-ablating the top heads moves the fast measure more than random
    head sets of the same size, and the best scaling beats the same factor on random single heads.
 """
@@ -27,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
@@ -56,6 +58,21 @@ LABELS = ("in_context", "memorised", "other")
 
 class FactualError(ProbeError):
     """A factual-recall analysis that cannot be run as configured."""
+
+
+class SplitOverlapError(FactualError):
+    """Held-out prompts ask about a country the heads or factors were chosen on."""
+
+
+def check_disjoint(tuning: Sequence[CounterfactualPrompt], heldout: Sequence[CounterfactualPrompt]) -> None:
+    """Held-out prompts must ask about countries the tuning prompts never asked about: the heads and
+    the factors are chosen on the tuning facts, so a shared country would test them on what they fit."""
+    shared = sorted({p.country for p in tuning} & {p.country for p in heldout})
+    if shared:
+        shown = ", ".join(shared[:5]) + (f" and {len(shared) - 5} more" if len(shared) > 5 else "")
+        raise SplitOverlapError(f"The held-out prompts ask about {len(shared)} tuning "
+                                f"{'country' if len(shared) == 1 else 'countries'} ({shown}); the held-out "
+                                "causal test needs countries disjoint from the tuning ones (split_countries).")
 
 
 # ---- configuration -------------------------------------------------------------------------------
@@ -144,35 +161,83 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+BOOTSTRAP_DRAWS = 2000
+
+
+def cluster_bootstrap_interval(values: Sequence[float], clusters: Sequence[str], draws: int = BOOTSTRAP_DRAWS,
+                               seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of a mean over prompts when prompts come in clusters (here: countries).
+
+    Prompts about one country share its fact, so they are not independent: a Wilson interval over
+    prompts is too narrow. Whole clusters are resampled with replacement (seeded numpy Generator) and
+    the statistic is the pooled mean over the prompts of the drawn clusters (a ratio estimator, so
+    clusters of unequal size weigh by their prompts, as in the point estimate)."""
+    if len(values) != len(clusters):
+        raise FactualError(f"{len(values)} values but {len(clusters)} cluster labels.")
+    if not values:
+        raise FactualError("A rate over zero prompts is undefined (empty split).")
+    names = list(dict.fromkeys(clusters))
+    index = {name: i for i, name in enumerate(names)}
+    members = np.array([index[c] for c in clusters])
+    sums = np.bincount(members, weights=np.asarray(values, dtype=np.float64), minlength=len(names))
+    sizes = np.bincount(members, minlength=len(names)).astype(np.float64)
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(len(names), np.full(len(names), 1.0 / len(names)), size=draws)  # [draws, clusters]
+    stats = (weights @ sums) / (weights @ sizes)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(stats, [tail, 1.0 - tail])
+    return float(low), float(high)
+
+
 @dataclass
 class Rates:
-    """Generation rates over a prompt set: counts, rates and Wilson intervals per label."""
+    """Generation rates over a prompt set: counts, rates and 95% intervals per label.
+
+    With `clusters` (each prompt's country; at least two distinct), intervals are a cluster bootstrap
+    over countries (`cluster_bootstrap_interval`); otherwise (one prompt per country, or no clusters)
+    Wilson intervals over prompts."""
 
     n: int
     counts: dict[str, int]
     examples: list[str] = field(default_factory=list)  # a few cut answers, for the report
+    labels: list[str] = field(default_factory=list)     # per prompt (with clusters: for the bootstrap)
+    clusters: list[str] = field(default_factory=list)   # per prompt: its country
+    seed: int = 0
 
     def rate(self, label: str) -> float:
         return self.counts[label] / self.n
 
+    @property
+    def interval_method(self) -> str:
+        clustered = len(self.labels) == self.n and len(set(self.clusters)) >= 2 and len(self.clusters) > len(set(self.clusters))
+        return "cluster bootstrap over countries" if clustered else "Wilson"
+
     def interval(self, label: str) -> tuple[float, float]:
-        return wilson_interval(self.counts[label], self.n)
+        if self.interval_method == "Wilson":
+            return wilson_interval(self.counts[label], self.n)
+        return cluster_bootstrap_interval([float(x == label) for x in self.labels], self.clusters, seed=self.seed)
 
     def to_json(self) -> dict[str, Any]:
         return {"n": self.n, "counts": dict(self.counts), "examples": list(self.examples),
                 "rates": {k: self.rate(k) for k in LABELS},
-                "intervals": {k: list(self.interval(k)) for k in LABELS}}
+                "intervals": {k: list(self.interval(k)) for k in LABELS},
+                "interval_method": self.interval_method, "n_clusters": len(set(self.clusters)),
+                "labels": list(self.labels), "clusters": list(self.clusters), "seed": self.seed}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Rates:
-        return cls(int(data["n"]), {k: int(v) for k, v in data["counts"].items()}, list(data.get("examples", [])))
+        return cls(int(data["n"]), {k: int(v) for k, v in data["counts"].items()}, list(data.get("examples", [])),
+                   list(data.get("labels", [])), list(data.get("clusters", [])), int(data.get("seed", 0)))
 
 
-def rates_from_labels(labels: Sequence[str], answers: Sequence[str] = ()) -> Rates:
+def rates_from_labels(labels: Sequence[str], answers: Sequence[str] = (), clusters: Sequence[str] = (),
+                      seed: int = 0) -> Rates:
     if not labels:
         raise FactualError("No prompts to measure (empty split).")
+    if clusters and len(clusters) != len(labels):
+        raise FactualError(f"{len(labels)} labels but {len(clusters)} cluster names.")
     return Rates(len(labels), {k: sum(label == k for label in labels) for k in LABELS},
-                 [cut_answer(a) for a in answers[:5]])
+                 [cut_answer(a) for a in answers[:5]], list(labels), list(clusters), seed)
 
 
 @dataclass
@@ -188,6 +253,7 @@ class FastRates:
     prefers_in_context: float
     argmax_in_context: float
     argmax_memorised: float
+    intervals: dict[str, list[float]] = field(default_factory=dict)  # cluster bootstrap over countries
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -245,7 +311,7 @@ def generation_rates(model: LoadedModel, prompts: Sequence[CounterfactualPrompt]
                      interventions: Intervention | Sequence[Intervention] | None = None) -> Rates:
     answers = generate_answers(model, prompts, config.max_new_tokens, interventions, config.batch_size)
     labels = [classify_answer(a, p.capital_names, p.context_city) for a, p in zip(answers, prompts)]
-    return rates_from_labels(labels, answers)
+    return rates_from_labels(labels, answers, [p.country for p in prompts], config.seed)
 
 
 @torch.no_grad()
@@ -268,13 +334,19 @@ def first_token_logits(model: LoadedModel, prompts: Sequence[CounterfactualPromp
 
 def fast_rates(model: LoadedModel, prompts: Sequence[CounterfactualPrompt],
                interventions: Intervention | Sequence[Intervention] | None = None,
-               batch_size: int = 32) -> FastRates:
+               batch_size: int = 32, seed: int = 0) -> FastRates:
+    """The first-token measure, with 95% cluster-bootstrap intervals over the prompts' countries."""
     pair, argmax = first_token_logits(model, prompts, interventions, batch_size)
     diff = pair[:, 0] - pair[:, 1]
     ic = torch.tensor([p.in_context_token for p in prompts])
     mem = torch.tensor([p.memorised_token for p in prompts])
+    countries = [p.country for p in prompts]
+    intervals: dict[str, list[float]] = {}
+    if len(set(countries)) >= 2:
+        for name, values in (("mean_logit_diff", diff), ("prefers_in_context", (diff > 0).double())):
+            intervals[name] = list(cluster_bootstrap_interval(values.tolist(), countries, seed=seed))
     return FastRates(len(prompts), float(diff.mean()), float((diff > 0).double().mean()),
-                     float((argmax == ic).double().mean()), float((argmax == mem).double().mean()))
+                     float((argmax == ic).double().mean()), float((argmax == mem).double().mean()), intervals)
 
 
 # ---- head attribution ----------------------------------------------------------------------------
@@ -530,6 +602,7 @@ def run(model: LoadedModel, config: FactualConfig = FactualConfig(), progress: P
                                         config.template, formatter, context_pool=pool)
     except CounterfactualDataError as error:
         raise FactualError(str(error)) from error
+    check_disjoint(tuning.prompts, heldout.prompts)
     data = {"tuning": tuning.notes(), "heldout": heldout.notes(),
             "n_tuning_countries": len(tuning_countries), "n_heldout_countries": len(heldout_countries),
             "first_token_rule": "plain: first token of ' ' + city; chat: first token of the bare city"}
@@ -585,7 +658,7 @@ def run(model: LoadedModel, config: FactualConfig = FactualConfig(), progress: P
             curves[point.head] = {"factors": list(config.factors), **curve}
 
     say(0.85, "causal checks against random heads")
-    causal = causal_checks(model, heldout.prompts,
+    causal = causal_checks(model, heldout.prompts, tuning=tuning.prompts,
                            top_ic_heads=[h for h, _ in scores.top(config.ablate_top_k, True)],
                            top_mem_heads=[h for h, _ in scores.top(config.ablate_top_k, False)],
                            best=best, config=config, baseline=FastRates.from_json(baseline["fast"]))
@@ -598,16 +671,22 @@ def run(model: LoadedModel, config: FactualConfig = FactualConfig(), progress: P
 
 def causal_checks(model: LoadedModel, prompts: Sequence[CounterfactualPrompt], top_ic_heads: Sequence[Head],
                   top_mem_heads: Sequence[Head], best: dict[str, Any], config: FactualConfig,
-                  baseline: FastRates) -> dict[str, Any]:
+                  baseline: FastRates, tuning: Sequence[CounterfactualPrompt]) -> dict[str, Any]:
     """Attribution checked by intervention, on held-out prompts, with the fast measure.
+
+    `tuning` are the prompts the heads and factors were chosen on: `prompts` must ask about other
+    countries (`check_disjoint`, a `SplitOverlapError` otherwise).
 
     - Zero-ablating the top in-context heads should lower d (mean logit difference) more than ablating
       random sets of the same size; zero-ablating the top memory heads should raise it more.
     - The chosen scaling should move d more than the same factor on random single heads.
     Random sets exclude every head under test (`random_head_sets`).
     """
+    check_disjoint(tuning, prompts)
     out: dict[str, Any] = {"measure": "change in mean logit(in-context) - logit(memorised) vs baseline",
-                           "baseline_mean_logit_diff": baseline.mean_logit_diff}
+                           "baseline_mean_logit_diff": baseline.mean_logit_diff,
+                           "n_tuning_countries": len({p.country for p in tuning}),
+                           "n_heldout_countries": len({p.country for p in prompts})}
     exclude = list(dict.fromkeys(list(top_ic_heads) + list(top_mem_heads)))
     for name, heads, sign in (("ablate_in_context_heads", top_ic_heads, -1.0),
                               ("ablate_memory_heads", top_mem_heads, 1.0)):
@@ -638,7 +717,7 @@ def causal_checks(model: LoadedModel, prompts: Sequence[CounterfactualPrompt], t
 # ---- figures -------------------------------------------------------------------------------------
 
 def figures(result: FactualResult) -> dict[str, go.Figure]:
-    """Attribution heatmap, top-head bars, rate-vs-scale curves (held-out, Wilson intervals)."""
+    """Attribution heatmap, top-head bars, rate-vs-scale curves (held-out, cluster-bootstrap intervals)."""
     scores = result.scores.scores.to(torch.float64)
     limit = float(scores.abs().max()) or 1.0
     heat = go.Figure(go.Heatmap(z=scores.tolist(), zmid=0.0, zmin=-limit, zmax=limit, colorscale="RdBu",
@@ -669,7 +748,8 @@ def figures(result: FactualResult) -> dict[str, go.Figure]:
                                             error_y={"type": "data", "symmetric": False, "array": high,
                                                      "arrayminus": low}), row=1, col=col)
         fast = [f["prefers_in_context"] for f in curve["fast"]]
-        bounds = [wilson_interval(round(v * f["n"]), f["n"]) for v, f in zip(fast, curve["fast"])]
+        bounds = [f["intervals"]["prefers_in_context"] if f.get("intervals", {}).get("prefers_in_context")
+                  else wilson_interval(round(v * f["n"]), f["n"]) for v, f in zip(fast, curve["fast"])]
         curves.add_trace(go.Scatter(x=factors, y=fast, mode="lines+markers",
                                     name=f"first token prefers in-context ({head})",
                                     line={"color": "#4393c3", "dash": "dot"},
@@ -679,7 +759,8 @@ def figures(result: FactualResult) -> dict[str, go.Figure]:
                          row=1, col=col)
         curves.update_xaxes(title_text="scale factor", row=1, col=col)
     curves.update_yaxes(title_text="rate (held-out)", range=[0, 1])
-    curves.update_layout(title="Held-out rates vs the scale of the chosen heads (95% Wilson intervals)")
+    curves.update_layout(title="Held-out rates vs the scale of the chosen heads "
+                               "(95% intervals, cluster bootstrap over countries)")
     return {"attribution": heat, "top_heads": bars, "scaling": curves}
 
 

@@ -68,6 +68,53 @@ def test_wilson_interval_contains_the_rate_and_narrows_with_n():
         F.wilson_interval(0, 0)
 
 
+def _clustered(within_country_mixed: bool) -> tuple[list[str], list[str]]:
+    """10 countries x 8 prompts, rate 0.5: either whole countries answer alike (clustered), or every
+    country answers half and half (no cluster effect)."""
+    labels, clusters = [], []
+    for c in range(10):
+        for k in range(8):
+            hit = (k % 2 == 0) if within_country_mixed else (c < 5)
+            labels.append("in_context" if hit else "memorised")
+            clusters.append(f"country{c}")
+    return labels, clusters
+
+
+def test_cluster_bootstrap_is_wider_than_wilson_when_countries_answer_alike():
+    labels, clusters = _clustered(within_country_mixed=False)
+    rates = F.rates_from_labels(labels, clusters=clusters, seed=3)
+    assert rates.rate("in_context") == 0.5 and rates.interval_method == "cluster bootstrap over countries"
+    low, high = rates.interval("in_context")
+    w_low, w_high = F.wilson_interval(40, 80)
+    assert low < 0.5 < high
+    assert high - low > 2 * (w_high - w_low)  # 10 independent countries, not 80 independent prompts
+    assert (low, high) == rates.interval("in_context")  # seeded
+    # Same rate, but every country half and half: resampling countries barely moves the rate.
+    labels, clusters = _clustered(within_country_mixed=True)
+    mixed = F.rates_from_labels(labels, clusters=clusters, seed=3).interval("in_context")
+    assert mixed[1] - mixed[0] < 0.5 * (w_high - w_low)
+    # One prompt per country, or no countries: Wilson, as before.
+    assert F.rates_from_labels(labels[:10], clusters=[f"c{i}" for i in range(10)]).interval_method == "Wilson"
+    assert F.rates_from_labels(labels).interval("in_context") == F.wilson_interval(40, 80)
+    again = F.Rates.from_json(json.loads(json.dumps(rates.to_json())))
+    assert again.interval("in_context") == (low, high)
+    assert again.to_json()["interval_method"] == "cluster bootstrap over countries"
+
+
+def test_cluster_bootstrap_weighs_clusters_by_their_prompts():
+    """Unequal clusters: the statistic is the pooled rate of the drawn countries (ratio estimator), as
+    the point estimate is. One country with 20 prompts, all in-context, and 4 with one prompt each, none:
+    pooled 20/24 = 0.83. Any draw that contains the big country pools to >= 0.83, so the upper bound is
+    >= 0.83; the mean of per-country rates would top out at 0.6 (3 of 5 draws big: P 0.058)."""
+    labels = ["in_context"] * 20 + ["memorised"] * 4
+    clusters = ["big"] * 20 + ["a", "b", "c", "d"]
+    values = [float(x == "in_context") for x in labels]
+    low, high = F.cluster_bootstrap_interval(values, clusters, seed=0)
+    assert low < 20 / 24 <= high <= 1.0
+    with pytest.raises(F.FactualError, match="cluster labels"):
+        F.cluster_bootstrap_interval(values, clusters[:-1])
+
+
 # ---- data ----------------------------------------------------------------------------------------
 
 def test_prompt_format_matches_the_paper():
@@ -204,6 +251,26 @@ def test_memory_dominant_planted_model_is_steered_to_context():
     assert flipped.rate("in_context") == 1.0
 
 
+def test_held_out_causal_test_refuses_tuning_countries(planted, planted_prompts):
+    """The countries the heads are chosen on never enter the held-out causal test: check_disjoint
+    (called by run and causal_checks) names the shared countries; a disjoint split passes."""
+    tuning_countries, heldout_countries = split_countries(PLANTED_POOL, 0.5, seed=0)
+    tuning = build_counterfactuals(planted.tokenizer, tuning_countries, 8, seed=0).prompts
+    heldout = build_counterfactuals(planted.tokenizer, heldout_countries, 8, seed=1).prompts
+    F.check_disjoint(tuning, heldout)
+    leaked = heldout + tuning[:1]
+    with pytest.raises(F.SplitOverlapError, match=rf"1 tuning country \({tuning[0].country}\).*disjoint"):
+        F.check_disjoint(tuning, leaked)
+    config = F.FactualConfig(table=PLANTED_TABLE, random_draws=1, ablate_top_k=1)
+    best = {d: {"head": str(IN_CONTEXT_HEAD), "factor": 0.0, "heldout_fast": {"mean_logit_diff": 0.0}}
+            for d in ("in_context", "memorised")}
+    baseline = F.fast_rates(planted, heldout)
+    with pytest.raises(F.SplitOverlapError):
+        F.causal_checks(planted, leaked, [IN_CONTEXT_HEAD], [MEMORY_HEAD], best, config, baseline, tuning=tuning)
+    out = F.causal_checks(planted, heldout, [IN_CONTEXT_HEAD], [MEMORY_HEAD], best, config, baseline, tuning=tuning)
+    assert out["n_tuning_countries"] + out["n_heldout_countries"] <= len(PLANTED_POOL)
+
+
 def test_bad_configuration_is_a_clear_error(planted):
     with pytest.raises(F.FactualError, match="template"):
         F.run(planted, F.FactualConfig(table=PLANTED_TABLE, template="markdown"))
@@ -245,10 +312,13 @@ def test_reference_agreement_on_gemma3_with_post_attention_norms(gemma3):
 @pytest.mark.parametrize("fixture", ["smollm2", "gemma3"])
 def test_top_heads_move_the_logit_difference_more_than_random_heads(fixture, request):
     """Causal check: zero-ablating the top-3 memory heads raises d, the top-3 in-context heads lower
-    it, each more than 4 seeded random sets of 3 heads (which exclude the top heads)."""
+    it, each more than 4 seeded random sets of 3 heads (which exclude the top heads); the held-out
+    prompts ask about other countries than the tuning prompts the heads were chosen on."""
     model = request.getfixturevalue(fixture)
-    tuning = _known_prompts(model, 24, seed=0)
-    heldout = _known_prompts(model, 24, seed=1)
+    tuning_countries, heldout_countries = split_countries(default_pool(), 0.5, seed=0)
+    tuning = build_counterfactuals(model.tokenizer, tuning_countries, 24, 0, context_pool=default_pool()).prompts
+    heldout = build_counterfactuals(model.tokenizer, heldout_countries, 24, 1, context_pool=default_pool()).prompts
+    F.check_disjoint(tuning, heldout)  # held-out countries are not the ones the heads were chosen on
     scores = F.head_attribution(model, tuning).mean
     flat = scores.flatten()
     order = torch.argsort(flat)
