@@ -149,10 +149,12 @@ def _spread_norms(model: torch.nn.Module, seed: int) -> None:
 # Gemma 2, removing soft-capping moved the logits by 6e-5). Attention scores of ~0.03 sit in the linear
 # part of tanh and barely depend on positions; with these factors switching off the attention and final
 # soft-caps (Gemma 2) or rotating all of d_head instead of a quarter (GPT-NeoX) moves the logits by
-# > 1e-2 (tests/test_architectures.py, test_switching_off_a_component_moves_the_logits).
+# > 1e-2 (tests/test_architectures.py, test_switching_off_a_component_moves_the_logits), and every
+# intervention kind moves them by > 1e-3 (GPT-2's flat default attention hid uniform attention).
 SHARPEN: dict[str, dict[str, float]] = {
     "gemma2": {"q_proj.weight": 10.0, "k_proj.weight": 10.0, "lm_head.weight": 10.0},
     "gpt_neox": {"query_key_value.weight": 6.0},
+    "gpt2": {"c_attn.weight": 4.0},  # uniform attention moved its logits by 2e-4 only
 }
 
 

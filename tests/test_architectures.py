@@ -149,6 +149,183 @@ def test_zero_ablation_equals_zeroing_the_heads_slice_of_the_output_projection(f
     assert record(name, "zero-head", worst) <= ATOL
 
 
+# ---- (c') every intervention kind, per query head, against the HF copy's own modules ----------------
+
+def _projection_site(name: str, model: LoadedModel, copy: torch.nn.Module, layer: int,
+                     which: str) -> tuple[torch.nn.Module, Any]:
+    """(module of the HF copy, index(out, i) -> view of query head i's (`which="q"`) or KV head i's
+    (`"v"`) slice of its output): the query after any QK-norm (a scale before it would be normalised
+    away), the values as the projection gives them (bias included). Hugging Face layouts on purpose."""
+    arch = architecture(model)
+    dh, H, K = model.d_head, model.n_heads, model.n_kv_heads
+    if arch.attention(layer).qkv_fused:
+        module = copy.get_submodule(arch.path("attn.qkv", layer))
+        if name == "gpt_neox":  # per head [q_h | k_h | v_h]
+            offset = 0 if which == "q" else 2 * dh
+            return module, lambda out, i: out.view(*out.shape[:-1], H, 3 * dh)[..., i, offset:offset + dh]
+        base = 0 if which == "q" else H * dh + K * dh  # Phi-3, GPT-2: [q heads | k heads | v heads]
+        return module, lambda out, i: out[..., base + i * dh: base + (i + 1) * dh]
+    norm = arch.norm("q_norm", layer) if which == "q" else None
+    if norm is None:
+        module = copy.get_submodule(arch.path(f"attn.{which}", layer))
+        return module, lambda out, i: out[..., i * dh:(i + 1) * dh]
+    module = copy.get_submodule(norm.path)
+    if arch.qk_norm(layer) == "whole":  # OLMo-2: one norm over the whole projection
+        return module, lambda out, i: out[..., i * dh:(i + 1) * dh]
+    # per head: [b, t, H, dh] (Qwen3) or [b, H, t, dh] (Gemma 3, transposed before the norm)
+    return module, lambda out, i: out[:, i] if out.shape[1] == H and out.shape[2] != H else out[:, :, i]
+
+
+def _with_hook(module: torch.nn.Module, fn: Any, pre: bool = False) -> Any:
+    return module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
+
+
+def _copy_logits(copy: torch.nn.Module, ids: torch.Tensor, module: torch.nn.Module, fn: Any, pre: bool) -> torch.Tensor:
+    handle = _with_hook(module, fn, pre)
+    try:
+        return copy(ids).logits.float()
+    finally:
+        handle.remove()
+
+
+def _capture(copy: torch.nn.Module, ids: torch.Tensor, module: torch.nn.Module, pre: bool = False) -> torch.Tensor:
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(mod: Any, args: Any, out: Any = None) -> None:
+        seen["x"] = (args[0] if pre else (out[0] if isinstance(out, tuple) else out)).detach().clone()
+
+    handle = _with_hook(module, grab, pre)
+    try:
+        copy(ids)
+    finally:
+        handle.remove()
+    return seen["x"]
+
+
+def _bridge_hook_counts(model: LoadedModel) -> tuple[int, int]:
+    """(hooks on the bridge's hook points, hooks on any of its modules)."""
+    from probe.interventions import active_hook_count
+
+    modules = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.bridge.modules())
+    return active_hook_count(model), modules
+
+
+INTERVENTION_CHECKS = ("zero", "mean", "resample", "uniform", "scale query", "scale value", "scale output")
+SCALE = -1.7  # negative and not 0 / 1: a sign or a missed factor shows
+# Gaps filed with the owner (requests.md); xfailed only while they exceed the tolerance.
+INTERVENTION_GAPS = {
+    ("gemma2", "scale query"): "hook_attn_scores sits after Gemma 2's attention soft-cap: scaling the capped score "
+                               "is not scaling the query (cap*tanh(s*x/cap) != s*cap*tanh(x/cap))",
+}
+
+
+def test_every_intervention_kind_equals_its_hand_computation_on_the_hf_copy(family):
+    """Per layer and query head (GQA: one query head of a shared KV head at a time), probe's zero / mean /
+    resample / uniform-attention ablation and query / value / output scaling == the HF copy with the same
+    operation done by hand on its own modules: z slices at the output projection's input (zero, mean,
+    resample, output), z recomputed from the copy's attention weights and its value projection (value:
+    s * A_h v_kv(h); uniform: the running mean of v_kv(h) over the visible keys, sliding window included),
+    the query head's slice after any QK-norm (query). Scaling a KV head's values on the copy's projection
+    == probe's value scale on all query heads of that group. No hook is left after any block, and a
+    forward afterwards equals the clean one bit for bit."""
+    from probe.interventions import (capture_z, head_means, intervene, mean_ablation, resample_ablation, scale,
+                                     uniform_attention)
+
+    name, model, copy = family
+    arch = architecture(model)
+    dh = model.d_head
+    ids = model.encode(TEXT)
+    T = ids.shape[-1]
+    source = torch.roll(ids, 5, dims=-1)  # a different prompt of the same length (resample)
+    references = [torch.roll(ids, k, dims=-1) for k in (3, 11)]
+    with torch.no_grad():  # the bridge attaches its own module hooks on first use (a fixed set): warm up first
+        model.logits(ids)
+        model.run_with_cache(ids)
+    baseline_hooks = _bridge_hook_counts(model)
+    assert baseline_hooks[0] == 0
+    worst = dict.fromkeys(INTERVENTION_CHECKS, 0.0)
+    worst["scale value (KV group)"] = 0.0
+    moved = dict.fromkeys(INTERVENTION_CHECKS, 0.0)
+    with torch.no_grad():
+        clean_bridge = model.logits(ids).float()
+        clean = copy(ids).logits.float()
+        for layer in range(model.n_layers):
+            o_proj = copy.get_submodule(arch.attention(layer).o_path)
+            z_clean = _capture(copy, ids, o_proj, pre=True)[0]                       # [T, H*dh]
+            z_source = _capture(copy, source, o_proj, pre=True)[0]
+            z_mean = torch.cat([_capture(copy, r, o_proj, pre=True)[0] for r in references]).mean(0)
+            v_module, v_of = _projection_site(name, model, copy, layer, "v")
+            v_out = _capture(copy, ids, v_module)
+            pattern = copy(ids, output_attentions=True).attentions[layer][0].float()  # [H, T, T]
+            window = arch.attention(layer).window
+            t, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+            visible = (j <= t) & ((t - j < window) if window else True)
+            uniform = visible.float() / visible.sum(-1, keepdim=True)
+            heads = [Head(layer, h) for h in range(model.n_heads)]
+            means = head_means(model, references, heads)
+            sources = capture_z(model, source, heads)
+            for h, head in enumerate(heads):
+                v = v_of(v_out, arch.kv_of(h))[0].float()                            # [T, dh] of its KV head
+                hand_z = pattern[h] @ v
+                assert torch.allclose(hand_z, z_clean[:, h * dh:(h + 1) * dh].float(), atol=1e-5), (name, layer, h)
+                slices = {"zero": torch.zeros(T, dh), "mean": z_mean[h * dh:(h + 1) * dh].expand(T, dh),
+                          "resample": z_source[:, h * dh:(h + 1) * dh], "uniform": uniform @ v,
+                          "scale value": SCALE * hand_z, "scale output": SCALE * z_clean[:, h * dh:(h + 1) * dh]}
+                probes = {"zero": zero_ablation([head]), "mean": mean_ablation([head], means),
+                          "resample": resample_ablation([head], sources), "uniform": uniform_attention([head]),
+                          "scale value": scale([head], "value", SCALE), "scale output": scale([head], "output", SCALE),
+                          "scale query": scale([head], "query", SCALE)}
+                for check, intervention in probes.items():
+                    with intervene(model, [intervention]):
+                        got = model.logits(ids).float()
+                    assert _bridge_hook_counts(model) == baseline_hooks, (check, "hook left after the block")
+                    if check == "scale query":
+                        q_module, q_of = _projection_site(name, model, copy, layer, "q")
+
+                        def scale_q(module: Any, args: Any, out: torch.Tensor, h: int = h) -> torch.Tensor:
+                            out = out.clone()
+                            q_of(out, h).mul_(SCALE)
+                            return out
+
+                        expected = _copy_logits(copy, ids, q_module, scale_q, pre=False)
+                    else:
+                        def put(module: Any, args: tuple[torch.Tensor, ...], h: int = h,
+                                value: torch.Tensor = slices[check]) -> tuple[torch.Tensor, ...]:
+                            z = args[0].clone()
+                            z[..., h * dh:(h + 1) * dh] = value.to(z.dtype)
+                            return (z, *args[1:])
+
+                        expected = _copy_logits(copy, ids, o_proj, put, pre=True)
+                    worst[check] = max(worst[check], float((got - expected).abs().max()))
+                    moved[check] = max(moved[check], float((expected - clean).abs().max()))
+            # a KV head's values scaled on the projection == value scaling of every query head of its group
+            for g in range(model.n_kv_heads):
+                def scale_v(module: Any, args: Any, out: torch.Tensor, g: int = g) -> torch.Tensor:
+                    out = out.clone()
+                    v_of(out, g).mul_(SCALE)
+                    return out
+
+                expected = _copy_logits(copy, ids, v_module, scale_v, pre=False)
+                group = [Head(layer, h) for h in range(model.n_heads) if arch.kv_of(h) == g]
+                with intervene(model, [scale(group, "value", SCALE)]):
+                    got = model.logits(ids).float()
+                worst["scale value (KV group)"] = max(worst["scale value (KV group)"], float((got - expected).abs().max()))
+        assert _bridge_hook_counts(model) == baseline_hooks
+        assert torch.equal(model.logits(ids).float(), clean_bridge)  # nothing left behind
+    for check, value in moved.items():
+        record_effect(name, f"moves: {check}", value, minimum=1e-3)
+    failures = {}
+    for check, value in worst.items():
+        record(name, f"intervention: {check}", value)
+        if value > ATOL and (name, check) not in INTERVENTION_GAPS:
+            failures[check] = value
+    assert not failures, failures
+    assert min(moved.values()) > 1e-3, moved  # each kind changes the output (a hook can fire and change nothing)
+    gaps = {c: worst[c] for c in worst if (name, c) in INTERVENTION_GAPS and worst[c] > ATOL}
+    if gaps:
+        pytest.xfail(f"{name}: {gaps}: " + "; ".join(INTERVENTION_GAPS[(name, c)] for c in gaps))
+
+
 # ---- (d) every component the family adds is visible ----------------------------------------------
 
 @contextlib.contextmanager
