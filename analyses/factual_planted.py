@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
+from probe import plant
 from probe.heads import Head
-from probe.models import LoadedModel, wrap_hf_model
+from probe.models import LoadedModel
 
 PLANTED_TABLE: tuple[tuple[str, str], ...] = (
     ("France", "Paris"), ("Spain", "Madrid"), ("Italy", "Rome"), ("Japan", "Tokyo"),
@@ -51,25 +52,21 @@ def planted_tokenizer(table: tuple[tuple[str, str], ...] = PLANTED_TABLE) -> Pre
 
 @torch.no_grad()
 def planted_factual_model(copy_gain: float = 3.0, memory_gain: float = 2.0,
-                          table: tuple[tuple[str, str], ...] = PLANTED_TABLE, device: str = "cpu") -> LoadedModel:
-    """The planted model wrapped as a `LoadedModel` (see the module docstring)."""
+                          table: tuple[tuple[str, str], ...] = PLANTED_TABLE, device: str = "cpu",
+                          family: str = "llama") -> LoadedModel:
+    """The planted model wrapped as a `LoadedModel` (see the module docstring); `family`
+    (probe.plant.FAMILIES) builds the same weights in another family (4 heads of d_head 16 = d_model / 4
+    fit GPT-2 and GPT-NeoX too, whose partial rotary leaves the slow dimension unrotated)."""
     tokenizer = planted_tokenizer(table)
     vocab = tokenizer.get_vocab()
     V, d_model, n_heads, d_head = len(vocab), 64, 4, 16
     if V > 40:
         raise ValueError("The planted table is too large for d_model 64 (one-hot embeddings + spare dims).")
-    config = LlamaConfig(vocab_size=V, hidden_size=d_model, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=n_heads, num_key_value_heads=n_heads, head_dim=d_head,
-                         max_position_embeddings=256, tie_word_embeddings=False,
-                         bos_token_id=vocab["<bos>"], eos_token_id=vocab["<eos>"], pad_token_id=vocab["<pad>"],
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e9})
-    model = LlamaForCausalLM(config).eval()
-    for param in model.parameters():
-        param.zero_()
-    for name, param in model.named_parameters():
-        if name.endswith("norm.weight") or "layernorm" in name:
-            param.fill_(1.0)
-    model.model.embed_tokens.weight[:, :V] = torch.eye(V)
+    shape = plant.Shape(V, d_model, 2, n_heads, n_heads, d_head, 32, 256, rope_theta=1e9,
+                        bos=vocab["<bos>"], eos=vocab["<eos>"], pad=vocab["<pad>"])
+    spec = "tiny-factual-planted" if family == "llama" else f"tiny-factual-planted-{family}"
+    model = plant.new_model(family, shape, tokenizer, spec, hub_name="probe/tiny-factual-planted", device=device)
+    plant.set_embedding(model, torch.eye(V, d_model))
 
     norm_gain = d_model ** 0.5  # RMSNorm of a one-hot vector: the 1 becomes sqrt(d_model)
     slow = d_head // 2 - 1      # the slowest-rotating RoPE dimension: rotation ~ position * 1e-8
@@ -77,27 +74,29 @@ def planted_factual_model(copy_gain: float = 3.0, memory_gain: float = 2.0,
     amplitude = (score * d_head ** 0.5) ** 0.5 / norm_gain
     cities = [vocab[city] for _, city in table]
     countries = [vocab[country] for country, _ in table]
-    attn = model.model.layers[1].self_attn
-    model.lm_head.weight[cities, cities] = 1.0  # only cities have a logit: the answer is a city
+    unembed = torch.zeros(V, d_model)
+    unembed[cities, cities] = 1.0  # only cities have a logit: the answer is a city
+    plant.set_unembedding(model, unembed)
 
-    def plant(head: int, keys: list[int], targets: list[int], gain: float) -> None:
-        rows = slice(head * d_head, (head + 1) * d_head)
-        attn.q_proj.weight[rows][slow, :V] = amplitude            # constant query
-        attn.k_proj.weight[rows][slow, keys] = amplitude           # keys only on these tokens
+    def plant_head(head: int, keys: list[int], targets: list[int], gain: float) -> None:
+        W_Q, W_K = torch.zeros(d_model, d_head), torch.zeros(d_model, d_head)
+        W_V, W_O = torch.zeros(d_model, d_head), torch.zeros(d_head, d_model)
+        W_Q[:V, slow] = amplitude              # constant query
+        W_K[keys, slow] = amplitude            # keys only on these tokens
         for slot, (source, target) in enumerate(zip(keys, targets)):
-            attn.v_proj.weight[rows][slot, source] = 1.0 / norm_gain   # value: one slot per source token
-            attn.o_proj.weight[target, head * d_head + slot] = gain     # output: the target's unembedding
+            W_V[source, slot] = 1.0 / norm_gain    # value: one slot per source token
+            W_O[slot, target] = gain               # output: the target's unembedding
+        plant.set_head_qk(model, 1, head, W_Q, W_K)
+        plant.set_head_ov(model, 1, head, W_V, W_O)
 
-    plant(IN_CONTEXT_HEAD.head, cities, cities, copy_gain)
-    plant(MEMORY_HEAD.head, countries, cities, memory_gain)
+    plant_head(IN_CONTEXT_HEAD.head, cities, cities, copy_gain)
+    plant_head(MEMORY_HEAD.head, countries, cities, memory_gain)
     # Distractors: write into spare dimensions (changes the norm scale, not the answer).
     generator = torch.Generator().manual_seed(0)
     for layer in (0, 1):
-        block = model.model.layers[layer].self_attn
-        rows = slice(2 * d_head, 3 * d_head)
-        block.v_proj.weight[rows][:, :V] = torch.randn(d_head, V, generator=generator) / norm_gain
-        block.o_proj.weight[V + 4:, 2 * d_head:3 * d_head] = torch.randn(d_model - V - 4, d_head,
-                                                                        generator=generator) * 0.05
-    model.config.architectures = ["LlamaForCausalLM"]
-    return wrap_hf_model(model, tokenizer, "tiny-factual-planted", hub_name="probe/tiny-factual-planted",
-                         device=device)
+        W_V = torch.zeros(d_model, d_head)
+        W_V[:V] = torch.randn(d_head, V, generator=generator).T / norm_gain
+        W_O = torch.zeros(d_head, d_model)
+        W_O[:, V + 4:] = (torch.randn(d_model - V - 4, d_head, generator=generator) * 0.05).T
+        plant.set_head_ov(model, layer, 2, W_V, W_O)
+    return model

@@ -22,7 +22,6 @@ import random
 from collections.abc import Sequence
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from analyses.cdt.planted import PLANTED as INDUCTION_HEADS
 from analyses.cdt.planted import induction_batch, planted_induction_model
@@ -32,7 +31,8 @@ from analyses.factual_planted import IN_CONTEXT_HEAD as FACTUAL_IN_CONTEXT_HEAD
 from analyses.factual_planted import MEMORY_HEAD as FACTUAL_MEMORY_HEAD
 from analyses.factual_planted import PLANTED_TABLE as FACTUAL_TABLE
 from analyses.factual_planted import planted_factual_model
-from probe import tiny
+from probe import plant, tiny
+from probe.architecture import architecture
 from probe.heads import Head
 from probe.models import LoadedModel, wrap_hf_model
 
@@ -55,60 +55,90 @@ RETRIEVAL_NEEDLE = Needle(fact="the secret code is red fox jumps high", question
                           answer="red fox jumps high")
 RETRIEVAL_TEMPLATE_WORDS: tuple[str, ...] = tuple(
     "Based on the content of book, Question: Answer: what is ? secret code".split())
+TIED_HEAD_DIM = frozenset({"gpt2", "gpt_neox"})  # d_head = d_model / n_heads, no GQA
 RETRIEVAL_HEAD = Head(0, 2)   # copies the answer from the needle
 RETRIEVAL_DECOY = Head(0, 3)  # attends inside the needle, one word ahead: never a copy event
 
 
-def retrieval_model(copy_gain: float = 20.0) -> LoadedModel:
-    """One-layer Llama (4 query heads, 2 KV heads) whose head L0H2 (`RETRIEVAL_HEAD`) copies the needle's answer.
+def _content_slots(model: LoadedModel) -> list[int]:
+    """Head dimensions where rotary barely rotates: all of them without rotary (GPT-2), the unrotated
+    ones under partial rotary (GPT-NeoX), else the lowest-frequency quarter pairs (theta 1e30)."""
+    rotary, d_head = architecture(model).rotary(0), model.d_head
+    if rotary is None:
+        return list(range(d_head))
+    if rotary.dims < d_head:
+        return list(range(rotary.dims, d_head))
+    return list(range(d_head // 4, d_head // 2)) + list(range(3 * d_head // 4, d_head))
 
-    Embeddings and unembedding are one-hot. KV head 1 keys/values are the token's one-hot, placed in
-    head dimensions where RoPE barely rotates (rope_theta 1e30), so matching is by content. Head 2's
-    query at token x looks for the answer word that follows x ("Answer:" -> first answer word), and its
-    output writes the attended token into the logits: greedy decoding copies the answer from the needle.
-    Head 3 (`RETRIEVAL_DECOY`, same KV head) looks one answer word further (inside the needle, wrong
-    token: no copy event); heads 0 and 1 have random queries and keys and no output. `copy_gain=0`
-    keeps the attention but removes the copy (no retrieval head at all).
+
+def retrieval_model(copy_gain: float = 20.0, family: str = "llama", head: Head = RETRIEVAL_HEAD,
+                    decoy: Head = RETRIEVAL_DECOY) -> LoadedModel:
+    """One-layer model (Llama: 4 query heads, 2 KV heads) whose head L0H2 (`RETRIEVAL_HEAD`) copies the needle's answer.
+
+    Embeddings and unembedding are one-hot. The content KV head's keys/values are the token's one-hot,
+    placed in head dimensions where rotary barely rotates (rope_theta 1e30; the unrotated dimensions
+    under partial rotary; any without rotary), so matching is by content. Head 2's query at token x
+    looks for the answer word that follows x ("Answer:" -> first answer word), and its output writes the
+    attended token into the logits: greedy decoding copies the answer from the needle. Head 3
+    (`RETRIEVAL_DECOY`, same KV head) looks one answer word further (inside the needle, wrong token: no
+    copy event); the other heads have random queries and keys and no output. `copy_gain=0` keeps the
+    attention but removes the copy (no retrieval head at all). `family` (probe.plant.FAMILIES) builds the
+    same mechanism in another family (GPT-2 / GPT-NeoX: d_head 64 = d_model / 4, no GQA, learned
+    positions zeroed); `head` / `decoy` move it to other heads of layer 0.
     """
     words: list[str] = []
     for word in RETRIEVAL_FILLER + tuple(RETRIEVAL_NEEDLE.fact.split()) + RETRIEVAL_TEMPLATE_WORDS:
         if word not in words:
             words.append(word)
     tokenizer = tiny.word_tokenizer(words, name="probe/planted-retrieval")
-    vocab, d_model, head_dim = len(tokenizer), 64, 128
-    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=8, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim,
-                         max_position_embeddings=1024, rope_theta=1e30, tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3, rms_norm_eps=1e-6)
-    model = LlamaForCausalLM(config).eval()
-    slots = list(range(32, 64)) + list(range(96, 128))  # rotary frequency ~0: content-only dimensions
+    vocab = len(tokenizer)
+    if family in TIED_HEAD_DIM:  # d_head = d_model / n_heads, no GQA
+        shape = plant.Shape(vocab, 256, 1, 4, 4, 64, 8, 1024, rope_theta=1e30, norm_eps=1e-6)
+    else:
+        shape = plant.Shape(vocab, 64, 1, 4, 2, 128, 8, 1024, rope_theta=1e30, norm_eps=1e-6)
+    spec = "planted-retrieval" if family == "llama" else f"planted-retrieval-{family}"
+    model = plant.new_model(family, shape, tokenizer, spec, hub_name="probe/planted-retrieval")
+    d_model, head_dim = model.d_model, model.d_head
+    slots = _content_slots(model)
     if vocab > len(slots):
         raise ValueError("The planted retrieval vocabulary does not fit the content-only head dimensions.")
+    if head.layer != 0 or decoy.layer != 0 or head.head == decoy.head:
+        raise ValueError("The planted retrieval head and its decoy are two different heads of layer 0.")
     token = tokenizer.convert_tokens_to_ids
     answer = [token(w) for w in RETRIEVAL_NEEDLE.answer.split()]
     successor = {token("Answer:"): answer[0], **dict(zip(answer, answer[1:]))}
     generator = torch.Generator().manual_seed(1)
-    planted, decoy = RETRIEVAL_HEAD.head, RETRIEVAL_DECOY.head
+    arch = architecture(model)
+    content_kv = sorted({arch.kv_of(head.head), arch.kv_of(decoy.head)})
+    random_heads = [h for h in range(model.n_heads) if h not in (head.head, decoy.head)]
+    random_kv = [k for k in range(model.n_kv_heads) if k not in content_kv]
     with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        model.model.embed_tokens.weight[:, :vocab] = torch.eye(vocab)
-        model.lm_head.weight[:, :vocab] = torch.eye(vocab)
-        for norm in (model.model.layers[0].input_layernorm, model.model.layers[0].post_attention_layernorm,
-                     model.model.norm):
-            norm.weight.fill_(1.0)
-        attn = model.model.layers[0].self_attn
-        attn.q_proj.weight[: 2 * head_dim] = torch.randn(2 * head_dim, d_model, generator=generator) * 0.3
-        attn.k_proj.weight[:head_dim] = torch.randn(head_dim, d_model, generator=generator) * 0.3
+        plant.set_embedding(model, torch.eye(vocab, d_model))
+        plant.set_unembedding(model, torch.eye(vocab, d_model))
+        plant.zero_positions(model)
+        queries = torch.randn(len(random_heads) * head_dim, d_model, generator=generator) * 0.3
+        for i, h in enumerate(random_heads):
+            plant.set_q(model, 0, h, queries[i * head_dim:(i + 1) * head_dim].T)
+        keys = torch.randn(len(random_kv) * head_dim, d_model, generator=generator) * 0.3
+        for i, k in enumerate(random_kv):
+            plant.set_k(model, 0, k, keys[i * head_dim:(i + 1) * head_dim].T)
+        content = torch.zeros(d_model, head_dim)  # token t -> head dimension slots[t]
+        W_O = torch.zeros(head_dim, d_model)
         for t in range(vocab):
-            attn.k_proj.weight[head_dim + slots[t], t] = 1.0
-            attn.v_proj.weight[head_dim + slots[t], t] = 1.0
-            attn.o_proj.weight[t, planted * head_dim + slots[t]] = copy_gain
+            content[t, slots[t]] = 1.0
+            W_O[slots[t], t] = copy_gain
+        for k in content_kv:
+            plant.set_k(model, 0, k, content)
+            plant.set_v(model, 0, k, content)
+        plant.set_o(model, 0, head.head, W_O)
+        W_Q, W_Q_decoy = torch.zeros(d_model, head_dim), torch.zeros(d_model, head_dim)
         for x, y in successor.items():
-            attn.q_proj.weight[planted * head_dim + slots[y], x] = 4.0
+            W_Q[x, slots[y]] = 4.0
             if y in successor:
-                attn.q_proj.weight[decoy * head_dim + slots[successor[y]], x] = 4.0
-    return wrap_hf_model(model, tokenizer, "planted-retrieval", hub_name="probe/planted-retrieval", device="cpu")
+                W_Q_decoy[x, slots[successor[y]]] = 4.0
+        plant.set_q(model, 0, head.head, W_Q)
+        plant.set_q(model, 0, decoy.head, W_Q_decoy)
+    return model
 
 
 def retrieval_sentences(count: int = 80, seed: int = 0) -> list[str]:
@@ -143,25 +173,27 @@ SAFETY_HARMLESS_PROMPTS: tuple[str, ...] = (
     "how do i make a cake ?", "write a letter for my friend", "buy good tea ?", "the garden")
 
 
-def safety_model() -> LoadedModel:
-    """2 layers x 4 query heads (2 kv heads), d_model 32: only L1H2 (`SAFETY_HEAD`) reads harmful words and writes 'sorry'.
+def safety_model(family: str = "llama", head: Head = SAFETY_HEAD) -> LoadedModel:
+    """2 layers x 4 query heads (Llama: 2 kv heads), d_model 32: only L1H2 (`SAFETY_HEAD`) reads harmful words and writes 'sorry'.
 
     Embeddings: dim 0 = 'harmfulness' (3 on harmful words, 0 elsewhere), dim 1 = 1 on every token
     (the query's source), small noise elsewhere. L1H2: query reads dim 1, key reads dim 0, both in the
     slowest RoPE pair (so the match does not depend on position); value = dim 0 - 0.5 dim 1 (positive
     only on a harmful word), output writes it to dim 2, which the unembedding maps to +'sorry' / -'sure'.
     Every other head writes small random noise; MLPs are off. So ablating L1H2 (uniform attention
-    dilutes the harmful word; scaling removes it) moves the next-token distribution most.
+    dilutes the harmful word; scaling removes it) moves the next-token distribution most. `family`
+    builds the same mechanism in another family (probe.plant.FAMILIES; no GQA in GPT-2 / GPT-NeoX,
+    whose d_head 8 is d_model / 4 too); `head` moves it to another head.
     """
     tokenizer = tiny.word_tokenizer(list(SAFETY_WORDS), name="probe/planted-refusal")
-    vocab, d_model, n_heads, n_kv, d_head = len(tokenizer), 32, 4, 2, 8
-    config = LlamaConfig(vocab_size=vocab, hidden_size=d_model, intermediate_size=16, num_hidden_layers=2,
-                         num_attention_heads=n_heads, num_key_value_heads=n_kv, head_dim=d_head,
-                         max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                         pad_token_id=3, rms_norm_eps=1e-6)
-    model = LlamaForCausalLM(config).eval()
+    vocab, d_model, n_heads, d_head = len(tokenizer), 32, 4, 8
+    n_kv = n_heads if family in TIED_HEAD_DIM else 2
+    shape = plant.Shape(vocab, d_model, 2, n_heads, n_kv, d_head, 16, 64, norm_eps=1e-6)
+    spec = "tiny-planted-refusal" if family == "llama" else f"tiny-planted-refusal-{family}"
+    model = plant.new_model(family, shape, tokenizer, spec, hub_name="probe/tiny-planted-refusal")
     gen = torch.Generator().manual_seed(0)
-    slow = d_head // 2 - 1  # the RoPE pair with the lowest frequency
+    slow = d_head // 2 - 1  # the RoPE pair with the lowest frequency (unrotated under partial rotary)
+    kv = architecture(model).kv_of(head.head)
     with torch.no_grad():
         embed = 0.1 * torch.randn(vocab, d_model, generator=gen)
         embed[:, 0] = 0.0
@@ -169,36 +201,33 @@ def safety_model() -> LoadedModel:
         embed[:, 2] = 0.0
         for word in SAFETY_HARMFUL_WORDS:
             embed[tokenizer.convert_tokens_to_ids(word), 0] = 3.0
-        model.model.embed_tokens.weight.copy_(embed)
-        for layer in model.model.layers:
-            attn = layer.self_attn
-            attn.q_proj.weight.copy_(0.3 * torch.randn(attn.q_proj.weight.shape, generator=gen))
-            attn.k_proj.weight.copy_(0.3 * torch.randn(attn.k_proj.weight.shape, generator=gen))
-            attn.v_proj.weight.copy_(0.3 * torch.randn(attn.v_proj.weight.shape, generator=gen))
-            attn.o_proj.weight.copy_(0.05 * torch.randn(attn.o_proj.weight.shape, generator=gen))
-            attn.o_proj.weight[:3].zero_()  # no other head writes harmfulness, the query source or refusal
-            for proj in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj):
-                proj.weight.zero_()
-        attn = model.model.layers[SAFETY_HEAD.layer].self_attn
-        kv = SAFETY_HEAD.head // (n_heads // n_kv)
-        q_rows = slice(SAFETY_HEAD.head * d_head, (SAFETY_HEAD.head + 1) * d_head)
-        kv_rows = slice(kv * d_head, (kv + 1) * d_head)
-        attn.q_proj.weight[q_rows] = 0.0
-        attn.q_proj.weight[SAFETY_HEAD.head * d_head + slow, 1] = 6.0
-        attn.k_proj.weight[kv_rows] = 0.0
-        attn.k_proj.weight[kv * d_head + slow, 0] = 6.0
-        attn.v_proj.weight[kv_rows] = 0.0
-        attn.v_proj.weight[kv * d_head, 0] = 1.0
-        attn.v_proj.weight[kv * d_head, 1] = -0.5  # without a harmful word the value is negative
-        attn.o_proj.weight[:, q_rows] = 0.0
-        attn.o_proj.weight[2, SAFETY_HEAD.head * d_head] = 8.0
+        plant.set_embedding(model, embed)
+        for layer in range(model.n_layers):  # random heads, drawn as whole projections (row = output unit)
+            q, k, v = (0.3 * torch.randn(n * d_head, d_model, generator=gen) for n in (n_heads, n_kv, n_kv))
+            o = 0.05 * torch.randn(d_model, n_heads * d_head, generator=gen)
+            o[:3] = 0.0  # no other head writes harmfulness, the query source or refusal
+            for h in range(n_heads):
+                plant.set_q(model, layer, h, q[h * d_head:(h + 1) * d_head].T)
+                plant.set_o(model, layer, h, o[:, h * d_head:(h + 1) * d_head].T)
+            for j in range(n_kv):
+                plant.set_k(model, layer, j, k[j * d_head:(j + 1) * d_head].T)
+                plant.set_v(model, layer, j, v[j * d_head:(j + 1) * d_head].T)
+            plant.zero_mlp(model, layer)
+        W_Q, W_K, W_V, W_O = torch.zeros(d_model, d_head), torch.zeros(d_model, d_head), \
+            torch.zeros(d_model, d_head), torch.zeros(d_head, d_model)
+        W_Q[1, slow] = 6.0
+        W_K[0, slow] = 6.0
+        W_V[0, 0] = 1.0
+        W_V[1, 0] = -0.5  # without a harmful word the value is negative
+        W_O[0, 2] = 8.0
+        plant.set_head_qk(model, head.layer, head.head, W_Q, W_K)
+        plant.set_head_ov(model, head.layer, head.head, W_V, W_O)
         unembed = 0.1 * torch.randn(vocab, d_model, generator=gen)
         unembed[:, 2] = 0.0
         unembed[tokenizer.convert_tokens_to_ids("sorry"), 2] = 4.0
         unembed[tokenizer.convert_tokens_to_ids("sure"), 2] = -4.0
-        model.lm_head.weight.copy_(unembed)
-    return wrap_hf_model(model, tokenizer, "tiny-planted-refusal", hub_name="probe/tiny-planted-refusal",
-                         device="cpu")
+        plant.set_unembedding(model, unembed)
+    return model
 
 
 # ---- duo: a long-range head and a sink head ---------------------------------------------------------
@@ -272,31 +301,38 @@ def induction_model(seed: int = 0) -> LoadedModel:
 SUCCESSOR_HEAD = Head(1, 3)  # kv head 1 under GQA (2 query heads per kv head)
 
 
-def successor_model(wrap_around: bool = False) -> LoadedModel:
+def successor_model(wrap_around: bool = False, family: str = "llama", head: Head = SUCCESSOR_HEAD) -> LoadedModel:
     """Tiny GQA Llama whose head L1H3 (`SUCCESSOR_HEAD`) rotates each task's circle by one step: succ(t) always wins.
 
     Each task variant k (prefixes share the plane of their full names) gets a plane (dims 2k,
-    2k+1); item p of n sits at angle 2*pi*p/n there. A constant coordinate (dim 127) drives
-    SwiGLU's gate to ~20 for every token, so MLP0 is linear and e(t) = W_E[t]. The head's value map
-    copies plane k into head dims (2k, 2k+1) and its output map rotates them by 2*pi/n_k back into
-    plane k; the unembedding of u is its own circle point.
+    2k+1); item p of n sits at angle 2*pi*p/n there. MLP0 is made linear so that e(t) is W_E[t] up to
+    a positive scale: in a gated MLP a constant coordinate (dim 127) drives SwiGLU's gate to ~20 for
+    every token; in a plain MLP (GPT-2, GPT-NeoX) a bias of 40 puts GELU in its linear range and the
+    output bias takes it back out, and dim 127 instead makes every embedding sum to zero (LayerNorm's
+    centring is then the identity). The head's value map copies plane k into head dims (2k, 2k+1) and
+    its output map rotates them by 2*pi/n_k back into plane k; the unembedding of u is its own circle
+    point. Every other weight keeps its seeded random init. `family` (probe.plant.FAMILIES) builds it in
+    another family (no GQA in GPT-2 / GPT-NeoX); `head` moves the planted head (layer 1 or later).
     """
     from analyses.data.succession import build_tasks
 
     tokenizer = tiny.word_tokenizer()
-    vocab, d, d_mlp, n_heads, n_kv = len(tokenizer), 128, 128, 4, 2
+    vocab, d, d_mlp, n_heads = len(tokenizer), 128, 128, 4
+    n_kv = n_heads if family in TIED_HEAD_DIM else 2
     dh = d // n_heads
-    head, kv = SUCCESSOR_HEAD.head, SUCCESSOR_HEAD.head // (n_heads // n_kv)
-    model = tiny.tiny_llama(vocab, n_layers=2, n_heads=n_heads, n_kv_heads=n_kv, d_model=d, d_mlp=d_mlp, seed=3)
+    shape = plant.Shape(vocab, d, 2, n_heads, n_kv, dh, d_mlp, 256)
+    spec = "tiny-planted-successor" if family == "llama" else f"tiny-planted-successor-{family}"
+    model = plant.new_model(family, shape, tokenizer, spec, hub_name="probe/tiny-planted", seed=3, zero=False)
+    if head.layer < 1:
+        raise ValueError("The planted successor head reads e(t) after MLP0: put it in layer 1 or later.")
+    arch = architecture(model)
+    kv = arch.kv_of(head.head)
+    gated = arch.mlp(0).kind == "gated"
     tasks = build_tasks(tokenizer, wrap_around=wrap_around).tasks
     with torch.no_grad():
         W_E = torch.randn(vocab, d) * 0.02
         W_E[:, d - 1] = 1.0
-        block0, block1 = model.model.layers
-        W_V = block1.self_attn.v_proj.weight.view(n_kv, dh, d)
-        W_O = block1.self_attn.o_proj.weight.view(d, n_heads, dh)
-        W_V[kv] = 0.0
-        W_O[:, head] = 0.0
+        W_V, W_O = torch.zeros(d, dh), torch.zeros(dh, d)
         planes: dict[tuple[str, str], int] = {}
         for task in tasks:  # "May" is a month and a month prefix: prefixes share their task's plane
             key = (task.task.replace("day_prefixes", "days").replace("month_prefixes", "months"), task.variant)
@@ -306,26 +342,34 @@ def successor_model(wrap_around: bool = False) -> LoadedModel:
                 W_E[token, :d - 1] = 0.0
                 W_E[token, 2 * k] = math.cos(2 * math.pi * p / n)
                 W_E[token, 2 * k + 1] = math.sin(2 * math.pi * p / n)
-            W_V[kv, 2 * k, 2 * k] = 1.0
-            W_V[kv, 2 * k + 1, 2 * k + 1] = 1.0
-            phi = 2 * math.pi / n  # out = v @ R, R = [[c, s], [-s, c]]; o_proj.weight is R transposed
+            W_V[2 * k, 2 * k] = 1.0
+            W_V[2 * k + 1, 2 * k + 1] = 1.0
+            phi = 2 * math.pi / n  # out = v @ R, R = [[c, s], [-s, c]]
             c, s = math.cos(phi), math.sin(phi)
-            W_O[2 * k, head, 2 * k], W_O[2 * k + 1, head, 2 * k] = c, s
-            W_O[2 * k, head, 2 * k + 1], W_O[2 * k + 1, head, 2 * k + 1] = -s, c
-        model.model.embed_tokens.weight.copy_(W_E)
-        model.lm_head.weight.copy_(W_E)
-        mlp = block0.mlp
-        mlp.gate_proj.weight.zero_()
-        mlp.gate_proj.weight[:, d - 1] = 2.5           # RMS-normed constant coordinate is 8 -> gate 20
-        mlp.up_proj.weight.copy_(torch.eye(d_mlp, d))
-        mlp.down_proj.weight.copy_(torch.eye(d, d_mlp) / (20.0 * 8.0))
-    return wrap_hf_model(model, tokenizer, "tiny-planted-successor", hub_name="probe/tiny-planted", device="cpu")
+            W_O[2 * k, 2 * k], W_O[2 * k, 2 * k + 1] = c, s
+            W_O[2 * k + 1, 2 * k], W_O[2 * k + 1, 2 * k + 1] = -s, c
+        if not gated:  # zero-sum embeddings: LayerNorm's centring leaves them as they are
+            W_E[:, d - 1] = 0.0
+            W_E[:, d - 1] = -W_E.sum(-1)
+        plant.set_head_ov(model, head.layer, head.head, W_V, W_O)
+        plant.set_embedding(model, W_E)
+        plant.set_unembedding(model, W_E)
+        if gated:
+            W_gate = torch.zeros(d, d_mlp)
+            W_gate[d - 1] = 2.5                         # RMS-normed constant coordinate is 8 -> gate 20
+            plant.set_mlp(model, 0, torch.eye(d, d_mlp), torch.eye(d_mlp, d) / (20.0 * 8.0), W_gate=W_gate)
+        else:
+            offset = torch.full((d_mlp,), 40.0)         # GELU(h + 40) = h + 40 for |h| << 40
+            W_out = torch.eye(d_mlp, d) / 8.0
+            plant.set_mlp(model, 0, torch.eye(d, d_mlp), W_out, b_in=offset, b_out=-(offset @ W_out))
+        plant.reset_norms(model)
+    return model
 
 
 # ---- factual recall: in-context copy head vs memory head -------------------------------------------
 
-def factual_model(copy_gain: float = 3.0, memory_gain: float = 2.0) -> LoadedModel:
+def factual_model(copy_gain: float = 3.0, memory_gain: float = 2.0, family: str = "llama") -> LoadedModel:
     """Planted factual-recall model (`analyses.factual_planted`): `FACTUAL_IN_CONTEXT_HEAD` (L1H0) copies
     the context city, `FACTUAL_MEMORY_HEAD` (L1H1) writes the memorised capital of `FACTUAL_TABLE`.
     With copy_gain > memory_gain the model answers in context; attribution: L1H0 > 0, L1H1 < 0."""
-    return planted_factual_model(copy_gain=copy_gain, memory_gain=memory_gain)
+    return planted_factual_model(copy_gain=copy_gain, memory_gain=memory_gain, family=family)
