@@ -1,0 +1,101 @@
+"""probe.forward.run_from_layer on every family (tests/families.py): a partial forward from layer k on the
+cached residual equals the full forward's final-norm output, and hooks / interventions fire as in a full pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from families import FAMILIES
+from matrix import loaded_family, record
+from probe.forward import ForwardError, layer_calls, run_from_layer
+from probe.heads import Head
+from probe.interventions import active_hook_count, intervene, scale, zero_ablation
+
+TEXT = "the capital city of the country is a secret number 12 and the key to the park is 13"
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request: pytest.FixtureRequest, root: Path):
+    model, _, _ = loaded_family(request.param, root)
+    return request.param, model
+
+
+def _full(model, ids):
+    names = {"ln_final.hook_out"} | {f"blocks.{k}.hook_resid_pre" for k in range(model.n_layers)}
+    _, cache = model.run_with_cache(ids, names_filter=lambda n: n in names)
+    return cache
+
+
+def test_run_from_layer_equals_the_full_forward(family):
+    """From layer 0, 1, 2 on the cached `blocks.k.hook_resid_pre`, two identical rows (a batch) == the
+    full forward's `ln_final.hook_out` (ids longer than the Gemma windows of 8, so the sliding masks count)."""
+    name, model = family
+    ids = model.encode(TEXT)
+    assert ids.shape[-1] > 8
+    with torch.no_grad():
+        cache = _full(model, ids)
+        final = cache["ln_final.hook_out"]
+        worst = 0.0
+        for start in (0, 1, 2):
+            resid = cache[f"blocks.{start}.hook_resid_pre"].expand(2, -1, -1)
+            out = run_from_layer(model, resid, start)
+            assert out.shape == (2, ids.shape[-1], model.d_model)
+            worst = max(worst, float((out - final).abs().max()))
+        assert float(final.abs().max()) > 0.1  # a real output, not zeros
+    assert record(name, "forward from layer k", worst, tolerance=TOL) <= TOL
+    assert active_hook_count(model) == 0
+
+
+def test_interventions_and_hooks_fire_as_in_a_full_pass(family):
+    """With a per-row head ablation in layer 2 attached, the partial forward from layer 1 gives the full
+    ablated pass's output on the ablated row and the clean output on the other; each hook of layers >= 1
+    and of ln_final fires once per partial forward, as in the full pass, and no hook of layer 0 fires."""
+    name, model = family
+    ids = model.encode(TEXT)
+    ablation = [zero_ablation([Head(2, 1)], rows=(0,)), scale([Head(1, 3)], "query", 0.0, rows=(0,))]
+    with torch.no_grad():
+        clean = _full(model, ids)
+        with intervene(model, ablation):
+            ablated = _full(model, ids)["ln_final.hook_out"]
+            counts: dict[str, int] = {}
+
+            def count(tensor, hook):
+                counts[hook.name] = counts.get(hook.name, 0) + 1
+
+            with model.hooks([(lambda n: True, count)]):
+                out = run_from_layer(model, clean["blocks.1.hook_resid_pre"].expand(2, -1, -1), 1)
+            full_counts: dict[str, int] = {}
+
+            def count_full(tensor, hook):
+                full_counts[hook.name] = full_counts.get(hook.name, 0) + 1
+
+            with model.hooks([(lambda n: True, count_full)]):
+                model.logits(ids)
+    moved = float((ablated - clean["ln_final.hook_out"]).abs().max())
+    assert moved > 1e-3  # the ablation changes the output
+    worst = max(float((out[0] - ablated[0]).abs().max()), float((out[1] - clean["ln_final.hook_out"][0]).abs().max()))
+    assert record(name, "forward from layer k, intervened", worst, tolerance=TOL) <= TOL
+    expected = {n: c for n, c in full_counts.items() if n.startswith(("blocks.1.", "blocks.2.", "ln_final."))}
+    assert counts == expected
+    assert any(n.startswith("blocks.2.attn") for n in counts) and "ln_final.hook_out" in counts
+    assert active_hook_count(model) == 0
+
+
+def test_bad_input_is_a_clear_error(tiny_gqa):
+    resid = torch.zeros(1, 4, tiny_gqa.d_model)
+    with pytest.raises(ForwardError, match="does not exist"):
+        run_from_layer(tiny_gqa, resid, tiny_gqa.n_layers + 1)
+    with pytest.raises(ForwardError, match="residual stream"):
+        run_from_layer(tiny_gqa, resid[0], 0)
+    calls = layer_calls(tiny_gqa, 1, 4)
+    assert len(calls) == tiny_gqa.n_layers
+    assert [type(m).__name__ for m in tiny_gqa.bridge.blocks] == ["BlockBridge"] * tiny_gqa.n_layers
