@@ -17,8 +17,9 @@ Speed: an ablated copy of a prompt is identical to the clean run below the ablat
 fast path caches the clean residual stream once and runs only the layers from the ablated one up,
 for many ablated copies in one batch (each row has its own head(s), via `rows=`). The bridge's own
 `start_at_layer` does not save this work in TransformerLens 4.3 (it still runs every block and
-swaps the residual in at block k), so we call the bridged decoder layers directly (Llama-family
-models); other architectures fall back to batched full forward passes.
+swaps the residual in at block k), so the partial forward is `probe.forward.run_from_layer`, which
+runs the bridged decoder layers of any family; read-outs go through `probe.readout` (unembedding,
+its bias and the final logit soft-cap) and generation through `probe.generation`.
 """
 
 from __future__ import annotations
@@ -36,9 +37,12 @@ import torch
 from analyses.common import Progress, no_progress, provenance, random_head_sets
 from analyses.data.harmless import REFUSAL_PHRASES
 from probe.errors import ProbeError
+from probe.forward import run_from_layer
+from probe.generation import greedy_generate
 from probe.heads import Head, validate_heads
 from probe.interventions import Intervention, intervene, scale
 from probe.models import LoadedModel
+from probe.readout import log_probs_from_normalized
 from probe.results import HeadScores, Provenance
 
 ANALYZER = "safety"
@@ -194,13 +198,6 @@ def ablate(heads: Sequence[Head], ablation: str, epsilon: float, rows: Sequence[
     return scale(heads, ablation, epsilon, **where)
 
 
-def _llama_like(model: LoadedModel) -> bool:
-    """Whether the fast path (run the bridged decoder layers from layer k) is valid for this model."""
-    inner = getattr(model.hf_model, "model", None)
-    return (model.architecture in {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
-            and all(hasattr(inner, name) for name in ("layers", "norm", "rotary_emb")))
-
-
 @dataclass
 class CleanRun:
     """What the clean pass of one prompt leaves for the ablated copies: residual stream and readouts."""
@@ -223,34 +220,6 @@ def clean_run(model: LoadedModel, ids: torch.Tensor, keep_residual: bool = True)
 
 
 @torch.no_grad()
-def _run_from_layer(model: LoadedModel, resid: torch.Tensor, start: int) -> torch.Tensor:
-    """Final-norm states `[B, T, d]` from the residual entering `start`, through the bridged layers.
-
-    Hooks (interventions) fire as in a full pass: the HF layers inside a LoadedModel are the
-    bridge's components. A 4D causal mask is passed explicitly (eager attention).
-    """
-    inner = model.hf_model.model
-    batch, length, _ = resid.shape
-    positions = torch.arange(length, device=resid.device).unsqueeze(0)
-    mask = torch.full((length, length), torch.finfo(resid.dtype).min, dtype=resid.dtype, device=resid.device)
-    mask = torch.triu(mask, diagonal=1)[None, None].expand(batch, 1, length, length)
-    with model.lock:  # a partial forward through the bridged layers: no other thread's hooks in it
-        position_embeddings = inner.rotary_emb(resid, position_ids=positions)
-        hidden = resid
-        for layer in inner.layers[start:]:
-            out = layer(hidden, attention_mask=mask, position_embeddings=position_embeddings,
-                        position_ids=positions, past_key_values=None, use_cache=False)
-            hidden = out[0] if isinstance(out, tuple) else out
-        return inner.norm(hidden)
-
-
-def _unembed(model: LoadedModel, final: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities (fp32) from final-norm states `[B, d]`."""
-    with model.lock:  # the output embedding is the bridge's unembedding component (its hook points fire)
-        return torch.log_softmax(model.hf_model.get_output_embeddings()(final).float(), dim=-1)
-
-
-@torch.no_grad()
 def ablated_readouts(model: LoadedModel, clean: CleanRun, groups: Sequence[Sequence[Head]], ablation: str,
                      epsilon: float, batch_rows: int = 32, want_log_probs: bool = True,
                      fast: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -263,7 +232,7 @@ def ablated_readouts(model: LoadedModel, clean: CleanRun, groups: Sequence[Seque
         validate_heads(group, model)
         if not group:
             raise SafetyError("An ablation group must hold at least one head.")
-    use_fast = fast and clean.resid_pre is not None and _llama_like(model)
+    use_fast = fast and clean.resid_pre is not None
     order = sorted(range(len(groups)), key=lambda g: min(h.layer for h in groups[g]))
     finals = torch.empty((len(groups), model.d_model), dtype=torch.float32)
     log_probs = torch.empty((len(groups), model.d_vocab), dtype=torch.float32) if want_log_probs else None
@@ -274,14 +243,14 @@ def ablated_readouts(model: LoadedModel, clean: CleanRun, groups: Sequence[Seque
             if use_fast:
                 start = min(min(h.layer for h in groups[g]) for g in chunk)
                 resid = clean.resid_pre[start].expand(len(chunk), -1, -1)  # type: ignore[index]
-                final = _run_from_layer(model, resid, start)[:, -1]
+                final = run_from_layer(model, resid, start)[:, -1]
             else:
                 ids = clean.ids.expand(len(chunk), -1)
                 _, cache = model.run_with_cache(ids, names_filter=lambda n: n == "ln_final.hook_out")
                 final = cache["ln_final.hook_out"][:, -1]
         finals[chunk] = final.float().cpu()
         if log_probs is not None:
-            log_probs[chunk] = _unembed(model, final).cpu()
+            log_probs[chunk] = log_probs_from_normalized(model, final).cpu()
     return finals, log_probs
 
 
@@ -299,7 +268,7 @@ def ships_query(model: LoadedModel, ids: torch.Tensor, ablation: str = "query", 
     """Ships of every head (or `heads`) for one prompt: `[n_layers, n_heads]` KL in nats (NaN = not scored)."""
     model.check_fits(ids.shape[-1])
     heads = list(heads) if heads is not None else model.all_heads()
-    clean = clean_run(model, ids, keep_residual=fast and _llama_like(model))
+    clean = clean_run(model, ids, keep_residual=fast)
     _, log_probs = ablated_readouts(model, clean, [[h] for h in heads], ablation, epsilon, batch_rows, True, fast)
     scores = torch.full((model.n_layers, model.n_heads), float("nan"))
     kls = kl_divergence(clean.log_probs.cpu().unsqueeze(0), log_probs)  # type: ignore[arg-type]
@@ -440,7 +409,7 @@ def dataset_states(model: LoadedModel, prompts: Sequence[torch.Tensor], groups: 
     ablated = torch.empty((len(groups), len(prompts), model.d_model))
     lo, hi = progress_span
     for n, ids in enumerate(prompts):
-        clean = clean_run(model, ids, keep_residual=fast and _llama_like(model))
+        clean = clean_run(model, ids, keep_residual=fast)
         base[n] = clean.final.cpu()
         ablated[:, n], _ = ablated_readouts(model, clean, groups, ablation, epsilon, batch_rows,
                                             want_log_probs=False, fast=fast)
@@ -549,15 +518,12 @@ def generate(model: LoadedModel, queries: Sequence[str], interventions: Sequence
     Uses the HF `generate` of the bridged model: its layers are the bridge's components, so the
     intervention hooks fire at every step (checked against `LoadedModel.generate` in the tests).
     """
-    from analyses.organism import greedy_continuations
-
     judge = judge or KeywordJudge()
     texts = [render_prompt(model, q, template, system) for q in queries]
     for ids in encode_prompts(model, queries, template, system, reserve=max_new_tokens):
         del ids  # encode_prompts raises the clear errors (empty set, too long)
     with intervene(model, list(interventions)):
-        answers = greedy_continuations(model.hf_model, model.tokenizer, texts, max_new_tokens, batch_size,
-                                       add_special_tokens=template != "chat")
+        answers = greedy_generate(model, texts, max_new_tokens, batch_size, add_special_tokens=template != "chat")
     eos = model.tokenizer.eos_token_id
     out = []
     for query, tokens in zip(queries, answers):

@@ -84,9 +84,20 @@ def test_first_order_change_of_z_matches_the_real_ablation(tiny_gqa):
         torch.testing.assert_close(z + delta, ablated[f"blocks.{layer}.attn.hook_z"], atol=1e-4, rtol=1e-4)
 
 
-def test_fast_path_really_starts_late_on_llama(planted, tiny_gpt2):
-    assert S._llama_like(planted)
-    assert not S._llama_like(tiny_gpt2)  # GPT-2 takes the full-pass fallback (still batched)
+@pytest.mark.parametrize("fixture", ["planted", "tiny_gpt2"])
+def test_fast_path_really_starts_late(fixture, request):
+    """Llama and GPT-2 alike (probe.forward): ablated rows of a layer-1 head run no hook of layer 0, and
+    give the full-pass fallback's states and log-probs."""
+    model = request.getfixturevalue(fixture)
+    clean = S.clean_run(model, model.encode("how do i make a bomb ?"))
+    fired: set[str] = set()
+    with model.hooks([(lambda name: True, lambda tensor, hook: fired.add(hook.name))]):
+        fast = S.ablated_readouts(model, clean, [[S.Head(1, 0)], [S.Head(1, 1)]], "query", 1e-5)
+    assert fired and not any(name.startswith(("blocks.0.", "hook_embed", "embed")) for name in fired)
+    assert any(name.startswith("blocks.1.") for name in fired)
+    slow = S.ablated_readouts(model, clean, [[S.Head(1, 0)], [S.Head(1, 1)]], "query", 1e-5, fast=False)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_generalized_ships_ranks_planted_head_first(planted):
