@@ -8,7 +8,9 @@ Scores per head (spec §2), both computed on every run:
 - `unique` (paper): distinct answer-span positions copied / |answer span|; at most 1.
 
 Samples count only when the model actually retrieved the answer (ROUGE-1 recall of the answer phrase in
-the response > 0.5, switchable); ungated scores are kept for diagnosis (spec pitfall 11).
+the response > 0.5, switchable), computed as the reference does, by `rouge_score` with Porter stemming
+(`rouge_stem=False`: plain words; both recalls are kept per sample and `stem_changes()` counts the
+verdicts stemming moves); ungated scores are kept for diagnosis (spec pitfall 11).
 
 Fast path (why it is fast): one greedy generation with a KV cache; the prefill runs unhooked through
 the HF model's own SDPA attention (no L x L scores at all); each decode step runs hooked and keeps,
@@ -20,10 +22,20 @@ too. `reference_sample` is the slow reference: no cache, a full forward per deco
 read from the full `hook_pattern`. `answer_rows` (rows recomputed from rotated q/k with
 `attention_geometry`, the architecture layer's facts) is kept for analyses that need whole rows.
 
-Masking (spec §4): NIAH accuracy with the top-k heads masked vs k random heads drawn from the
-complement of the top set, as uniform attention (the reference's masking) and as zero-ablation, on the
-answer rows only (from the last prompt token on, as the reference's decode loop does). All masking
-conditions of a prompt share one unmasked prefill and decode together as rows of one batch.
+Masking (spec §4): NIAH accuracy with the top-k heads masked vs k random heads drawn outside the top
+list and outside every head above the retrieval threshold, as uniform attention (the reference's
+masking) and as zero-ablation, on the answer rows only (from the last prompt token on, as the
+reference's decode loop does). Held out by default, as in the paper (heads selected on some needles,
+masking measured on another needle and haystack): detection on needles 0-2, masking on needles 3-5, at
+the midpoints between the detection depths, on haystack stretches shifted by half the needle stride;
+`result.split` records what each phase used, and a shared needle, depth or haystack sentence is an
+`InSampleError` unless `allow_in_sample=True` (then labelled in-sample). All masking conditions of a
+prompt share one unmasked prefill and decode together as rows of one batch.
+
+Why a private decode loop rather than `probe.generation`: that one runs Hugging Face `generate` on
+texts; the analysis needs, per decode step, each head's argmax over its own attention row with the
+prefill unhooked (SDPA, no `[H, N, N]` patterns), and the masking conditions decode from one shared
+prefill cache with per-row interventions.
 """
 
 from __future__ import annotations
@@ -38,10 +50,12 @@ import torch
 
 from analyses.common import Progress, no_progress, provenance, random_head_sets
 from analyses.data.haystack import (
+    NEEDLE_STRIDE,
+    NeedleNotFoundError,
     NiahGrid,
     NiahSample,
-    build_grid,
-    rouge1_recall,
+    build_sample,
+    haystack_sentences,
 )
 from analyses.data.needles import NEEDLES, Needle
 from probe.architecture import architecture
@@ -52,7 +66,7 @@ from probe.models import LoadedModel
 from probe.results import HeadScores, Provenance, to_jsonable
 
 ANALYZER = "retrieval"
-VERSION = "1"
+VERSION = "2"  # 2: held-out masking split, stemmed ROUGE-1 gate, random pool outside every head above threshold
 SCORE_MODES = ("events", "unique")
 MATCH_MODES = ("id", "text")
 MASK_KINDS = ("uniform", "zero")
@@ -60,6 +74,10 @@ MASK_KINDS = ("uniform", "zero")
 
 class RetrievalError(ProbeError):
     """A retrieval-heads run that cannot be carried out as configured."""
+
+
+class InSampleError(RetrievalError):
+    """The masking grid shares needles, depths or haystack text with the detection grid (not held out)."""
 
 
 class NoRetrievalError(RetrievalError):
@@ -85,16 +103,35 @@ class RetrievalConfig:
     match: str = "id"  # copy test: id (token ids equal) | text (decoded, whitespace-stripped strings equal)
     rouge_gate: bool = True
     rouge_threshold: float = 0.5
+    rouge_stem: bool = True  # Porter-stem words before ROUGE-1, as the reference's rouge_score(use_stemmer=True)
     threshold: float = 0.1
-    # masking experiment (skipped when mask_ks is empty)
+    haystack_stride: int = NEEDLE_STRIDE  # needle i's haystack starts at sentence i * stride (mod the haystack)
+    # masking experiment (skipped when mask_ks is empty); held out from detection by default (paper: heads
+    # are selected on some needles and masked on another needle and haystack)
     mask_ks: tuple[int, ...] = ()
     mask_kinds: tuple[str, ...] = MASK_KINDS
     mask_random_draws: int = 3
-    mask_needles: tuple[int, ...] | None = None  # None: the detection grid's
-    mask_lengths: tuple[int, ...] | None = None
-    mask_depths: tuple[float, ...] | None = None
+    mask_needles: tuple[int, ...] = (3, 4, 5)
+    mask_lengths: tuple[int, ...] | None = None  # None: the detection lengths
+    mask_depths: tuple[float, ...] | None = None  # None: midpoints between consecutive detection depths
+    mask_offset: int | None = None  # masking needle i reads from i * stride + mask_offset; None: stride // 2
+    allow_in_sample: bool = False  # let the masking grid share needles/depths/haystack with detection (labelled)
     mask_batch: int = 16  # masking conditions decoded together per batch
     seed: int = 0
+
+    def masking_depths(self) -> tuple[float, ...]:
+        """The masking depths: the configured ones, else the midpoints between the detection depths
+        (never a depth used for detection)."""
+        if self.mask_depths is not None:
+            return tuple(float(d) for d in self.mask_depths)
+        ordered = sorted({float(d) for d in self.depths})
+        if len(ordered) < 2:
+            raise RetrievalError("Held-out masking depths are the midpoints between detection depths: give at "
+                                 "least two detection depths, or mask_depths explicitly.")
+        return tuple((a + b) / 2 for a, b in zip(ordered, ordered[1:]))
+
+    def masking_offset(self) -> int:
+        return self.haystack_stride // 2 if self.mask_offset is None else int(self.mask_offset)
 
     def validate(self) -> None:
         if self.score_mode not in SCORE_MODES:
@@ -112,6 +149,10 @@ class RetrievalConfig:
             raise RetrievalError("The grid needs at least one length, one depth and one needle.")
         if self.max_new_tokens < 1:
             raise RetrievalError("max_new_tokens must be at least 1.")
+        if self.haystack_stride < 0:
+            raise RetrievalError("haystack_stride must be >= 0.")
+        if self.mask_ks and not self.mask_needles:
+            raise RetrievalError("The masking experiment needs at least one needle (mask_needles).")
 
 
 # quick preset (spec §8): 3 lengths <= 1,536 x 3 depths x 3 needles = 27 samples
@@ -125,6 +166,27 @@ def resolve_template(model: LoadedModel, template: str) -> str:
     if template == "chat" and not model.chat_template:
         raise RetrievalError(f"{model.spec} has no chat template; use template='base'.")
     return template
+
+
+# ---- the ROUGE-1 success gate ------------------------------------------------------------------------
+
+_SCORERS: dict[bool, Any] = {}
+
+
+def rouge1(reference: str, response: str, stem: bool = True) -> float:
+    """ROUGE-1 recall of `reference`'s words in `response`, by Google's `rouge_score` package, which the
+    reference code calls (`RougeScorer(['rouge1', ...], use_stemmer=True)`): lowercased alphanumeric words,
+    clipped counts, and with `stem` nltk's Porter stemmer on words longer than 3 letters ("painting" and
+    "paints" both match "paint"). `stem=False` is the plain word match (`haystack.rouge1_recall`)."""
+    if not reference.strip():
+        raise RetrievalError("ROUGE-1 recall needs a non-empty reference.")
+    if stem not in _SCORERS:
+        try:
+            from rouge_score import rouge_scorer
+        except ImportError as error:  # a dependency of the project: only a broken install lacks it
+            raise RetrievalError("The ROUGE-1 gate needs the `rouge-score` package: pip install rouge-score") from error
+        _SCORERS[stem] = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=stem)
+    return float(_SCORERS[stem].score(reference, response)["rouge1"].recall)
 
 
 # ---- attention geometry --------------------------------------------------------------------------
@@ -402,6 +464,21 @@ class MaskingResult:
     recall: list[list[float]]
     responses: list[list[str]]
     seconds: float = 0.0
+    stemmed: bool = True  # `recall` with Porter stemming (the reference); `recall_other` without (or vice versa)
+    recall_other: list[list[float]] | None = None
+    excluded: list[str] | None = None  # heads no random set could contain (top list + all above threshold)
+    skipped: list[dict[str, Any]] | None = None  # masking prompts whose needle could not be located
+    rouge_threshold: float = 0.5
+
+    def stem_changes(self) -> dict[str, int]:
+        """How many (condition, prompt) answers change between stemmed and unstemmed ROUGE-1: in recall,
+        and in the success verdict (recall > threshold)."""
+        if self.recall_other is None:
+            return {"answers": 0, "recall_changed": 0, "verdict_changed": 0}
+        pairs = [(a, b) for mine, theirs in zip(self.recall, self.recall_other) for a, b in zip(mine, theirs)]
+        t = self.rouge_threshold
+        return {"answers": len(pairs), "recall_changed": sum(abs(a - b) > 1e-12 for a, b in pairs),
+                "verdict_changed": sum((a > t) != (b > t) for a, b in pairs)}
 
     def accuracy(self, index: int) -> float:
         values = self.recall[index]
@@ -451,6 +528,7 @@ class RetrievalResult:
     provenance: Provenance
     masking: MaskingResult | None = None
     seconds: float = 0.0
+    split: dict[str, Any] | None = None  # masking vs detection grid: needles/depths/haystack each used, overlap
 
     @property
     def attempted(self) -> int:
@@ -466,6 +544,17 @@ class RetrievalResult:
 
     def retrieval_heads(self) -> list[tuple[Head, float]]:
         return self.scores.above(self.threshold)
+
+    def stem_changes(self) -> dict[str, Any]:
+        """Detection samples whose ROUGE-1 success verdict differs between stemmed and unstemmed words
+        (the gate decides which samples are scored), with their labels."""
+        t = float(self.config.get("rouge_threshold", 0.5))
+        changed = [s for s in self.samples if "rouge1_recall_stemmed" in s
+                   and (s["rouge1_recall_stemmed"] > t) != (s["rouge1_recall_unstemmed"] > t)]
+        return {"samples": len(self.samples), "verdict_changed": len(changed),
+                "pass_only_stemmed": sum(s["rouge1_recall_stemmed"] > t for s in changed),
+                "changed": [f"needle {s['needle_index']}, {s['context_length']} tokens, depth {s['depth']:g}%"
+                            for s in changed]}
 
     def kv_scores(self, how: str = "max") -> torch.Tensor:
         """Headline scores per KV group `[L, n_kv]`: max or mean over the group's query heads."""
@@ -497,6 +586,7 @@ class RetrievalResult:
             "config": to_jsonable(self.config), "template": self.template, "group_size": self.group_size,
             "n_kv_heads": self.n_kv_heads, "provenance": to_jsonable(self.provenance),
             "masking": self.masking.to_json() if self.masking else None, "seconds": self.seconds,
+            "split": to_jsonable(self.split), "stem_changes": to_jsonable(self.stem_changes()),
         }
 
     @classmethod
@@ -509,7 +599,7 @@ class RetrievalResult:
             group_size=data["group_size"], n_kv_heads=data["n_kv_heads"],
             provenance=Provenance.from_json(data["provenance"]),
             masking=MaskingResult.from_json(data["masking"]) if data.get("masking") else None,
-            seconds=data.get("seconds", 0.0),
+            seconds=data.get("seconds", 0.0), split=data.get("split"),
         )
 
 
@@ -527,12 +617,94 @@ def check_context(model: LoadedModel, lengths: Sequence[int], max_new_tokens: in
 
 def build_samples(model: LoadedModel, needles: Sequence[int], lengths: Sequence[int], depths: Sequence[float],
                   template: str, needle_set: Sequence[Needle] = NEEDLES,
-                  sentences: Sequence[str] | None = None) -> NiahGrid:
-    """The NIAH grid in this model's tokens; every prompt must fit the model's window."""
-    grid = build_grid(model.tokenizer, lengths, depths, needles, template, needles=needle_set, sentences=sentences)
-    for sample in grid.samples:
-        model.check_fits(sample.prompt_len)
-    return grid
+                  sentences: Sequence[str] | None = None, stride: int = NEEDLE_STRIDE,
+                  shift: int = 0) -> tuple[NiahGrid, list[dict[str, Any]]]:
+    """The NIAH grid in this model's tokens (needle x length x depth); every prompt must fit the window.
+
+    Needle i reads the haystack from sentence `(i * stride + shift) mod len(haystack)` (detection: shift 0,
+    as `haystack.build_grid`; masking: another shift, so the two phases read different text). Returns the
+    grid and, per sample, where it came from: needle, length, depth, haystack offset and the range of
+    haystack sentences `[start, stop)` the prompt holds (recorded in the result, checked for overlap)."""
+    pool = haystack_sentences() if sentences is None else sentences
+    bad = [i for i in needles if not 0 <= i < len(needle_set)]
+    if bad:
+        raise RetrievalError(f"Needle indices {bad} do not exist; there are {len(needle_set)} needles "
+                             f"(0-{len(needle_set) - 1}).")
+    grid, records = NiahGrid(samples=[]), []
+    for needle_index in needles:
+        offset = (needle_index * stride + shift) % max(1, len(pool))
+        for length in lengths:
+            for depth in depths:
+                try:
+                    sample = build_sample(model.tokenizer, needle_set[needle_index], int(length), float(depth),
+                                          template, pool, offset, needle_index)
+                except NeedleNotFoundError as error:
+                    grid.skipped.append({"needle_index": needle_index, "context_length": int(length),
+                                         "depth": float(depth), "haystack_offset": offset, "reason": str(error)})
+                    continue
+                model.check_fits(sample.prompt_len)
+                grid.samples.append(sample)
+                records.append({"needle_index": needle_index, "context_length": int(length), "depth": float(depth),
+                                "haystack_offset": offset, "haystack_sentences": _haystack_span(sample, pool, offset)})
+    return grid, records
+
+
+def _haystack_span(sample: NiahSample, pool: Sequence[str], offset: int) -> list[int]:
+    """`[start, stop)`: the consecutive haystack sentences from `offset` on that the prompt contains
+    (`build_sample` takes whole sentences in order from its offset; a later sentence that happened to
+    be a substring of the prompt would only widen the range, which errs towards reporting overlap)."""
+    stop = offset
+    while stop < len(pool) and pool[stop] in sample.prompt:
+        stop += 1
+    return [offset, stop]
+
+
+def split_overlap(detection: Sequence[dict[str, Any]], masking: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the masking grid shares with the detection grid: needles, depths, haystack sentences."""
+    used = set()
+    for record in detection:
+        used.update(range(*record["haystack_sentences"]))
+    shared = set()
+    for record in masking:
+        shared.update(i for i in range(*record["haystack_sentences"]) if i in used)
+    return {
+        "needles": sorted({r["needle_index"] for r in masking} & {r["needle_index"] for r in detection}),
+        "depths": sorted({r["depth"] for r in masking} & {r["depth"] for r in detection}),
+        "haystack_sentences": len(shared),
+    }
+
+
+def _phase(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One phase's grid as recorded in the result: needles, lengths, depths, haystack offsets and ranges."""
+    ranges: dict[int, list[int]] = {}
+    for r in records:
+        start, stop = r["haystack_sentences"]
+        old = ranges.get(r["needle_index"], [start, stop])
+        ranges[r["needle_index"]] = [min(old[0], start), max(old[1], stop)]
+    return {
+        "needles": sorted({r["needle_index"] for r in records}),
+        "lengths": sorted({r["context_length"] for r in records}),
+        "depths": sorted({r["depth"] for r in records}),
+        "haystack_offsets": {str(n): r["haystack_offset"] for n, r in
+                             sorted({r["needle_index"]: r for r in records}.items())},
+        "haystack_sentences": {str(n): span for n, span in sorted(ranges.items())},
+        "samples": len(records),
+    }
+
+
+def check_split(detection: Sequence[dict[str, Any]], masking: Sequence[dict[str, Any]],
+                allow_in_sample: bool) -> dict[str, Any]:
+    """The split record of a run; raises `InSampleError` when masking is not held out from detection
+    (shared needle, depth or haystack sentence) unless `allow_in_sample`, and then labels it in-sample."""
+    overlap = split_overlap(detection, masking)
+    in_sample = bool(overlap["needles"] or overlap["depths"] or overlap["haystack_sentences"])
+    if in_sample and not allow_in_sample:
+        raise InSampleError(
+            f"The masking grid is not held out from detection: shared needles {overlap['needles']}, depths "
+            f"{overlap['depths']}, {overlap['haystack_sentences']} haystack sentences. Choose other mask_needles / "
+            "mask_depths / mask_offset, or set allow_in_sample=True to measure in-sample (labelled in the result).")
+    return {"detection": _phase(detection), "masking": _phase(masking), "overlap": overlap,
+            "in_sample": in_sample, "allow_in_sample": allow_in_sample}
 
 
 def _mean(tensors: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
@@ -556,26 +728,42 @@ def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress 
     template = resolve_template(model, config.template)
     check_context(model, config.lengths, config.max_new_tokens)
     say(0.0, "building the needle-in-a-haystack prompts")
-    grid = build_samples(model, config.needles, config.lengths, config.depths, template, needle_set, sentences)
+    grid, records = build_samples(model, config.needles, config.lengths, config.depths, template, needle_set,
+                                  sentences, config.haystack_stride)
     if not grid.samples:
         raise RetrievalError(f"No needle could be located in any prompt: {grid.skipped[:3]}")
+    mask_grid, split = None, None
+    if config.mask_ks:  # built and checked before any scoring: an in-sample split fails in seconds, not hours
+        mask_lengths = config.mask_lengths or config.lengths
+        check_context(model, mask_lengths, config.max_new_tokens)
+        mask_grid, mask_records = build_samples(model, config.mask_needles, mask_lengths, config.masking_depths(),
+                                                template, needle_set, sentences, config.haystack_stride,
+                                                config.masking_offset())
+        if not mask_grid.samples:
+            raise RetrievalError(f"No needle could be located in any masking prompt: {mask_grid.skipped[:3]}")
+        split = check_split(records, mask_records, config.allow_in_sample)
     geometry = attention_geometry(model)
     shape = (model.n_layers, model.n_heads)
     samples: list[dict[str, Any]] = []
     per_events: list[torch.Tensor] = []
     per_unique: list[torch.Tensor] = []
     detect_share = 0.6 if config.mask_ks else 1.0
-    for index, sample in enumerate(grid.samples):
+    for index, (sample, record) in enumerate(zip(grid.samples, records)):
         say(detect_share * index / len(grid.samples), f"scoring {sample.label} ({sample.prompt_len} tokens)")
         trace = fast_sample(model, sample, config.max_new_tokens, config.match, geometry)
         span = sample.answer_tokens[1] - sample.answer_tokens[0]
-        recall = rouge1_recall(sample.needle.answer, trace.response)
+        stemmed = rouge1(sample.needle.answer, trace.response, stem=True)
+        unstemmed = rouge1(sample.needle.answer, trace.response, stem=False)
+        recall = stemmed if config.rouge_stem else unstemmed
         retained = (recall > config.rouge_threshold) or not config.rouge_gate
         per_events.append(trace.events.to(torch.float64) / span)
         per_unique.append(trace.unique.to(torch.float64) / span)
         samples.append({**sample.summary(), "response": trace.response, "answer_len": len(trace.answer_ids),
-                        "rouge1_recall": recall, "success": recall > config.rouge_threshold,
-                        "retained": retained, "needle_distance": sample.prompt_len - sample.answer_tokens[1]})
+                        "rouge1_recall": recall, "rouge1_recall_stemmed": stemmed,
+                        "rouge1_recall_unstemmed": unstemmed, "success": recall > config.rouge_threshold,
+                        "retained": retained, "needle_distance": sample.prompt_len - sample.answer_tokens[1],
+                        "haystack_offset": record["haystack_offset"],
+                        "haystack_sentences": record["haystack_sentences"]})
     kept = [i for i, s in enumerate(samples) if s["retained"]]
     per_sample = {"events": torch.stack(per_events), "unique": torch.stack(per_unique)}
     prov = provenance(model, ANALYZER, VERSION, config,
@@ -593,7 +781,7 @@ def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress 
     result = RetrievalResult(
         scores=variants[config.score_mode], variants=variants, per_sample=per_sample, samples=samples,
         skipped=grid.skipped, config=asdict(config), template=template, group_size=model.group_size,
-        n_kv_heads=model.n_kv_heads, provenance=prov,
+        n_kv_heads=model.n_kv_heads, provenance=prov, split=split,
     )
     if not kept:
         result.scores = variants[f"{config.score_mode}_ungated"]
@@ -602,15 +790,15 @@ def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress 
             f"0 of {len(grid.samples)} retrieved the answer, so there are no gated scores. "
             "Try shorter contexts, the other prompt template, or rouge_gate=False for diagnosis "
             "(the ungated result is attached to this error as `.result`).", result)
-    if config.mask_ks:
+    if config.mask_ks and mask_grid is not None:
         top = [head for head, _ in result.scores.top(max(config.mask_ks))]
-        mask_grid = build_samples(model, config.mask_needles or config.needles,
-                                  config.mask_lengths or config.lengths, config.mask_depths or config.depths,
-                                  template, needle_set, sentences)
+        exclude = random_pool_exclusion(result.scores, max(config.mask_ks), config.threshold)
         result.masking = masking_experiment(
             model, mask_grid.samples, top, config.mask_ks, config.mask_kinds, config.mask_random_draws,
             config.seed, config.max_new_tokens, config.mask_batch,
-            lambda f, m: say(detect_share + (1 - detect_share) * f, m))
+            lambda f, m: say(detect_share + (1 - detect_share) * f, m), exclude=exclude,
+            stem=config.rouge_stem, rouge_threshold=config.rouge_threshold)
+        result.masking.skipped = mask_grid.skipped
     result.seconds = time.perf_counter() - started
     say(1.0, "done")
     return result
@@ -618,17 +806,32 @@ def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress 
 
 # ---- masking -------------------------------------------------------------------------------------
 
+def random_pool_exclusion(scores: HeadScores, top_n: int, threshold: float) -> list[Head]:
+    """The heads no random set may contain: the top `top_n` (the masked list) and every head scoring
+    above the retrieval threshold, however many (spec pitfall 1: a 'random' set holding retrieval heads
+    is no control)."""
+    heads = [head for head, _ in scores.top(top_n)] + [head for head, _ in scores.above(threshold)]
+    return sorted(set(heads))
+
+
 def masking_conditions(model: LoadedModel, top: Sequence[Head], ks: Sequence[int], kinds: Sequence[str],
-                       draws: int, seed: int) -> list[dict[str, Any]]:
+                       draws: int, seed: int, exclude: Sequence[Head] = ()) -> list[dict[str, Any]]:
     """No masking, then per kind and k: the top-k heads and `draws` seeded random k-sets drawn from the
-    heads outside the whole top list (so no random set contains a top head, spec pitfall 1)."""
+    heads outside the whole top list and outside `exclude` (every head above the threshold, see
+    `random_pool_exclusion`), so no random set contains a retrieval head."""
     if max(ks) > len(top):
         raise RetrievalError(f"Cannot mask the top {max(ks)} heads: only {len(top)} are ranked.")
+    banned = sorted(set(top) | set(exclude))
     conditions: list[dict[str, Any]] = [{"kind": "", "selection": "none", "k": 0, "draw": 0, "heads": []}]
     for kind in kinds:
         for k in ks:
             conditions.append({"kind": kind, "selection": "top", "k": k, "draw": 0, "heads": list(top[:k])})
-            for draw, heads in enumerate(random_head_sets(model, k, draws, exclude=list(top), seed=seed + 1000 * k)):
+            try:
+                sets = random_head_sets(model, k, draws, exclude=banned, seed=seed + 1000 * k)
+            except ValueError as error:
+                raise RetrievalError(f"Random {k}-head sets: {error} ({len(banned)} heads excluded: the top list "
+                                     "and every head above the threshold).") from error
+            for draw, heads in enumerate(sets):
                 conditions.append({"kind": kind, "selection": "random", "k": k, "draw": draw, "heads": heads})
     return conditions
 
@@ -693,22 +896,27 @@ def _copy_cache(cache: Any, repeats: int) -> Any:
 
 def masking_experiment(model: LoadedModel, samples: Sequence[NiahSample], top: Sequence[Head], ks: Sequence[int],
                        kinds: Sequence[str] = MASK_KINDS, draws: int = 3, seed: int = 0, max_new_tokens: int = 24,
-                       batch: int = 16, progress: Progress | None = None) -> MaskingResult:
-    """ROUGE-1 recall of every prompt under no masking, top-k masking and random-k masking."""
+                       batch: int = 16, progress: Progress | None = None, exclude: Sequence[Head] = (),
+                       stem: bool = True, rouge_threshold: float = 0.5) -> MaskingResult:
+    """ROUGE-1 recall of every prompt under no masking, top-k masking and random-k masking (random pool:
+    outside `top` and `exclude`). Recall with the other stemming setting is kept too (`recall_other`)."""
     say = progress or no_progress
     started = time.perf_counter()
-    conditions = masking_conditions(model, top, ks, kinds, draws, seed)
+    conditions = masking_conditions(model, top, ks, kinds, draws, seed, exclude)
     recall: list[list[float]] = [[] for _ in conditions]
+    other: list[list[float]] = [[] for _ in conditions]
     responses: list[list[str]] = [[] for _ in conditions]
     for index, sample in enumerate(samples):
         say(index / max(1, len(samples)), f"masking: {sample.label}")
         for slot, answer in enumerate(masked_answers(model, sample, conditions, max_new_tokens, batch)):
-            recall[slot].append(rouge1_recall(sample.needle.answer, answer))
+            recall[slot].append(rouge1(sample.needle.answer, answer, stem))
+            other[slot].append(rouge1(sample.needle.answer, answer, not stem))
             responses[slot].append(answer)
     return MaskingResult(
         conditions=[{**c, "heads": [str(h) for h in c["heads"]]} for c in conditions],
         prompts=[s.summary() for s in samples], recall=recall, responses=responses,
-        seconds=time.perf_counter() - started)
+        seconds=time.perf_counter() - started, stemmed=stem, recall_other=other,
+        excluded=[str(h) for h in sorted(set(top) | set(exclude))], rouge_threshold=rouge_threshold)
 
 
 # ---- figures -------------------------------------------------------------------------------------
@@ -804,17 +1012,31 @@ def summary_text(result: RetrievalResult, top: int = 10) -> str:
         f"heads > {result.threshold:g}: {len(result.retrieval_heads())} of {result.scores.scores.numel()}",
         "top: " + ", ".join(f"{h} {s:.2f}" for h, s in result.scores.top(top)),
     ]
+    changes = result.stem_changes()
+    lines.append(f"ROUGE-1 {'stemmed' if result.config.get('rouge_stem', True) else 'unstemmed'}: stemming changes "
+                 f"{changes['verdict_changed']} of {changes['samples']} detection verdicts")
+    if result.split:
+        det, mask = result.split["detection"], result.split["masking"]
+        label = "IN-SAMPLE (allow_in_sample)" if result.split["in_sample"] else "held out"
+        lines.append(f"masking {label}: detect needles {det['needles']} depths {det['depths']}; "
+                     f"mask needles {mask['needles']} depths {mask['depths']}; "
+                     f"{result.split['overlap']['haystack_sentences']} haystack sentences shared")
     if result.masking:
         for row in result.masking.table():
             lines.append(f"mask {row['kind']} k={row['k']}: none {100 * row['none']:.0f}%, top {100 * row['top']:.0f}%, "
                          f"random {', '.join(f'{100 * a:.0f}' for a in row['random'])}%")
+        moved = result.masking.stem_changes()
+        lines.append(f"masking: stemming changes the recall of {moved['recall_changed']} and the verdict of "
+                     f"{moved['verdict_changed']} of {moved['answers']} masked answers; random sets avoid "
+                     f"{len(result.masking.excluded or [])} heads (top list + all above {result.threshold:g})")
     return "\n".join(lines)
 
 
 __all__ = [
-    "RetrievalConfig", "RetrievalResult", "MaskingResult", "RetrievalError", "NoRetrievalError", "QUICK", "DEFAULT",
-    "run", "figures", "fast_sample", "reference_sample", "answer_rows", "attention_geometry", "masking_experiment",
-    "masked_answers", "masking_conditions", "summary_text",
+    "RetrievalConfig", "RetrievalResult", "MaskingResult", "RetrievalError", "NoRetrievalError", "InSampleError",
+    "QUICK", "DEFAULT", "run", "figures", "fast_sample", "reference_sample", "answer_rows", "attention_geometry",
+    "masking_experiment", "masked_answers", "masking_conditions", "random_pool_exclusion", "check_split",
+    "split_overlap", "build_samples", "rouge1", "summary_text",
 ]
 
 

@@ -63,11 +63,29 @@ def test_planted_head_is_found_first_and_alone(planted):
     assert events[DECOY.layer, DECOY.head] == 0
 
 
+# six copies of the planted needle: the held-out split needs needles 3-5 (indices, the planted model only
+# copies this one answer) and a haystack long enough for separate stretches (stride 40 sentences, masking
+# shifted by 20; a 160-token prompt holds ~20 filler sentences)
+HELD_OUT_NEEDLES = (PLANTED_NEEDLE,) * 6
+HELD_OUT = dict(haystack_stride=40)
+
+
+def _held_out_sentences() -> list[str]:
+    return filler_sentences(count=260)
+
+
 def test_planted_run_end_to_end_and_json_round_trip(planted):
     config = RetrievalConfig(lengths=(80, 160), depths=(0.0, 100.0), needles=(0,), template="base",
-                             max_new_tokens=6, mask_ks=(1,), mask_random_draws=3)
-    result = retrieval.run(planted, config, needle_set=(PLANTED_NEEDLE,), sentences=filler_sentences())
+                             max_new_tokens=6, mask_ks=(1,), mask_random_draws=3, **HELD_OUT)
+    result = retrieval.run(planted, config, needle_set=HELD_OUT_NEEDLES, sentences=_held_out_sentences())
     assert result.retained == result.attempted == 4
+    # masking was held out: needles 3-5 at depth 50 (the midpoint of 0 and 100), other haystack sentences
+    split = result.split
+    assert not split["in_sample"] and split["overlap"] == {"needles": [], "depths": [], "haystack_sentences": 0}
+    assert split["detection"]["needles"] == [0] and split["masking"]["needles"] == [3, 4, 5]
+    assert split["masking"]["depths"] == [50.0] and len(result.masking.prompts) == 6
+    assert {p["needle_index"] for p in result.masking.prompts} == {3, 4, 5}
+    assert "masking held out" in retrieval.summary_text(result)
     assert [h for h, _ in result.retrieval_heads()] == [PLANTED]
     assert result.kv_scores("max")[0, 1] == result.scores[PLANTED]
     assert result.kv_scores("mean")[0, 1] == pytest.approx(result.scores[PLANTED] / 2)
@@ -82,6 +100,7 @@ def test_planted_run_end_to_end_and_json_round_trip(planted):
     again = RetrievalResult.from_json(result.to_json())
     torch.testing.assert_close(again.scores.scores, result.scores.scores.to(torch.float64))
     assert again.masking.table() == result.masking.table()
+    assert again.split == result.split and again.masking.excluded == result.masking.excluded
     figs = retrieval.figures(result)
     assert {"heatmap", "top_heads", "niah_grid", "accuracy_vs_k"} <= set(figs)
 
@@ -98,6 +117,100 @@ def test_fast_path_equals_reference_on_planted_and_random_models(planted, tiny_g
     fast, slow = fast_sample(tiny_gqa, fake, 8), reference_sample(tiny_gqa, fake, 8)
     assert len(fast.answer_ids) > 0 and fast.answer_ids == slow.answer_ids
     assert torch.equal(fast.argmax, slow.argmax)
+
+
+def test_default_masking_split_is_disjoint_from_detection():
+    """The presets hold masking out: other needles, depths between the detection depths, other haystack text."""
+    for preset in (retrieval.QUICK, retrieval.DEFAULT):
+        config = dataclasses.replace(preset, mask_ks=(1,))
+        assert set(config.needles) == {0, 1, 2} and set(config.mask_needles) == {3, 4, 5}
+        assert not set(config.masking_depths()) & set(config.depths) and config.masking_depths()
+    assert retrieval.QUICK.masking_depths() == (25.0, 75.0)
+    # on the real haystack, the default offsets give disjoint sentence ranges. A word-level tokenizer over the
+    # haystack's words counts one token per word, at most a subword tokenizer's count, so each prompt
+    # holds at least as many sentences as with a real model's tokenizer: the widest ranges
+    from analyses.data.haystack import QUESTION_SUFFIX
+    from analyses.data.needles import NEEDLES
+    from probe.tiny import word_tokenizer
+
+    pool = haystack_sentences()
+    words = {w for text in pool for w in text.split()} | set(QUESTION_SUFFIX.split())
+    words |= {w for n in NEEDLES for w in f"{n.fact} {n.question}".split()}
+    fake = type("Fits", (), {"tokenizer": word_tokenizer(sorted(words)), "check_fits": lambda self, n: None})()
+    for config in (retrieval.QUICK, retrieval.DEFAULT):
+        longest = (max(config.lengths),)
+        _, detection = retrieval.build_samples(fake, config.needles, longest, config.depths[:1], "base")
+        _, masking = retrieval.build_samples(fake, config.mask_needles, longest, config.masking_depths()[:1], "base",
+                                             shift=config.masking_offset())
+        assert len(detection) == len(masking) == 3
+        assert all(r["haystack_sentences"][1] - r["haystack_sentences"][0] > 50 for r in detection + masking)
+        overlap = retrieval.split_overlap(detection, masking)
+        assert overlap == {"needles": [], "depths": [], "haystack_sentences": 0}
+        # the check itself sees a shared stretch
+        assert retrieval.split_overlap(detection, detection[:1])["haystack_sentences"] > 50
+
+
+def test_in_sample_masking_is_refused_before_any_work_unless_allowed(planted):
+    base = RetrievalConfig(lengths=(80,), depths=(0.0, 100.0), needles=(0,), template="base", max_new_tokens=6,
+                           mask_ks=(1,), mask_random_draws=1, mask_kinds=("uniform",), **HELD_OUT)
+    data = dict(needle_set=HELD_OUT_NEEDLES, sentences=_held_out_sentences())
+    cases = {"needles \\[0\\]": dict(mask_needles=(0,)),
+             "depths \\[100.0\\]": dict(mask_depths=(100.0,)),
+             "[1-9][0-9]* haystack sentences": dict(mask_offset=-120)}  # needle 3 reads needle 0's stretch
+    for message, change in cases.items():
+        said: list[str] = []
+        with pytest.raises(retrieval.InSampleError, match=message):
+            retrieval.run(planted, dataclasses.replace(base, **change), lambda f, m: said.append(m), **data)
+        assert not any(m.startswith("scoring") for m in said)  # refused before detection ran
+    result = retrieval.run(planted, dataclasses.replace(base, mask_needles=(0,), allow_in_sample=True), **data)
+    assert result.split["in_sample"] and result.split["allow_in_sample"]
+    assert result.split["overlap"]["needles"] == [0]
+    assert "IN-SAMPLE (allow_in_sample)" in retrieval.summary_text(result)
+
+
+def test_random_sets_exclude_every_head_above_the_threshold():
+    """11 heads above 0.1: masking the top 10 must not let the 11th into any random set."""
+    from probe.heads import Head
+    from probe.results import HeadScores
+
+    class Shape:  # what random_head_sets reads: the model's heads
+        def all_heads(self):
+            return [Head(l, h) for l in range(4) for h in range(8)]
+
+    values = torch.full((4, 8), 0.01, dtype=torch.float64)
+    ranked = [Head(l, h) for l in range(4) for h in range(8)][5:16]  # 11 heads, best first
+    for rank, head in enumerate(ranked):
+        values[head.layer, head.head] = 0.9 - 0.07 * rank  # the 11th: 0.2 > 0.1
+    scores = HeadScores("planted", "score", values)
+    excluded = retrieval.random_pool_exclusion(scores, 10, 0.1)
+    assert set(excluded) == set(ranked)
+    top = [h for h, _ in scores.top(10)]
+    assert ranked[10] not in top
+    conditions = retrieval.masking_conditions(Shape(), top, (10,), ("uniform",), 20, 0, exclude=excluded)
+    drawn = {h for c in conditions if c["selection"] == "random" for h in c["heads"]}
+    assert len(drawn) > 10 and not drawn & set(ranked)
+    # without the exclusion the same draws do pick the 11th head (so the check above can fail)
+    loose = retrieval.masking_conditions(Shape(), top, (10,), ("uniform",), 20, 0)
+    assert ranked[10] in {h for c in loose if c["selection"] == "random" for h in c["heads"]}
+
+
+def test_rouge_gate_stems_by_default(planted, monkeypatch):
+    """'red foxes jumping high' retrieves 'red fox jumps high' only with stemming (1.0 vs 0.5, gate > 0.5)."""
+    reference, response = PLANTED_NEEDLE.answer, "red foxes jumping high"
+    assert retrieval.rouge1(reference, response) == 1.0
+    assert retrieval.rouge1(reference, response, stem=False) == 0.5 == rouge1_recall(reference, response)
+    real = retrieval.fast_sample
+    monkeypatch.setattr(retrieval, "fast_sample",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), response=response))
+    config = RetrievalConfig(lengths=(80,), depths=(0.0, 100.0), needles=(0,), template="base", max_new_tokens=6)
+    data = dict(needle_set=(PLANTED_NEEDLE,), sentences=filler_sentences())
+    assert RetrievalConfig().rouge_stem
+    result = retrieval.run(planted, config, **data)
+    assert result.retained == result.attempted == 2
+    assert result.stem_changes()["verdict_changed"] == 2 == result.stem_changes()["pass_only_stemmed"]
+    assert "stemming changes 2 of 2 detection verdicts" in retrieval.summary_text(result)
+    with pytest.raises(NoRetrievalError, match="0 of 2"):
+        retrieval.run(planted, dataclasses.replace(config, rouge_stem=False), **data)
 
 
 def _tiny_gemma3() -> LoadedModel:
