@@ -98,11 +98,15 @@ class Engine:
             return pair
         return pair[0].repeat_interleave(g, dim=2), pair[1].repeat_interleave(g, dim=2)
 
+    def _pre_norm(self, resid: Pair, spec) -> Pair:
+        """A block's pre-norm; the identity where the family has none (OLMo-2 normalises outputs only)."""
+        return resid if spec is None else rules.norm(resid, spec, self.options.ln_bias)
+
     def attention_block(self, index: int, resid: Pair, hooks: Hooks | None, record: dict | None) -> Pair:
         """ln1 → q/k/v (→ q/k norms → rotary) → attention → z hook → W_O (→ post-attn norm)."""
         lw: LayerWeights = self.w.layers[index]
         length = resid[0].shape[1]
-        x = rules.norm(resid, lw.ln1, self.options.ln_bias)
+        x = self._pre_norm(resid, lw.ln1)
         q = rules.linear_heads(x, lw.W_Q, lw.b_Q)
         k = rules.linear_heads(x, lw.W_K, lw.b_K)
         v = rules.linear_heads(x, lw.W_V, lw.b_V)
@@ -112,8 +116,9 @@ class Engine:
             record.update({f"blocks.{index}.ln1.hook_out": x, f"blocks.{index}.attn.hook_q": q,
                            f"blocks.{index}.attn.hook_k": k, f"blocks.{index}.attn.hook_v": v})
         if lw.q_norm is not None:
-            q = rules.norm(q, lw.q_norm, self.options.ln_bias)
-            k = rules.norm(k, lw.k_norm, self.options.ln_bias)  # type: ignore[arg-type]
+            whole = getattr(lw, "qk_norm_whole", False)
+            q = rules.norm_heads(q, lw.q_norm, whole, self.options.ln_bias)
+            k = rules.norm_heads(k, lw.k_norm, whole, self.options.ln_bias)  # type: ignore[arg-type]
         if lw.rope_kind is not None:
             cos, sin = self.w.rope(lw.rope_kind, length)
             q = rules.rotate(q, cos, sin)
@@ -122,7 +127,7 @@ class Engine:
                 record.update({f"blocks.{index}.attn.hook_rot_q": q, f"blocks.{index}.attn.hook_rot_k": k})
         visible = rules.attention_mask(length, lw.window, resid[0].device)
         z, pattern = rules.attention(q, self._expand_kv(k), self._expand_kv(v), lw.attn_scale, visible,
-                                     self.options.attention)
+                                     self.options.attention, getattr(lw, "attn_softcap", None))
         if hooks is not None:
             z = hooks.on_z(index, z)
         if record is not None:
@@ -136,37 +141,72 @@ class Engine:
             record[f"blocks.{index}.hook_attn_out"] = out
         return out
 
+    def _stab(self, pair: Pair) -> Pair:
+        return rules.stabilise(pair) if self.options.stabilise else pair
+
+    def _gated(self, x: Pair, W_gate, b_gate, W_up, b_up, W_out, b_out, act) -> tuple[Pair, Pair, Pair, Pair]:
+        """Gated MLP rule: gate and up linear (stabilised), activation on the gate, product, down
+        (stabilised). Returns (out, gate, up, hidden)."""
+        up = self._stab(rules.linear(x, W_up.to(self.dtype), b_up))
+        gate = self._stab(rules.linear(x, W_gate.to(self.dtype), b_gate))
+        hidden = rules.product(rules.activation(gate, act), up, self.options.product)
+        return self._stab(rules.linear(hidden, W_out.to(self.dtype), b_out)), gate, up, hidden
+
+    def moe(self, x: Pair, moe) -> Pair:
+        """MoE rule: the router runs on the total (β + γ), as the attention pattern is the total's;
+        each chosen expert follows the gated-MLP rule on (β, γ), and both parts are summed with the
+        total's routing weights: Σ_e w_e(x)·(β_e + γ_e) = Σ_e w_e(x)·expert_e(x) = MoE(x)."""
+        beta, gamma = x
+        shape = beta.shape
+        weights, chosen = moe.route((beta + gamma).reshape(-1, shape[-1]))
+        dense = torch.zeros(weights.shape[0], moe.n_experts, dtype=self.dtype, device=beta.device)
+        dense.scatter_(1, chosen.long(), weights.to(self.dtype))  # [N, E], 0 where not chosen
+        dense = dense.reshape(*shape[:-1], moe.n_experts)
+        out_b, out_g = torch.zeros_like(beta), torch.zeros_like(gamma)
+        for expert in torch.nonzero(dense.reshape(-1, moe.n_experts).any(0)).flatten().tolist():
+            (eb, eg), *_ = self._gated(x, moe.W_gate[expert], None, moe.W_up[expert], None, moe.W_down[expert],
+                                       None, moe.act)
+            w = dense[..., expert:expert + 1]
+            out_b, out_g = out_b + w * eb, out_g + w * eg
+        return out_b, out_g
+
     def mlp_block(self, index: int, resid: Pair, record: dict | None) -> Pair:
-        """ln2 → W_in (and W_gate) → activation (→ product) → W_out (→ post-FF norm), stabilised."""
+        """ln2 → W_in (and W_gate) → activation (→ product) → W_out (→ post-FF norm), stabilised;
+        or the MoE rule."""
         lw = self.w.layers[index]
-        stab = rules.stabilise if self.options.stabilise else (lambda p: p)
-        x = rules.norm(resid, lw.ln2, self.options.ln_bias)
-        up = stab(rules.linear(x, lw.W_in, lw.b_in))
-        if lw.W_gate is not None:
-            gate = stab(rules.linear(x, lw.W_gate, lw.b_gate))
-            hidden = rules.product(rules.activation(gate, lw.act), up, self.options.product)
-            pre = gate
+        x = self._pre_norm(resid, lw.ln2)
+        moe = getattr(lw, "moe", None)
+        up = hidden = pre = None
+        if moe is not None:
+            out = self.moe(x, moe)
+        elif lw.W_gate is not None:
+            out, pre, up, hidden = self._gated(x, lw.W_gate, lw.b_gate, lw.W_in, lw.b_in, lw.W_out, lw.b_out, lw.act)
         else:
-            hidden = rules.activation(up, lw.act)
-            pre = up
-        out = stab(rules.linear(hidden, lw.W_out, lw.b_out))
+            pre = self._stab(rules.linear(x, lw.W_in.to(self.dtype), lw.b_in))
+            hidden = rules.activation(pre, lw.act)
+            out = self._stab(rules.linear(hidden, lw.W_out.to(self.dtype), lw.b_out))
         if lw.post_mlp_norm is not None:
             out = rules.norm(out, lw.post_mlp_norm, self.options.ln_bias)
         if record is not None:
-            record.update({f"blocks.{index}.ln2.hook_out": x, f"blocks.{index}.mlp.hook_pre": pre,
-                           f"blocks.{index}.mlp.hook_post": hidden, f"blocks.{index}.hook_mlp_out": out})
-            if lw.W_gate is not None:
-                record[f"blocks.{index}.mlp.hook_pre_linear"] = up
+            record.update({f"blocks.{index}.ln2.hook_out": x, f"blocks.{index}.hook_mlp_out": out})
+            inner = f"blocks.{index}.mlp"  # the bridge's hook names inside the MLP (none for MoE blocks)
+            if moe is None:
+                record.update({f"{inner}.hook_pre": pre, f"{inner}.hook_post": hidden})
+            if lw.W_gate is not None and moe is None:
+                record[f"{inner}.hook_pre_linear"] = up
         return out
 
     def block(self, index: int, resid: Pair, hooks: Hooks | None = None, record: dict | None = None) -> Pair:
+        """Sequential: resid + attn → mid; mid + MLP(mid). Parallel (GPT-NeoX): both branches read the
+        block input, resid + attn + MLP(resid). The stabiliser runs after the last add."""
         if record is not None:
             record[f"blocks.{index}.hook_resid_pre"] = resid
         attn = self.attention_block(index, resid, hooks, record)
         mid = (resid[0] + attn[0], resid[1] + attn[1])
-        if record is not None:
+        parallel = getattr(self.w.layers[index], "parallel", False)
+        if record is not None and not parallel:
             record[f"blocks.{index}.hook_resid_mid"] = mid
-        mlp = self.mlp_block(index, mid, record)
+        mlp = self.mlp_block(index, resid if parallel else mid, record)
         post = (mid[0] + mlp[0], mid[1] + mlp[1])
         if self.options.stabilise:
             post = rules.stabilise(post)

@@ -77,11 +77,12 @@ def _activation_beta(beta: Tensor, total: Tensor, act: Callable[[Tensor], Tensor
 
 
 def _attention_beta(q_b: Tensor, k_b: Tensor, v_b: Tensor, pattern: Tensor, scale: float,
-                    visible: Tensor, rule: str) -> Tensor:
-    """β of z from β of q and of k, v (already expanded to query heads) and the clean pattern."""
+                    visible: Tensor, rule: str, cap: float | None = None) -> Tensor:
+    """β of z from β of q and of k, v (already expanded to query heads) and the clean pattern; the
+    β scores pass the model's logit soft-cap `cap` (Gemma 2) as the total's do."""
     if rule == "paper":
         neg = torch.finfo(q_b.dtype).min
-        scores = torch.einsum("...qhd,...khd->...hqk", q_b, k_b) * scale
+        scores = rules.softcap(torch.einsum("...qhd,...khd->...hqk", q_b, k_b) * scale, cap)
         beta_pattern = torch.softmax(scores.masked_fill(~visible, neg), dim=-1)
         return torch.einsum("...hqk,...khd->...qhd", beta_pattern, v_b)
     if rule == "value_only":
@@ -152,7 +153,16 @@ class BetaPass:
         return (None if beta is None else _share(project(beta), no_bias, b)), total
 
     def _norm(self, index: int, name: str, beta: Tensor | None, total_in: Tensor,
-              spec: Norm) -> tuple[Tensor | None, Tensor]:
+              spec: Norm | None, whole: bool = False) -> tuple[Tensor | None, Tensor]:
+        """The norm rule (`spec` None: no norm, the identity); `whole`: over the last two dims at once
+        (OLMo-2's q/k norm over the whole projection)."""
+        if spec is None:
+            return beta, total_in
+        if whole:
+            shape = total_in.shape
+            flat_b, flat_t = self._norm(index, name + ".flat", None if beta is None else beta.flatten(-2),
+                                        total_in.flatten(-2), spec)
+            return (None if flat_b is None else flat_b.reshape(beta.shape)), flat_t.reshape(shape)  # type: ignore[union-attr]
         normed, inv = self._total(index, name + ".nb", lambda: _norm_total(total_in, spec))  # type: ignore[arg-type,return-value]
         total = self._total(index, name, lambda: normed if spec.bias is None else normed + spec.bias)
         return (None if beta is None else _norm_beta(beta, normed, inv, spec, total_in, self.options.ln_bias)), total
@@ -173,8 +183,9 @@ class BetaPass:
         if hooks is not None and q_b is not None:
             hooks.on_qkv(index, q_b, k_b, v_b)  # type: ignore[arg-type]
         if lw.q_norm is not None:
-            q_b, q_t = self._norm(index, "q_norm", q_b, q_t, lw.q_norm)
-            k_b, k_t = self._norm(index, "k_norm", k_b, k_t, lw.k_norm)  # type: ignore[arg-type]
+            whole = getattr(lw, "qk_norm_whole", False)
+            q_b, q_t = self._norm(index, "q_norm", q_b, q_t, lw.q_norm, whole)
+            k_b, k_t = self._norm(index, "k_norm", k_b, k_t, lw.k_norm, whole)  # type: ignore[arg-type]
         if lw.rope_kind is not None:
             cos, sin = self.w.rope(lw.rope_kind, length)
             q_t = self._total(index, "rot_q", lambda: rules.rotate((q_t, q_t), cos, sin)[0])
@@ -183,9 +194,10 @@ class BetaPass:
                 q_b, k_b = rules.rotate((q_b, k_b), cos, sin)
         visible = rules.attention_mask(length, lw.window, resid.device)
         neg = torch.finfo(resid.dtype).min
+        cap = getattr(lw, "attn_softcap", None)
 
         def clean_pattern() -> Tensor:
-            scores = torch.einsum("...qhd,...khd->...hqk", q_t, self._expand(k_t)) * lw.attn_scale
+            scores = rules.softcap(torch.einsum("...qhd,...khd->...hqk", q_t, self._expand(k_t)) * lw.attn_scale, cap)
             return torch.softmax(scores.masked_fill(~visible, neg), dim=-1)
 
         pattern = self._total(index, "pattern", clean_pattern)
@@ -193,7 +205,7 @@ class BetaPass:
         z_b = None
         if q_b is not None:
             k_b, v_b = self._expand(k_b), self._expand(v_b)  # type: ignore[arg-type]
-            z_b = _attention_beta(q_b, k_b, v_b, pattern, lw.attn_scale, visible, self.options.attention)
+            z_b = _attention_beta(q_b, k_b, v_b, pattern, lw.attn_scale, visible, self.options.attention, cap)
         if hooks is not None:
             z_b = hooks.on_z(index, z_b, z_t)
         out_no_bias = self._total(index, "attn.nb", lambda: torch.einsum("...thd,hdm->...tm", z_t, lw.W_O))
@@ -203,36 +215,77 @@ class BetaPass:
             out_b, out_t = self._norm(index, "post_attn", out_b, out_t, lw.post_attn_norm)
         return out_b, out_t
 
+    def _gated(self, index: int, tag: str, x_b: Tensor | None, x_t: Tensor, W_gate: Tensor, b_gate: Tensor | None,
+               W_up: Tensor, b_up: Tensor | None, W_out: Tensor, b_out: Tensor | None,
+               act: Callable[[Tensor], Tensor]) -> tuple[Tensor | None, Tensor]:
+        """The gated-MLP rule (up, gate stabilised; activation on the gate; product; down stabilised)."""
+        dtype = self.engine.dtype
+        up_b, up_t = self._linear(index, "up" + tag, x_b, x_t, W_up.to(dtype), b_up)
+        up_b = self._stab(up_b, up_t)
+        gate_b, gate_t = self._linear(index, "gate" + tag, x_b, x_t, W_gate.to(dtype), b_gate)
+        gate_b = self._stab(gate_b, gate_t)
+        act_t = self._total(index, "act" + tag, lambda: act(gate_t))
+        act_b = None if gate_b is None else _activation_beta(gate_b, gate_t, act, act_t)
+        hidden_t = self._total(index, "hidden" + tag, lambda: act_t * up_t)
+        hidden_b = None if act_b is None else _product(act_b, act_t, up_b, up_t, self.options.product)  # type: ignore[arg-type]
+        out_b, out_t = self._linear(index, "down" + tag, hidden_b, hidden_t, W_out.to(dtype), b_out)
+        return self._stab(out_b, out_t), out_t
+
+    def _moe(self, index: int, tag: str, x_b: Tensor | None, x_t: Tensor, moe) -> tuple[Tensor | None, Tensor]:
+        """The MoE rule with β only: routing from the cached total, each chosen expert's gated rule,
+        summed with the total's routing weights (see `Engine.moe`)."""
+        def routing() -> Tensor:
+            weights, chosen = moe.route(x_t.reshape(-1, x_t.shape[-1]))
+            dense = torch.zeros(weights.shape[0], moe.n_experts, dtype=x_t.dtype, device=x_t.device)
+            dense.scatter_(1, chosen.long(), weights.to(x_t.dtype))
+            return dense.reshape(*x_t.shape[:-1], moe.n_experts)
+
+        dense = self._total(index, "route" + tag, routing)
+        parts = []
+        for expert in torch.nonzero(dense.reshape(-1, moe.n_experts).any(0)).flatten().tolist():
+            e_b, e_t = self._gated(index, f"{tag}.e{expert}", x_b, x_t, moe.W_gate[expert], None, moe.W_up[expert],
+                                   None, moe.W_down[expert], None, moe.act)
+            parts.append((dense[..., expert:expert + 1], e_b, e_t))
+        out_t = self._total(index, "moe" + tag, lambda: sum(w * e_t for w, _, e_t in parts))
+        out_b = None if x_b is None else sum(w * e_b for w, e_b, _ in parts)
+        return out_b, out_t  # type: ignore[return-value]
+
     def mlp(self, index: int, beta: Tensor | None, total_in: Tensor, tag: str = "") -> tuple[Tensor | None, Tensor]:
-        """ln2 → up (and gate) → activation (→ product) → down; `tag` keys a position slice's totals."""
+        """ln2 → up (and gate) → activation (→ product) → down, or the MoE rule; `tag` keys a position
+        slice's totals."""
         lw = self.w.layers[index]
         x_b, x_t = self._norm(index, "ln2" + tag, beta, total_in, lw.ln2)
-        up_b, up_t = self._linear(index, "up" + tag, x_b, x_t, lw.W_in, lw.b_in)
-        up_b = self._stab(up_b, up_t)
-        if lw.W_gate is not None:
-            gate_b, gate_t = self._linear(index, "gate" + tag, x_b, x_t, lw.W_gate, lw.b_gate)
-            gate_b = self._stab(gate_b, gate_t)
-            act_t = self._total(index, "act" + tag, lambda: lw.act(gate_t))
-            act_b = None if gate_b is None else _activation_beta(gate_b, gate_t, lw.act, act_t)
-            hidden_t = self._total(index, "hidden" + tag, lambda: act_t * up_t)
-            hidden_b = None if act_b is None else _product(act_b, act_t, up_b, up_t, self.options.product)  # type: ignore[arg-type]
+        moe = getattr(lw, "moe", None)
+        if moe is not None:
+            out_b, out_t = self._moe(index, tag, x_b, x_t, moe)
+        elif lw.W_gate is not None:
+            out_b, out_t = self._gated(index, tag, x_b, x_t, lw.W_gate, lw.b_gate, lw.W_in, lw.b_in, lw.W_out,
+                                       lw.b_out, lw.act)
         else:
+            up_b, up_t = self._linear(index, "up" + tag, x_b, x_t, lw.W_in, lw.b_in)
+            up_b = self._stab(up_b, up_t)
             hidden_t = self._total(index, "hidden" + tag, lambda: lw.act(up_t))
             hidden_b = None if up_b is None else _activation_beta(up_b, up_t, lw.act, hidden_t)
-        out_b, out_t = self._linear(index, "down" + tag, hidden_b, hidden_t, lw.W_out, lw.b_out)
-        out_b = self._stab(out_b, out_t)
+            out_b, out_t = self._linear(index, "down" + tag, hidden_b, hidden_t, lw.W_out, lw.b_out)
+            out_b = self._stab(out_b, out_t)
         if lw.post_mlp_norm is not None:
             out_b, out_t = self._norm(index, "post_mlp" + tag, out_b, out_t, lw.post_mlp_norm)
         return out_b, out_t
 
     def layer(self, index: int, beta: Tensor | None, hooks: FastHooks | None) -> tuple[Tensor | None, Tensor]:
-        """One block: β of resid_pre (or None: nothing relevant yet) → β of resid_post, and the total."""
+        """One block: β of resid_pre (or None: nothing relevant yet) → β of resid_post, and the total.
+        Parallel blocks (GPT-NeoX) feed the MLP the block input instead of resid_mid."""
         attn_b, attn_t = self.attention(index, beta, hooks)
-        mid_t = self._total(index, "mid", lambda: self.memo[(index, "resid_pre")] + attn_t)
+        resid_t = self.memo[(index, "resid_pre")]
+        mid_t = self._total(index, "mid", lambda: resid_t + attn_t)
         mid_b = attn_b if beta is None else (beta if attn_b is None else beta + attn_b)
-        mlp_b, mlp_t = self.mlp(index, mid_b, mid_t)
+        parallel = getattr(self.w.layers[index], "parallel", False)
+        mlp_b, mlp_t = self.mlp(index, beta if parallel else mid_b, resid_t if parallel else mid_t)
         post_t = self._total(index, "post", lambda: mid_t + mlp_t)
-        post_b = None if mid_b is None else mid_b + mlp_b  # type: ignore[operator]
+        if mid_b is None:
+            post_b = None
+        else:
+            post_b = mid_b if mlp_b is None else mid_b + mlp_b
         return self._stab(post_b, post_t), post_t
 
     def run(self, start_layer: int, hooks: FastHooks) -> Tensor | None:
@@ -250,8 +303,12 @@ class BetaPass:
         if mid_b is None:
             return None
         mid_b = mid_b[..., -1:, :]
-        mlp_b, mlp_t = self.mlp(last, mid_b, mid_t, tag="@last")
-        return self._stab(mid_b + mlp_b, mid_t + mlp_t)  # type: ignore[operator]
+        if getattr(self.w.layers[last], "parallel", False):
+            in_b = None if beta is None else beta[..., -1:, :]
+            mlp_b, mlp_t = self.mlp(last, in_b, resid_t[..., -1:, :], tag="@last")
+        else:
+            mlp_b, mlp_t = self.mlp(last, mid_b, mid_t, tag="@last")
+        return self._stab(mid_b if mlp_b is None else mid_b + mlp_b, mid_t + mlp_t)
 
     def logit_diff_beta(self, beta: Tensor, good: Tensor, bad: Tensor) -> Tensor:
         """β of logit(good) − logit(bad) at the last position, `[S, P]`."""

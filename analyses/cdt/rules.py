@@ -113,17 +113,36 @@ def stabilise(pair: Pair) -> Pair:
 def rotate(pair: Pair, cos: torch.Tensor, sin: torch.Tensor) -> Pair:
     """Rotary embedding on `[B, T, H, d_head]` parts (a fixed linear map per position, no bias).
 
-    cos/sin `[T, d_head]` follow the Hugging Face convention (rotate the two halves).
+    cos/sin `[T, r]` follow the Hugging Face convention (rotate the two halves of the first r dims);
+    with partial rotary (r < d_head, GPT-NeoX) the other d_head − r dims pass unchanged.
     """
     cos = cos[None, :, None, :]
     sin = sin[None, :, None, :]
+    dims = cos.shape[-1]
 
     def rot(x: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        return x * cos + rotated * sin
+        x_rot, x_pass = x[..., :dims], x[..., dims:]
+        half = dims // 2
+        rotated = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        out = x_rot * cos + rotated * sin
+        return out if x_pass.shape[-1] == 0 else torch.cat((out, x_pass), dim=-1)
 
     return rot(pair[0]), rot(pair[1])
+
+
+def norm_heads(pair: Pair, spec: Norm, whole: bool, ln_bias: str = "input") -> Pair:
+    """A q/k norm on `[B, T, heads, d_head]` parts: per head (Gemma 3, Qwen3: over d_head) or over the
+    whole projection (OLMo-2: over all heads' dims at once); the norm rule either way."""
+    if not whole:
+        return norm(pair, spec, ln_bias)
+    shape = pair[0].shape
+    flat = norm((pair[0].flatten(-2), pair[1].flatten(-2)), spec, ln_bias)
+    return flat[0].reshape(shape), flat[1].reshape(shape)
+
+
+def softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """Gemma 2's attention logit soft-cap c·tanh(s / c) (identity without a cap)."""
+    return scores if not cap else torch.tanh(scores / cap) * cap
 
 
 def attention_mask(length: int, window: int | None, device: torch.device) -> torch.Tensor:
@@ -137,20 +156,21 @@ def attention_mask(length: int, window: int | None, device: torch.device) -> tor
 
 
 def attention(q: Pair, k: Pair, v: Pair, scale: float, visible: torch.Tensor,
-              rule: str = "paper") -> tuple[Pair, torch.Tensor]:
+              rule: str = "paper", cap: float | None = None) -> tuple[Pair, torch.Tensor]:
     """Self-attention on decomposed q, k, v `[B, T, H, d_head]` (k, v already expanded to query heads).
 
     `paper` (§3.2): β_scores = βq βkᵀ·s, β_probs = softmax(β_scores), β_z = β_probs βv and
     γ_z = P (βv + γv) − β_z with P the true pattern. `value_only`: the pattern is held at P,
-    β_z = P βv (a source then acts only through values). Returns ((β_z, γ_z), P).
+    β_z = P βv (a source then acts only through values). With a logit soft-cap `cap` (Gemma 2) the
+    scores pass c·tanh(s/c) before the mask in both softmaxes, as in the model. Returns ((β_z, γ_z), P).
     """
     neg = torch.finfo(q[0].dtype).min
     q_total, k_total, v_total = q[0] + q[1], k[0] + k[1], v[0] + v[1]
-    scores = torch.einsum("bqhd,bkhd->bhqk", q_total, k_total) * scale
+    scores = softcap(torch.einsum("bqhd,bkhd->bhqk", q_total, k_total) * scale, cap)
     pattern = torch.softmax(scores.masked_fill(~visible, neg), dim=-1)
     z_total = torch.einsum("bhqk,bkhd->bqhd", pattern, v_total)
     if rule == "paper":
-        beta_scores = torch.einsum("bqhd,bkhd->bhqk", q[0], k[0]) * scale
+        beta_scores = softcap(torch.einsum("bqhd,bkhd->bhqk", q[0], k[0]) * scale, cap)
         beta_pattern = torch.softmax(beta_scores.masked_fill(~visible, neg), dim=-1)
         z_beta = torch.einsum("bhqk,bkhd->bqhd", beta_pattern, v[0])
     elif rule == "value_only":
