@@ -9,7 +9,7 @@ heads that share the key/value head are left alone):
 | MEAN           | `blocks.{l}.attn.hook_z`       | z[h] = its mean over a reference prompt set               |
 | RESAMPLE       | `blocks.{l}.attn.hook_z`       | z[h] = z[h] from another prompt, position by position     |
 | UNIFORM        | `blocks.{l}.attn.hook_attn_scores` | visible scores = 0, so the pattern is 1/n_visible     |
-| SCALE_QUERY    | `blocks.{l}.attn.hook_attn_scores` | visible scores × s (== scaling the rotated query by s) |
+| SCALE_QUERY    | `blocks.{l}.attn.hook_attn_scores` | visible scores × s (== scaling the rotated query by s; soft-capped: cap·tanh(s·atanh(c/cap))) |
 | SCALE_VALUE    | `blocks.{l}.attn.hook_z`       | z[h] × s (== scaling the values head h reads: z = A·v)    |
 | SCALE_OUTPUT   | `blocks.{l}.attn.hook_z`       | z[h] × s (== scaling the head's output z·W_O)            |
 | STREAMING      | `blocks.{l}.attn.hook_attn_scores` | keys outside sink ∪ recent window masked (DuoAttention) |
@@ -184,6 +184,22 @@ def _replacement(intervention: Intervention, head: Head, offset: int, lo: int, h
     return value[offset + lo: offset + hi]
 
 
+def _score_softcap(model: Any, layer: int) -> float | None:
+    """The layer's attention-logit soft-cap (Gemma 2), which the bridge applies before `hook_attn_scores`."""
+    from probe.architecture import architecture
+
+    return architecture(model).attention(layer).softcap
+
+
+def _scaled_scores(scores: torch.Tensor, factor: float, softcap: float | None) -> torch.Tensor:
+    """Scores as if the query were scaled by `factor`: linear without a soft-cap; with one, the hook sees
+    c = cap·tanh(x/cap), so the scaled score is cap·tanh(factor·atanh(c/cap))."""
+    if softcap is None:
+        return scores * factor
+    ratio = (scores.float() / softcap).clamp(-1 + 1e-7, 1 - 1e-7)
+    return (softcap * torch.tanh(factor * torch.atanh(ratio))).to(scores.dtype)
+
+
 def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple[str, Any]]:
     """The (hook name, function) pairs that carry out `interventions` on `model`."""
     for intervention in interventions:
@@ -198,10 +214,12 @@ def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple
     hooks: list[tuple[str, Any]] = []
     for layer, ops in sorted(by_layer.items()):
         state = {"offset": 0}
+        softcap = _score_softcap(model, layer) if any(i.kind is Kind.SCALE_QUERY for i, _ in ops) else None
         score_ops = [(i, h) for i, h in ops if i.kind in ON_SCORES]
         z_ops = [(i, h) for i, h in ops if i.kind in ON_Z]
 
-        def on_scores(scores: torch.Tensor, hook: Any, score_ops=score_ops, state=state) -> torch.Tensor:
+        def on_scores(scores: torch.Tensor, hook: Any, score_ops=score_ops, state=state,
+                      softcap=softcap) -> torch.Tensor:
             q_len, k_len = scores.shape[-2], scores.shape[-1]
             state["offset"] = k_len - q_len  # the KV cache holds this many earlier positions
             if not score_ops:
@@ -217,7 +235,10 @@ def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple
                     scores[rows, head.head, lo:hi] = block.masked_fill(~keep, torch.finfo(block.dtype).min)
                     continue
                 visible = _visible(block)
-                new = torch.zeros_like(block) if intervention.kind is Kind.UNIFORM else block * intervention.factor
+                if intervention.kind is Kind.UNIFORM:
+                    new = torch.zeros_like(block)
+                else:
+                    new = _scaled_scores(block, intervention.factor, softcap)
                 scores[rows, head.head, lo:hi] = torch.where(visible, new, block)
             return scores
 
