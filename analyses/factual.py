@@ -44,10 +44,13 @@ from analyses.data.counterfactual import (
     default_pool,
     split_countries,
 )
+from probe.architecture import Norm, architecture
 from probe.errors import ProbeError
+from probe.generation import greedy_generate
 from probe.heads import Head
 from probe.interventions import Intervention, intervene, scale, zero_ablation
 from probe.models import LoadedModel
+from probe.readout import frozen_final_norm
 from probe.results import HeadScores, Provenance, to_jsonable
 
 ANALYZER = "factual"
@@ -291,16 +294,19 @@ def _as_list(interventions: Intervention | Sequence[Intervention] | None) -> lis
 def generate_answers(model: LoadedModel, prompts: Sequence[CounterfactualPrompt], max_new_tokens: int = 16,
                      interventions: Intervention | Sequence[Intervention] | None = None,
                      batch_size: int = 32) -> list[str]:
-    """Greedy continuations (KV cache; interventions active at every step), cut at the end-of-text token."""
+    """Greedy continuations through probe's one generation path (`probe.generation.greedy_generate`:
+    KV cache, interventions active at every step), cut at the end-of-text token.
+
+    Batches hold prompts of one token length, so no row is padded: each is computed as it is alone."""
     answers = [""] * len(prompts)
     eos = model.tokenizer.eos_token_id
+    stops = None if eos is None else [eos]
     for indices, ids in _groups(prompts, model, batch_size):
         model.check_fits(ids.shape[-1] + max_new_tokens)
         with intervene(model, _as_list(interventions)):
-            out = model.bridge.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                                        stop_at_eos=False, verbose=False, return_type="tokens")
-        for row, index in enumerate(indices):
-            new = out[row, ids.shape[-1]:].tolist()
+            rows = greedy_generate(model, [prompts[i].text for i in indices], max_new_tokens,
+                                   batch_size=len(indices), add_special_tokens=True, stop_ids=stops or ())
+        for index, new in zip(indices, rows):
             if eos is not None and eos in new:
                 new = new[:new.index(eos)]
             answers[index] = model.decode(new)
@@ -351,28 +357,9 @@ def fast_rates(model: LoadedModel, prompts: Sequence[CounterfactualPrompt],
 
 # ---- head attribution ----------------------------------------------------------------------------
 
-def _norm_linearisation(norm: torch.nn.Module, d_model: int, like: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(gain, centres) of a norm module, read by probing it: out(v) = gain * (v - centre?) / scale + bias.
-
-    Probing the module itself (not its weights) covers RMSNorm `w`, Gemma's `1 + w` and LayerNorm alike.
-    """
-    if d_model % 2:
-        raise FactualError("Probing the norm needs an even d_model.")
-    big = 1e3
-    signs = torch.ones(d_model, dtype=like.dtype, device=like.device)
-    signs[1::2] = -1.0
-    plus, minus = norm((big * signs)[None, None])[0, 0], norm((-big * signs)[None, None])[0, 0]
-    gain = ((plus - minus) / 2) * signs  # |v| has unit RMS and zero mean, so v/scale = signs
-    flat = norm(torch.full((1, 1, d_model), big, dtype=like.dtype, device=like.device))[0, 0]
-    bias = (plus + minus) / 2
-    centres = bool(torch.allclose(flat, bias, atol=1e-4 * float(gain.abs().max()) + 1e-6))
-    return gain.detach(), centres
-
-
-def _post_attention_norm(model: LoadedModel, layer: int) -> torch.nn.Module | None:
-    """Gemma-style norm applied to the attention output before it joins the residual stream."""
-    block = model.bridge.blocks[layer]
-    return getattr(block, "ln1_post", None)
+def _post_attention_norm(model: LoadedModel, layer: int) -> Norm | None:
+    """The norm on the attention output before it joins the residual stream (Gemma 2/3, OLMo-2), if any."""
+    return architecture(model).norm("ln1_post", layer)
 
 
 def _hook_names(model: LoadedModel) -> set[str]:
@@ -407,14 +394,15 @@ def head_attribution(model: LoadedModel, prompts: Sequence[CounterfactualPrompt]
     counterfactual = [p for p in prompts if p.is_counterfactual]
     if len(counterfactual) != len(prompts):
         raise FactualError("Attribution needs counterfactual prompts (a context city to compare against).")
-    bridge = model.bridge
-    W_O = bridge.W_O.detach().to(torch.float64)  # [L, H, d_head, d_model]
-    lm_head = model.hf_model.get_output_embeddings().weight  # [vocab, d_model]
-    like = lm_head.new_zeros(1)
-    with model.lock:  # the probes run through the bridge's norm components (their hook points fire)
-        final_gain, centres = _norm_linearisation(bridge.ln_final, model.d_model, like)
-        post = {l: _norm_linearisation(n, model.d_model, like)[0] for l in range(model.n_layers)
-                if (n := _post_attention_norm(model, l)) is not None}
+    arch = architecture(model)
+    W_O = arch.W_O.to(torch.float64)  # [L, H, d_head, d_model]
+    post = {}
+    for layer in range(model.n_layers):
+        norm = _post_attention_norm(model, layer)
+        if norm is not None:
+            if norm.kind != "rms":
+                raise FactualError(f"{arch.name}: a {norm.kind} post-attention norm is not supported by the attribution.")
+            post[layer] = norm.weight.to(torch.float64)
     names = _hook_names(model)
     per_prompt = torch.zeros(len(prompts), model.n_layers, model.n_heads, dtype=torch.float64)
     clean = torch.zeros(len(prompts), dtype=torch.float64)
@@ -424,14 +412,13 @@ def head_attribution(model: LoadedModel, prompts: Sequence[CounterfactualPrompt]
         out = torch.einsum("blhd,lhdm->blhm", z.to(torch.float64), W_O)
         for layer, gain in post.items():
             post_scale = cache[f"blocks.{layer}.ln1_post.hook_scale"][:, -1].to(torch.float64)  # [b, 1]
-            out[:, layer] = out[:, layer] * gain.to(torch.float64) / post_scale[:, None, :]
-        if centres:
-            out = out - out.mean(-1, keepdim=True)
+            out[:, layer] = out[:, layer] * gain / post_scale[:, None, :]
         final_scale = cache["ln_final.hook_scale"][:, -1].to(torch.float64)  # [b, 1]
-        out = out * final_gain.to(torch.float64) / final_scale[:, None, None, :]
+        out = frozen_final_norm(model, out, final_scale[:, None, None, :])  # centred for LayerNorm, x gain / scale
         rows = [prompts[i] for i in indices]
-        direction = (lm_head[[p.in_context_token for p in rows]] - lm_head[[p.memorised_token for p in rows]])
-        per_prompt[indices] = torch.einsum("blhm,bm->blh", out, direction.to(torch.float64))
+        columns = arch.W_U_columns([t for p in rows for t in (p.in_context_token, p.memorised_token)])
+        direction = (columns[:, 0::2] - columns[:, 1::2]).T.to(torch.float64)  # [b, d_model]
+        per_prompt[indices] = torch.einsum("blhm,bm->blh", out, direction)
         last = logits[:, -1].to(torch.float64)
         clean[indices] = torch.stack([last[r, p.in_context_token] - last[r, p.memorised_token]
                                       for r, p in enumerate(rows)])
@@ -445,7 +432,9 @@ def reference_direct_effect(model: LoadedModel, prompt: CounterfactualPrompt, he
     The head's z is zeroed at the last position; every later component's output at that position is
     patched back to its clean value (so only the direct path changes); the post-attention norm scale
     (Gemma) and the final norm scale are written back to their clean values (frozen). The direct
-    effect is clean d minus the d of that run.
+    effect is clean d minus the d of that run, d read from the final norm's own output (`ln_final.hook_out`)
+    through the two unembedding columns: before any final logit soft-cap (Gemma 2), which is not linear
+    in a head's contribution (the unembedding bias cancels in the difference).
     """
     ids = model.encode(prompt.text)
     layer = head.layer
@@ -454,12 +443,18 @@ def reference_direct_effect(model: LoadedModel, prompt: CounterfactualPrompt, he
     frozen = ["ln_final.hook_scale"]
     if _post_attention_norm(model, layer) is not None:
         frozen.append(f"blocks.{layer}.ln1_post.hook_scale")
-    keep = set(later + frozen)
-    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in keep)
+    keep = set(later + frozen) | {"ln_final.hook_out"}
+    _, cache = model.run_with_cache(ids, names_filter=lambda name: name in keep)
+    columns = architecture(model).W_U_columns([prompt.in_context_token, prompt.memorised_token]).to(torch.float64)
 
-    def d_of(values: torch.Tensor) -> float:
-        last = values[0, -1].to(torch.float64)
-        return float(last[prompt.in_context_token] - last[prompt.memorised_token])
+    def d_of(normalized: torch.Tensor) -> float:
+        pair = normalized[0, -1].to(torch.float64) @ columns
+        return float(pair[0] - pair[1])
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(value: torch.Tensor, hook: Any) -> None:
+        seen["out"] = value.detach().clone()
 
     def zero_head(z: torch.Tensor, hook: Any) -> torch.Tensor:
         z = z.clone()
@@ -474,9 +469,10 @@ def reference_direct_effect(model: LoadedModel, prompt: CounterfactualPrompt, he
         return hook_fn
 
     hooks = [(f"blocks.{layer}.attn.hook_z", zero_head)] + [(name, restore(name)) for name in later + frozen]
+    hooks.append(("ln_final.hook_out", grab))
     with model.hooks(hooks):
-        ablated = model.logits(ids)
-    return d_of(logits) - d_of(ablated)
+        model.logits(ids)
+    return d_of(cache["ln_final.hook_out"]) - d_of(seen["out"])
 
 
 # ---- steering ------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ the head's output (the slow reference does this); "none" uses no norm after MLP0
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -34,6 +35,7 @@ from torch import nn
 
 from analyses.common import Progress, no_progress, provenance, random_head_sets
 from analyses.data.succession import TaskSet, TokenTask, build_tasks
+from probe import readout
 from probe.architecture import Architecture, ArchitectureError, Norm, architecture
 from probe.errors import ProbeError
 from probe.heads import Head
@@ -108,7 +110,7 @@ class Circuit:
     final_norm: Any
     final_weight: torch.Tensor         # [d]
     final_bias: torch.Tensor | None
-    unembed: torch.Tensor              # [vocab, d] (lm_head weight; columns of W_U are its rows)
+    unembed: torch.Tensor              # [vocab, d] (the unembedding as stored; columns of W_U are its rows)
     b_U: torch.Tensor | None
     kv_of: torch.Tensor                # [H] key/value head of each query head
 
@@ -162,7 +164,7 @@ def build_circuit(model: LoadedModel) -> Circuit:
         W_O=arch.W_O.float(),
         post_norms=post if has_post else None,  # type: ignore[arg-type]
         post_weight=torch.stack([p.weight.float() for p in post]) if has_post else None,  # type: ignore[union-attr]
-        final_norm=final, final_weight=final.weight.float(),
+        final_norm=functools.partial(readout.final_norm, model), final_weight=readout.final_norm_weight(model).float(),
         final_bias=None if final.bias is None else final.bias.float(),
         unembed=arch.unembed_weight,
         b_U=arch.b_U,
@@ -325,7 +327,7 @@ def reference_logits(model: LoadedModel, task: TokenTask, head: Head, token_inde
         x = e
     else:
         x = _norm_or_identity(arch.norm("ln1", head.layer))(e)
-    W_V, W_O, W_U, b_V = weights or bridge_weights(model)
+    W_V, W_O, b_V = weights or bridge_weights(model)
     kv = model.kv_head_of(head.head) if W_V.shape[1] == model.n_kv_heads else head.head
     v = x @ W_V[head.layer, kv]
     if config.include_biases and b_V is not None:
@@ -333,16 +335,22 @@ def reference_logits(model: LoadedModel, task: TokenTask, head: Head, token_inde
     out = v @ W_O[head.layer, head.head]
     if config.norm_convention != "none":
         out = _norm_or_identity(arch.norm("ln1_post", head.layer))(out)  # Gemma 2/3, OLMo-2
-        out = arch.final_norm(out)
-    columns = W_U[:, torch.tensor(task.token_ids)]
-    return out @ columns
+        out = readout.final_norm(model, out)                            # the family's own final norm
+    logits = out.float() @ arch.W_U_columns(task.token_ids)             # no soft-cap: argmax-neutral, not linear
+    if config.include_biases and arch.b_U is not None:
+        logits = logits + arch.b_U[torch.as_tensor(task.token_ids)]
+    return logits
 
 
-def bridge_weights(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(W_V, W_O, W_U, b_V) as the TransformerBridge exposes them (the bridge stacks them on every access)."""
+def bridge_weights(model: LoadedModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(W_V, W_O, b_V) as the TransformerBridge stacks them on this access (a fresh read, not the
+    architecture layer's cached copy the fast path uses)."""
     bridge = model.bridge
-    b_V = getattr(bridge, "b_V", None)
-    return bridge.W_V, bridge.W_O, bridge.W_U, b_V
+    try:
+        b_V = bridge.b_V
+    except AttributeError:  # the bridge raises for a bias-free checkpoint
+        b_V = None
+    return bridge.W_V, bridge.W_O, b_V
 
 
 def reference_scores(model: LoadedModel, task_set: TaskSet, config: SuccessorConfig,
