@@ -1,0 +1,373 @@
+"""Forwards that need no attention pattern, on the model's own attention kernel (SDPA).
+
+The TransformerLens bridge replaces each decoder layer's attention with a component that recomputes
+attention eagerly (`transformer_lens/model_bridge/generalized_components/position_embeddings_attention.py`:
+the full `[B, H, T, T]` pattern, whatever `config._attn_implementation` says), so that `hook_attn_scores`
+and `hook_pattern` can fire. A forward that reads only logits or head outputs pays for that pattern
+(SmolLM2, 2,048 tokens, one thread: ~4x the plain SDPA forward; bench/bench_fused.py).
+
+The fused path runs the same weights without that component. What the bridge does to the HF model, and
+what this module undoes for the length of one call (under `model.lock`, restored on exit, also on error):
+
+- the bridge puts its `AttentionBridge` into each HF decoder layer's attention slot (`self_attn`, `attn`,
+  `attention`) and keeps the HF attention module as its `original_component`; the HF module's own
+  projections (`q_proj` ... `o_proj`, `c_attn`, `c_proj`, `query_key_value`, `dense`) are the bridge's
+  `LinearBridge`s, whose `hook_in` / `hook_out` stay live (`hook_z` is an alias of `o.hook_in`).
+  Here the slot gets the HF module back, and the config's attention implementation is set to "sdpa"
+  ("eager", HF's own eager kernel, on families with an attention-logit soft-cap, which SDPA lacks:
+  Gemma 2), so the HF module calls `torch.nn.functional.scaled_dot_product_attention` (flash / memory-
+  efficient kernels on a GPU) on the model's own masks: causal, padding and per-layer sliding windows.
+- head-output interventions (zero / mean / resample ablation, value and output scaling) are applied by a
+  forward pre-hook on the output projection (`architecture(model).attention(layer).o_path`): its input
+  is z with the query heads concatenated, so each operation touches exactly one query head's `d_head`
+  slice (grouped-query attention included: a value scale on one query head scales only its z, which is
+  exact because z = A·v is linear in v for a fixed pattern). Their positions, rows and values follow
+  `probe.interventions` (the same helpers); the position offset during cached decoding comes from the
+  KV cache's length before each forward (a pre-hook on the HF model), not from the score hook, which
+  does not fire here.
+- DuoAttention's streaming heads (`Kind.STREAMING`) become a per-head mask: the model's mask for the
+  layer (or the causal mask where HF leaves it to `is_causal`) AND sink ∪ recent window on the chosen
+  heads, handed to the kernel as it is (boolean for SDPA, additive for eager).
+
+Not served (a `FusedPathError`, so the caller runs the bridge): interventions that need the pattern or
+the scores (`UNIFORM`, `SCALE_QUERY`), and any hook attached to a hook point of the bridge's attention
+component that the HF module never calls (`hook_attn_scores`, `hook_pattern`, `hook_rot_q`, `hook_attn_out`
+...): under SDPA those would silently never fire. Hooks elsewhere (residual, MLP, norms, the projections'
+`hook_in`/`hook_out`, `hook_z`) fire as in a bridge forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from probe.architecture import architecture
+from probe.errors import InterventionError, ProbeError
+from probe.heads import Head, validate_heads
+from probe.interventions import (
+    Intervention,
+    Kind,
+    _position_window,
+    _replacement,
+    _row_index,
+    streaming_mask,
+)
+
+SERVED = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT, Kind.STREAMING})
+ON_OUTPUT = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT})
+NEEDS_PATTERN = frozenset(set(Kind) - SERVED)  # UNIFORM, SCALE_QUERY: they rewrite the scores
+
+Positions = str | slice | Sequence[int] | None
+
+
+class FusedPathError(ProbeError):
+    """This forward needs the attention pattern (or a hook the fused path never fires): use the bridge."""
+
+
+# ---- what the path can serve ------------------------------------------------------------------------
+
+def unserved_reason(model: Any, interventions: Sequence[Intervention] = ()) -> str | None:
+    """Why the fused path cannot run these interventions on `model` now (None: it can). Callers that pick
+    a path ask this instead of catching `FusedPathError`."""
+    for intervention in interventions:
+        if intervention.kind in NEEDS_PATTERN:
+            return (f"{intervention.describe()} rewrites the attention scores, which the fused path never "
+                    "materialises; run it through the bridge (probe.interventions.intervene)")
+    hooked = _hooks_that_would_not_fire(model)
+    if hooked:
+        shown = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
+        return f"hooks are attached to {shown}, which the fused path never calls; run the bridge"
+    if _swap_slots(model) is None:
+        return (f"{model.spec}: the bridge's attention components could not be matched to the Hugging Face "
+                "layers' attention slots (one per layer, each with a layer_idx)")
+    if any(getattr(config, "output_attentions", False) for config in _configs(model)):
+        return "output_attentions is on: the attention weights need the eager bridge"
+    return None
+
+
+def check_served(model: Any, interventions: Sequence[Intervention] = ()) -> None:
+    """Raise `FusedPathError` (one line, naming the cause) where `unserved_reason` gives one."""
+    reason = unserved_reason(model, interventions)
+    if reason is not None:
+        raise FusedPathError(reason + ".")
+
+
+def implementation(model: Any) -> str:
+    """The HF attention kernel the fused path uses: "sdpa", or "eager" where a layer soft-caps its attention
+    logits (SDPA has no soft-cap: Gemma 2) or the model has no SDPA support."""
+    arch = architecture(model)
+    if not getattr(model.hf_model, "_supports_sdpa", False):
+        return "eager"
+    if any(arch.attention(layer).softcap for layer in range(model.n_layers)):
+        return "eager"
+    return "sdpa"
+
+
+def _attention_bridges(model: Any) -> list[nn.Module]:
+    return [block.attn for block in model.bridge.blocks]
+
+
+def _original(attn: nn.Module) -> nn.Module | None:
+    return getattr(attn, "original_component", None)
+
+
+def _hooks_that_would_not_fire(model: Any) -> list[str]:
+    """Hook points inside the bridge's attention components, outside the HF attention module they wrap, that
+    have a hook attached: the fused path skips the component, so these would not fire."""
+    from transformer_lens.hook_points import HookPoint
+
+    names = {id(point): name for name, point in model.bridge.hook_dict.items()}
+    found: list[str] = []
+    for attn in _attention_bridges(model):
+        original = _original(attn)
+        inside = {id(m) for m in original.modules()} if original is not None else set()
+        for name, module in attn.named_modules():
+            if isinstance(module, HookPoint) and id(module) not in inside \
+                    and (module._forward_hooks or module._forward_pre_hooks):
+                found.append(names.get(id(module), f"{attn.name}.{name}"))
+    return found
+
+
+def _swap_slots(model: Any) -> list[tuple[nn.Module, str, nn.Module, nn.Module]] | None:
+    """(HF parent, slot name, bridge attention, HF attention) for every layer; None where not one per layer."""
+    bridges = {id(attn): attn for attn in _attention_bridges(model)}
+    slots = [(parent, name, child, _original(child)) for parent in model.hf_model.modules()
+             if not type(parent).__module__.startswith("transformer_lens")
+             for name, child in parent._modules.items() if child is not None and id(child) in bridges]
+    if len(slots) != len(bridges) or len(bridges) != model.n_layers:
+        return None
+    if any(original is None or getattr(original, "layer_idx", None) is None for *_, original in slots):
+        return None
+    return slots
+
+
+def _configs(model: Any) -> list[Any]:
+    found = [model.hf_model.config] + [getattr(_original(a), "config", None) for a in _attention_bridges(model)]
+    return list({id(c): c for c in found if c is not None}.values())
+
+
+# ---- the path -----------------------------------------------------------------------------------
+
+@dataclass
+class _State:
+    offset: int = 0  # positions already in the KV cache before the current forward
+    full_cache: bool = True
+    fired: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # layer -> output pre-hook calls
+
+
+def _group(interventions: Sequence[Intervention]) -> tuple[dict[int, list[tuple[Intervention, Head]]],
+                                                         dict[int, list[tuple[Intervention, Head]]]]:
+    on_output: dict[int, list[tuple[Intervention, Head]]] = defaultdict(list)
+    on_mask: dict[int, list[tuple[Intervention, Head]]] = defaultdict(list)
+    for intervention in interventions:
+        target = on_output if intervention.kind in ON_OUTPUT else on_mask
+        for head in intervention.heads:
+            target[head.layer].append((intervention, head))
+    return on_output, on_mask
+
+
+def _output_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, layer: int, n_heads: int, d_head: int):
+    """Rewrite query heads' slices of z (the output projection's input), as `probe.interventions` does on hook_z."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        state.fired[layer] += 1
+        flat = args[0]
+        z = flat.reshape(*flat.shape[:-1], n_heads, d_head).clone()  # [B, T, H, dh]
+        for intervention, head in ops:
+            rows = _row_index(intervention, z.shape[0])
+            lo, hi = _position_window(intervention, state.offset, z.shape[1])
+            if hi <= lo:
+                continue
+            if intervention.kind is Kind.ZERO:
+                z[rows, lo:hi, head.head] = 0.0
+            elif intervention.kind in (Kind.SCALE_VALUE, Kind.SCALE_OUTPUT):
+                z[rows, lo:hi, head.head] = z[rows, lo:hi, head.head] * intervention.factor
+            else:
+                z[rows, lo:hi, head.head] = _replacement(intervention, head, state.offset, lo, hi, z, rows)
+        return (z.reshape(flat.shape), *args[1:])
+
+    return hook
+
+
+def _mask_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, layer: int, n_heads: int,
+                   parameters: list[str]):
+    """AND the streaming heads' sink ∪ recent window into the layer's mask (per head), before the kernel."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        bound = dict(zip(parameters, args))
+        bound.update(kwargs)
+        hidden = bound["hidden_states"]
+        if not state.full_cache:
+            raise FusedPathError("streaming attention on the fused path needs a cache that keeps every key "
+                                 "(transformers.DynamicCache()), not a sliding-window cache.")
+        batch, q_len = hidden.shape[0], hidden.shape[1]
+        given = bound.get("attention_mask")
+        if given is None:  # HF left causality to the kernel's is_causal: write it out
+            k_len = state.offset + q_len
+            keys = torch.arange(k_len, device=hidden.device)
+            queries = torch.arange(q_len, device=hidden.device) + state.offset
+            visible = (keys[None, :] <= queries[:, None])[None, None]
+            additive, dtype = not _is_sdpa(module), hidden.dtype
+        else:
+            additive, dtype = given.dtype != torch.bool, given.dtype
+            visible = given if not additive else given > torch.finfo(given.dtype).min / 2
+            k_len = given.shape[-1]
+        mask = visible.expand(batch, n_heads, q_len, k_len).clone()
+        for intervention, head in ops:
+            rows = _row_index(intervention, batch)
+            lo, hi = _position_window(intervention, state.offset, q_len)
+            if hi <= lo:
+                continue
+            q_positions = torch.arange(lo, hi, device=hidden.device) + state.offset
+            keep = streaming_mask(q_positions, k_len, *intervention.window)  # type: ignore[misc]
+            mask[rows, head.head, lo:hi] = mask[rows, head.head, lo:hi] & keep
+        if additive:
+            mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        if "attention_mask" in kwargs or "attention_mask" not in parameters[:len(args)]:
+            kwargs = {**kwargs, "attention_mask": mask}
+        else:
+            args = tuple(mask if name == "attention_mask" else value for name, value in zip(parameters, args))
+        return args, kwargs
+
+    return hook
+
+
+def _is_sdpa(module: nn.Module) -> bool:
+    return getattr(getattr(module, "config", None), "_attn_implementation", "sdpa") == "sdpa"
+
+
+def _offset_pre_hook(state: _State):
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        cache = kwargs.get("past_key_values")
+        state.offset = int(cache.get_seq_length()) if cache is not None else 0
+        state.full_cache = cache is None or not any(getattr(cache, "is_sliding", None) or [])
+    return hook
+
+
+@contextlib.contextmanager
+def fused(model: Any, interventions: Sequence[Intervention] = ()) -> Iterator[_State]:
+    """For the block, every forward of `model.hf_model` runs the HF attention modules on the fused kernel
+    with `interventions` in effect (any driver: a plain call, a KV-cached loop, HF `generate`); everything
+    is restored on exit. Holds `model.lock` for the whole block. Raises `FusedPathError` for what it cannot
+    serve (see `unserved_reason`)."""
+    interventions = list(interventions)
+    for intervention in interventions:
+        validate_heads(intervention.heads, model)
+        if intervention.kind in (Kind.MEAN, Kind.RESAMPLE) and intervention.values is None:
+            raise InterventionError(f"{intervention.kind.value} ablation needs values.")
+    with model.lock:
+        check_served(model, interventions)
+        arch = architecture(model)
+        slots = _swap_slots(model)
+        assert slots is not None  # checked above
+        kernel = implementation(model)
+        configs = _configs(model)
+        on_output, on_mask = _group(interventions)
+        state = _State()
+        previous = {id(config): config._attn_implementation_internal for config in configs}
+        handles: list[Any] = []
+        try:
+            for config in configs:
+                config._attn_implementation_internal = kernel
+            for parent, name, _, original in slots:
+                parent._modules[name] = original
+            handles.append(model.hf_model.register_forward_pre_hook(_offset_pre_hook(state), with_kwargs=True))
+            for layer, ops in sorted(on_output.items()):
+                projection = model.hf_model.get_submodule(arch.attention(layer).o_path)
+                if not any(projection is m for m in slots[layer][3].modules()):
+                    raise FusedPathError(f"{model.spec}: layer {layer}'s output projection "
+                                         f"({arch.attention(layer).o_path}) is not called by its HF attention module.")
+                handles.append(projection.register_forward_pre_hook(
+                    _output_pre_hook(ops, state, layer, model.n_heads, model.d_head)))
+            for layer, ops in sorted(on_mask.items()):
+                original = slots[layer][3]
+                parameters = list(inspect.signature(original.forward).parameters)
+                handles.append(original.register_forward_pre_hook(
+                    _mask_pre_hook(ops, state, layer, model.n_heads, parameters), with_kwargs=True))
+            yield state
+        finally:
+            for handle in handles:
+                handle.remove()
+            for parent, name, bridge_attn, _ in slots:
+                parent._modules[name] = bridge_attn
+            for config in configs:
+                config._attn_implementation_internal = previous[id(config)]
+
+
+def _keep(positions: Positions, length: int, device: Any) -> int | torch.Tensor:
+    """HF's `logits_to_keep`: 1 for "last", 0 for every position, else an index tensor."""
+    if positions is None:
+        return 0
+    if isinstance(positions, str):
+        if positions != "last":
+            raise ProbeError(f"positions={positions!r}: use 'last', None (every position), a slice or indices.")
+        return 1
+    index = torch.arange(length, device=device)
+    chosen = index[positions] if isinstance(positions, slice) else index[torch.as_tensor(list(positions), device=device)]
+    if chosen.numel() == 0:
+        raise ProbeError(f"positions={positions!r} selects no position of a {length}-token input.")
+    return chosen
+
+
+def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids from a 2-D padding mask, as the bridge derives them (left padding: each row from 0)."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+@torch.no_grad()
+def fused_logits(model: Any, ids: torch.Tensor, interventions: Sequence[Intervention] = (),
+                 positions: Positions = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits `[batch, n_positions, vocab]` of one forward on the fused path (see module docstring).
+
+    `positions`: "last", None (every position), a slice or position indices; only those rows of the
+    unembedding are computed. `attention_mask`: a 2-D `[batch, T]` padding mask (1 = token), positions
+    derived from it as the bridge does. Interventions as `probe.interventions` builds them; those that need
+    the pattern raise `FusedPathError`."""
+    if ids.dim() == 1:
+        ids = ids[None]
+    model.check_fits(ids.shape[-1])
+    kwargs: dict[str, Any] = {"use_cache": False, "logits_to_keep": _keep(positions, ids.shape[-1], ids.device)}
+    if attention_mask is not None:
+        if attention_mask.shape != ids.shape:
+            raise ProbeError(f"attention_mask {tuple(attention_mask.shape)} must be the ids' shape {tuple(ids.shape)}.")
+        kwargs["attention_mask"] = attention_mask.to(ids.device)
+        kwargs["position_ids"] = _positions_from_mask(kwargs["attention_mask"])
+    with fused(model, interventions):
+        return model.hf_model(ids, **kwargs).logits
+
+
+@torch.no_grad()
+def fused_generate(model: Any, ids: torch.Tensor, max_new_tokens: int = 16,
+                   interventions: Sequence[Intervention] = (), stop_ids: Sequence[int] | None = None) -> torch.Tensor:
+    """Greedy continuation `[1, n_new]` on the fused path, as `LoadedModel.generate` does on the bridge (full
+    `DynamicCache`, stop after an EOS/stop token, not included); interventions' positions are absolute."""
+    from transformers import DynamicCache
+
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.shape[0] != 1:
+        raise ProbeError("fused_generate() takes one prompt; loop over prompts.")
+    model.check_fits(ids.shape[-1] + max_new_tokens)
+    stops = set(stop_ids or ())
+    if model.tokenizer.eos_token_id is not None:
+        stops.add(model.tokenizer.eos_token_id)
+    new: list[int] = []
+    with fused(model, interventions):
+        cache = DynamicCache()
+        logits = model.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            if token in stops:
+                break
+            new.append(token)
+            step = torch.tensor([[token]], device=ids.device)
+            logits = model.hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return torch.tensor([new], dtype=torch.long, device=ids.device)
