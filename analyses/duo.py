@@ -28,6 +28,7 @@ import torch
 from analyses.common import Progress, no_progress, provenance
 from analyses.data.haystack import build_grid, haystack_sentences, rouge1_recall
 from analyses.data.needles import NEEDLES, Needle
+from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.heads import Head
 from probe.interventions import intervene, streaming_attention, streaming_mask
@@ -127,7 +128,12 @@ def passkey_sample(model: LoadedModel, config: DuoConfig, rng: random.Random, se
 # ---- the gated student ---------------------------------------------------------------------------
 
 def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int) -> list[tuple[str, Any]]:
-    """Hooks that blend full and streaming patterns per query head with its KV group's gate."""
+    """Hooks that blend full and streaming patterns per query head with its KV group's gate.
+
+    `hook_attn_scores` is read after the family's own soft-cap, causal and sliding-window masks (the
+    streaming softmax restricts those scores further); the query head -> KV head map is the
+    architecture layer's (`kv_index`), so every family's GQA layout is followed."""
+    kv_index = architecture(model).kv_index.to(gates.device)
     hooks: list[tuple[str, Any]] = []
     for layer in range(model.n_layers):
         saved: dict[str, torch.Tensor] = {}
@@ -142,7 +148,7 @@ def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int) 
             q_positions = torch.arange(k_len - q_len, k_len, device=scores.device)
             keep = streaming_mask(q_positions, k_len, sink, recent)
             stream = torch.softmax(scores.masked_fill(~keep, torch.finfo(scores.dtype).min), dim=-1)
-            alpha = gates[layer].clamp(0, 1).repeat_interleave(model.group_size).to(pattern.dtype)
+            alpha = gates[layer].clamp(0, 1)[kv_index].to(pattern.dtype)
             alpha = alpha.view(1, -1, 1, 1)
             return alpha * pattern + (1 - alpha) * stream
 
@@ -158,8 +164,7 @@ def final_states(model: LoadedModel, ids: torch.Tensor, hooks: list[tuple[str, A
         captured["h"] = value
         return value
 
-    with model.lock:
-        model.bridge.run_with_hooks(ids, fwd_hooks=list(hooks or []) + [("ln_final.hook_normalized", grab)])
+    model.run_with_hooks(ids, list(hooks or []) + [("ln_final.hook_normalized", grab)])  # holds model.lock
     return captured["h"][0]
 
 
@@ -249,9 +254,10 @@ def binarise(gates: torch.Tensor, retrieval_fraction: float, seed: int = 0) -> t
 
 
 def streaming_heads(model: LoadedModel, retrieval: torch.Tensor) -> list[Head]:
-    """All query heads of the KV heads that are not retrieval heads."""
+    """All query heads of the KV heads that are not retrieval heads (the architecture layer's GQA map)."""
+    arch = architecture(model)
     return [Head(l, q) for l in range(model.n_layers) for g in range(model.n_kv_heads) if not retrieval[l, g]
-            for q in model.query_heads_of(g)]
+            for q in range(model.n_heads) if arch.kv_of(q) == g]
 
 
 def kv_cache_bytes(model: LoadedModel, retrieval: torch.Tensor, context: int, sink: int, recent: int) -> dict[str, float]:
@@ -283,15 +289,17 @@ def profiling_scores(model: LoadedModel, sample: PasskeySample, sink: int, recen
     """The training-free baseline (mlx-lm PR #1522 idea): attention mass outside sink ∪ recent, per KV
     head (mean over its query heads and the QA positions)."""
     names = {f"blocks.{l}.attn.hook_pattern" for l in range(model.n_layers)}
-    with torch.no_grad(), model.lock:
-        _, cache = model.bridge.run_with_cache(sample.ids, names_filter=lambda n: n in names)
+    with torch.no_grad():
+        _, cache = model.run_with_cache(sample.ids, names_filter=lambda n: n in names)  # holds model.lock
     out = torch.zeros(model.n_layers, model.n_kv_heads)
     k_len = sample.ids.shape[1]
     keep = streaming_mask(sample.loss_positions, k_len, sink, recent)
     for l in range(model.n_layers):
         pattern = cache[f"blocks.{l}.attn.hook_pattern"][0][:, sample.loss_positions]  # [H, n, k]
         outside = (pattern * (~keep).to(pattern.dtype)).sum(-1).mean(-1)  # [H]
-        out[l] = outside.view(model.n_kv_heads, model.group_size).mean(-1).cpu()
+        kv_index = architecture(model).kv_index.to(outside.device)
+        groups = torch.zeros(model.n_kv_heads, dtype=outside.dtype, device=outside.device).index_add_(0, kv_index, outside)
+        out[l] = (groups / torch.bincount(kv_index, minlength=model.n_kv_heads).to(groups)).cpu()
     return out
 
 
@@ -315,7 +323,9 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def group_max(model: LoadedModel, scores: torch.Tensor) -> torch.Tensor:
     """Query-head scores `[L, H]` → per KV group `[L, n_kv]` (max over the group's query heads)."""
-    return torch.nan_to_num(scores.double(), nan=0.0).view(model.n_layers, model.n_kv_heads, model.group_size).max(-1).values
+    scores = torch.nan_to_num(scores.double(), nan=0.0)
+    kv_index = architecture(model).kv_index
+    return torch.stack([scores[:, kv_index == g].max(-1).values for g in range(model.n_kv_heads)], dim=1)
 
 
 def retrieval_agreement(model: LoadedModel, gates: torch.Tensor) -> dict[str, Any] | None:
@@ -403,7 +413,7 @@ def run(model: LoadedModel, config: DuoConfig = QUICK, progress: Progress | None
     profile_sample = samples[0] if samples else passkey_sample(model, config, rng_samples, pool)
     profile = profiling_scores(model, profile_sample,
                                config.sink, config.recent)
-    query_gates = training.gates.repeat_interleave(model.group_size, dim=1)
+    query_gates = training.gates[:, architecture(model).kv_index]
     data = {"passkeys": config.n_passkeys, "context": config.context_length,
             "training": [s.ids.tolist() for s in samples] if samples else "synthetic passkeys",
             "niah": [s.summary() for s in grid.samples]}

@@ -121,3 +121,35 @@ def test_recomputing_layers_in_backward_gives_the_same_gate_gradients(tiny_gqa):
     torch.testing.assert_close(recomputed, plain, rtol=1e-5, atol=1e-7)
     assert (plain_calls, recomputed_calls) == (1, 2)
     assert not model.hf_model.training
+
+
+def test_duo_reads_the_model_through_the_architecture_layer_only():
+    """No Hugging Face attribute (nor the bridge's raw object) is named in analyses/duo.py: the GQA map
+    comes from probe.architecture, forwards from LoadedModel (which hold its lock)."""
+    import re
+    from pathlib import Path
+
+    source = Path(duo.__file__).read_text()
+    names = ["hf_model", ".bridge", "input_layernorm", "post_attention_layernorm", "self_attn", "c_attn", "q_proj",
+             "k_proj", "v_proj", "o_proj", "lm_head", "get_output_embeddings", "model.layers", "embed_tokens",
+             "group_size", "query_heads_of"]
+    found = [n for n in names if re.search(re.escape(n) + r"\b", source)]
+    assert not found, found
+
+
+def test_duo_gqa_maps_follow_the_architecture_layer(tiny_gqa):
+    """Streaming heads, per-group maxima and the per-query gate map use the layer's query -> KV map."""
+    from probe.architecture import architecture
+
+    model = tiny_gqa
+    kv_of = architecture(model).kv_of
+    retrieval = torch.zeros(model.n_layers, model.n_kv_heads, dtype=torch.bool)
+    retrieval[0, 0] = True
+    heads = duo.streaming_heads(model, retrieval)
+    assert heads == [Head(l, h) for l in range(model.n_layers) for g in range(model.n_kv_heads)
+                     if not retrieval[l, g] for h in range(model.n_heads) if kv_of(h) == g]
+    assert Head(0, 0) not in heads and len(heads) == model.n_layers * model.n_heads - model.n_heads // model.n_kv_heads
+    scores = torch.arange(model.n_layers * model.n_heads, dtype=torch.float64).view(model.n_layers, model.n_heads)
+    expected = torch.tensor([[max(float(scores[l, h]) for h in range(model.n_heads) if kv_of(h) == g)
+                              for g in range(model.n_kv_heads)] for l in range(model.n_layers)], dtype=torch.float64)
+    assert torch.equal(duo.group_max(model, scores), expected)
