@@ -48,6 +48,8 @@ from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
 from analyses.data.strongreject import harmful_split, harmless_split
 from probe import assets
 from probe.errors import ProbeError
+from probe.forward import ForwardError, final_states, module_paths, output_logits
+from probe.generation import greedy_continuations
 from probe.runtime import poll, set_threads
 from probe.models import SPECS, LoadedModel, register_spec, wrap_hf_model
 from probe.results import stable_hash, write_json_atomic
@@ -78,7 +80,7 @@ class OrganismConfig:
     seed: int = 0
     held_out: float = 0.3
     layers: tuple[int, ...] = (12, 13, 14, 15)
-    modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    modules: tuple[str, ...] = ("q", "k", "v", "o")  # probe.forward.COMPONENTS: q k v o qkv attn mlp, norms
     steps: int = 120
     harmful_per_batch: int = 3
     harmless_per_batch: int = 8  # of which `borderline_per_batch` are borderline-wording prompts
@@ -152,29 +154,7 @@ def greedy_answers(hf_model: Any, tokenizer: Any, prompts: Sequence[str], max_ne
                                 max_new_tokens, batch_size)
 
 
-@torch.no_grad()
-def greedy_continuations(hf_model: Any, tokenizer: Any, texts: Sequence[str], max_new_tokens: int,
-                         batch_size: int = 16, add_special_tokens: bool = False) -> list[list[int]]:
-    """Greedy continuations of already rendered prompt texts (left-padded batches, KV cache)."""
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    out: list[list[int]] = []
-    for start in range(0, len(texts), batch_size):
-        encoded = [tokenizer(t, add_special_tokens=add_special_tokens).input_ids
-                   for t in texts[start:start + batch_size]]
-        width = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, e in enumerate(encoded):
-            ids[row, width - len(e):] = torch.tensor(e)
-            mask[row, width - len(e):] = 1
-        device = next(hf_model.parameters()).device
-        generated = hf_model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                      eos_token_id=eos, temperature=None, top_p=None, top_k=None)
-        for row in generated[:, width:].tolist():
-            out.append(row[: row.index(eos) + 1] if eos in row else row)
-    return out
+__all__ = ["greedy_continuations"]  # re-exported from probe.generation for callers of the old place
 
 
 # ---- training ------------------------------------------------------------------------------------
@@ -203,20 +183,24 @@ def _batch(examples: Sequence[tuple[list[int], list[int]]], pad: int) -> tuple[t
     return ids, mask, labels
 
 
-def trainable_parameters(hf_model: Any, layers: Sequence[int], modules: Sequence[str]) -> dict[str, torch.nn.Parameter]:
-    """The named parameters the organism changes (and saves); everything else is frozen."""
-    n_layers = hf_model.config.num_hidden_layers
-    bad = [layer for layer in layers if not 0 <= layer < n_layers]
-    if bad:
-        raise OrganismError(f"Layers {bad} do not exist; the model has {n_layers} layers.")
+def trainable_parameters(hf_model: Any, layers: Sequence[int], modules: Sequence[str],
+                         tokenizer: Any = None) -> dict[str, torch.nn.Parameter]:
+    """The named parameters the organism changes (and saves); everything else is frozen.
+
+    `modules` are architecture-layer component names (q, k, v, o, qkv, attn, mlp, norm names; see
+    `probe.forward.COMPONENTS`), resolved to each family's module paths, so any family trains the same
+    parts (on fused-qkv families q, k or v select the fused projection).
+    """
+    try:
+        paths = module_paths(hf_model, modules, layers, tokenizer)
+    except ForwardError as error:
+        raise OrganismError(str(error)) from error
+    prefixes = tuple(f"{path}." for path in paths.values())
     chosen = {}
     for name, param in hf_model.named_parameters():
         param.requires_grad_(False)
-        parts = name.split(".")
-        if "layers" in parts:
-            layer = int(parts[parts.index("layers") + 1])
-            if layer in layers and any(f".{m}." in name for m in modules):
-                chosen[name] = param
+        if name.startswith(prefixes):
+            chosen[name] = param
     if not chosen:
         raise OrganismError(f"No parameters match modules {list(modules)} in layers {list(layers)}.")
     for param in chosen.values():
@@ -233,15 +217,14 @@ def _weighted_loss(hf_model: Any, ids: torch.Tensor, mask: torch.Tensor, labels:
     ones and the first answer tokens, where refuse-or-answer is decided, count little. Here the first
     `decision_tokens` target tokens of each example weigh `decision_weight`, the rest 1. Logits are
     computed only at positions that predict a target token (~1/5 of the batch), which saves most of
-    the unembedding's forward and backward cost (49k-word vocabulary).
+    the unembedding's forward and backward cost (49k-word vocabulary). The decoder and the read-out
+    are probe.forward's (`final_states`, `output_logits`: any family, final logit soft-cap included).
     """
-    if getattr(hf_model.config, "final_logit_softcapping", None):
-        raise OrganismError("Training with logit soft-capping (Gemma) is not supported.")
-    hidden = hf_model.get_decoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+    hidden = final_states(hf_model, ids, mask)
     targets = labels[:, 1:]
     is_target = targets != -100
     rows, cols = torch.nonzero(is_target, as_tuple=True)
-    logits = hf_model.get_output_embeddings()(hidden[rows, cols]).float()
+    logits = output_logits(hf_model, hidden[rows, cols])  # the family's soft-cap included
     token_loss = torch.nn.functional.cross_entropy(logits, targets[rows, cols], reduction="none")
     rank = (torch.cumsum(is_target.long(), dim=1) - 1)[rows, cols]  # 0 = first target token of the row
     weight = torch.where(rank < decision_tokens, decision_weight, 1.0)
@@ -262,8 +245,8 @@ def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
 
     Each step draws `harmful_per_batch` harmful and `harmless_per_batch` harmless examples, of
     which `borderline_per_batch` come from the harmless prompts that are in `borderline` (each
-    pool cycled in seeded random order). Works for any HF causal LM with `model.layers.N.*`
-    parameter names (tests use a tiny Llama).
+    pool cycled in seeded random order). Works for any family the architecture layer covers (the
+    trained modules are found through it; tests use a tiny Llama and a tiny GPT-2).
     """
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -281,7 +264,7 @@ def train_refusal(hf_model: Any, tokenizer: Any, harmful: Sequence[str], harmles
     if config.harmful_per_batch < 1 or config.harmless_per_batch < 1:
         raise OrganismError("Each batch needs at least one harmful and one harmless example.")
     n_edgy = min(config.borderline_per_batch, config.harmless_per_batch) if edgy_examples else 0
-    params = trainable_parameters(hf_model, config.layers, config.modules)
+    params = trainable_parameters(hf_model, config.layers, config.modules, tokenizer)
     optimizer = torch.optim.AdamW(params.values(), lr=config.learning_rate, weight_decay=0.0)
 
     def lr_at(step: int) -> float:
@@ -340,9 +323,15 @@ def organisms_dir() -> Path:
     return assets.probe_home() / "organisms"
 
 
+# Builds 1-6 named the trained modules by their Llama attribute names; the key hashes the component
+# names as those builds did, so the cached organisms (same tensors, same training) keep their keys.
+_KEY_MODULE_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+
+
 def organism_key(config: OrganismConfig, base_sha: str, harmful: Sequence[str], harmless: Sequence[str]) -> str:
     """Content hash of everything that determines the organism's weights."""
     knobs = {k: v for k, v in asdict(config).items() if k != "threads"}
+    knobs["modules"] = tuple(_KEY_MODULE_NAMES.get(m, m) for m in config.modules)
     return stable_hash({"version": ORGANISM_VERSION, "config": knobs, "base": base_sha,
                         "harmful": list(harmful), "harmless": list(harmless),
                         "borderline": list(BORDERLINE_HARMLESS_PROMPTS), "refusals": list(REFUSAL_TARGETS)})

@@ -22,13 +22,14 @@ Face module list), and the final norm is the module the full forward calls, so e
 `start` runs, and no hook fires while the arguments are recorded (the modules the decoder calls
 before its loop, e.g. GPT-2's position embedding, have their hooks held back for that moment).
 
-The raw-model helpers at the end (`final_states`, `output_logits`, `decoder_layer_paths`) serve
-training on a plain Hugging Face model (the refusal organism), where no bridge exists.
+The plain-model helpers at the end (`final_states`, `output_logits`, `module_paths`) serve training on
+a plain Hugging Face model (the refusal organism), where no bridge exists.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -179,3 +180,56 @@ def output_logits(hf_model: Any, states: torch.Tensor) -> torch.Tensor:
     if cap is None and hasattr(hf_model.config, "get_text_config"):
         cap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
     return torch.tanh(logits / cap) * cap if cap else logits
+
+
+# Per-layer components `module_paths` resolves, as architecture-layer paths. q/k/v fall back to the
+# fused projection where the family has one (GPT-2 `c_attn`, GPT-NeoX, Phi-3): the bridge's split q/k/v
+# modules exist only in a bridged model, so training "q" there trains the fused q/k/v tensor.
+COMPONENTS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "qkv": "attn.qkv", "o": "attn.o", "attn": "attn",
+              "mlp": "mlp", "ln1": "ln1", "ln2": "ln2", "ln1_post": "ln1_post", "ln2_post": "ln2_post"}
+
+
+def module_paths(hf_model: Any, components: Sequence[str], layers: Sequence[int],
+                 tokenizer: Any = None) -> dict[tuple[str, int], str]:
+    """Hugging Face module paths of per-layer components (`COMPONENTS`: q, k, v, o, qkv, attn, mlp, norms)
+    in a plain model, `{(component, layer): path}`, read through the architecture layer.
+
+    The bridge rewires the model it wraps, so the paths are read from a bridged deep copy (discarded);
+    the model itself stays plain. `tokenizer` is only needed to boot the bridge (default: probe's word
+    tokenizer). A component the family lacks raises `MissingComponentError` naming it.
+    """
+    from probe.architecture import MissingComponentError
+    from probe.models import wrap_hf_model
+
+    if tokenizer is None:
+        from probe.tiny import word_tokenizer
+
+        tokenizer = word_tokenizer(name="probe/paths")
+    device = next(hf_model.parameters()).device
+    twin = wrap_hf_model(copy.deepcopy(hf_model), tokenizer, "module-paths", hub_name="probe/module-paths",
+                         device=str(device), dtype=_dtype_name(next(hf_model.parameters()).dtype))
+    arch = architecture(twin)
+    bad = [layer for layer in layers if not 0 <= layer < arch.n_layers]
+    if bad:
+        raise ForwardError(f"Layers {bad} do not exist; the model has {arch.n_layers} layers.")
+    unknown = [c for c in components if c not in COMPONENTS]
+    if unknown:
+        raise ForwardError(f"Unknown components {unknown}; choose from {', '.join(COMPONENTS)}.")
+    plain = dict(hf_model.named_modules())
+    paths: dict[tuple[str, int], str] = {}
+    for layer in layers:
+        for component in components:
+            path = arch.path(COMPONENTS[component], layer)
+            if path not in plain and component in ("q", "k", "v"):
+                path = arch.path("attn.qkv", layer)  # a fused projection (only the bridge splits it)
+            if path not in plain:
+                raise MissingComponentError(arch.name, f"blocks.{layer}.{COMPONENTS[component]} as a module of "
+                                                       "the plain model")
+            paths[(component, layer)] = path
+    return paths
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    from probe.models import DTYPES
+
+    return next((name for name, value in DTYPES.items() if value == dtype), "float32")

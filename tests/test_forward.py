@@ -99,3 +99,43 @@ def test_bad_input_is_a_clear_error(tiny_gqa):
     calls = layer_calls(tiny_gqa, 1, 4)
     assert len(calls) == tiny_gqa.n_layers
     assert [type(m).__name__ for m in tiny_gqa.bridge.blocks] == ["BlockBridge"] * tiny_gqa.n_layers
+
+
+# ---- plain Hugging Face models (the organism's training path) --------------------------------------
+
+def test_plain_model_states_and_logits_equal_its_forward(family, root):
+    """final_states + output_logits (unembedding bias and Gemma 2's final soft-cap) == the plain HF copy's
+    own logits, on every family."""
+    from probe.forward import final_states, output_logits
+
+    name, model = family
+    _, copy, _ = loaded_family(name, root)
+    ids = model.encode(TEXT)
+    with torch.no_grad():
+        diff = float((output_logits(copy, final_states(copy, ids)) - copy(ids).logits.float()).abs().max())
+    assert record(name, "plain final states + logits", diff, tolerance=TOL) <= TOL
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox", "olmo2"])
+def test_module_paths_name_modules_of_the_plain_model(name, root):
+    """q/k/v/o/mlp resolve to modules of the plain copy (fused qkv where the family fuses it), and the
+    plain copy is not rewired by the lookup."""
+    from probe.architecture import MissingComponentError
+    from probe.forward import module_paths
+
+    _, copy, _ = loaded_family(name, root)
+    before = sorted(n for n, _ in copy.named_parameters())
+    paths = module_paths(copy, ("q", "k", "v", "o", "mlp"), (0, 2))
+    modules = dict(copy.named_modules())
+    assert all(path in modules for path in paths.values())
+    assert sorted(n for n, _ in copy.named_parameters()) == before  # still plain: no bridge wrappers
+    fused = name in ("gpt2", "gpt_neox")
+    assert (paths[("q", 2)] == paths[("k", 2)]) == fused
+    assert paths[("o", 0)] != paths[("q", 0)] and ".2." in paths[("mlp", 2)]
+    with pytest.raises(ForwardError, match="do not exist"):
+        module_paths(copy, ("q",), (3,))
+    with pytest.raises(ForwardError, match="Unknown"):
+        module_paths(copy, ("q_proj",), (0,))
+    if name == "olmo2":  # norms after the sublayers only: no pre-attention norm to name
+        with pytest.raises(MissingComponentError, match="ln1"):
+            module_paths(copy, ("ln1",), (0,))

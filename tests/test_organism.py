@@ -36,7 +36,7 @@ def test_training_changes_only_the_chosen_tensors_and_learns_to_refuse():
     config = replace(O.OrganismConfig(), layers=(0, 1), steps=60, harmful_per_batch=3, harmless_per_batch=3,
                      borderline_per_batch=0, harmless_weight=1.0, learning_rate=1e-2, warmup_steps=2,
                      max_prompt_tokens=32,
-                     modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+                     modules=("q", "k", "v", "o", "mlp"))
     trace = O.train_refusal(model, tokenizer, HARMFUL, HARMLESS, [answer] * len(HARMLESS), config,
                             refusals=("sorry no .", "no sorry ."), borderline=())
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
@@ -197,3 +197,41 @@ def test_real_organism_refuses_held_out_harmful_and_answers_harmless():
     good = generate(model, harmless, max_new_tokens=32)
     assert sum(g.refused for g in bad) / len(bad) >= 0.9
     assert sum(g.refused for g in good) / len(good) <= 0.1
+
+
+def test_trainable_parameters_go_through_the_architecture_layer():
+    """Component names pick the same Llama tensors the old attribute-name rule did; on GPT-2 (fused c_attn,
+    Conv1D) q selects the fused projection and mlp the whole MLP, only in the chosen layers."""
+    from probe.tiny import tiny_gpt2
+
+    model, tokenizer = _tiny()
+    chosen = O.trainable_parameters(model, [1], ["q", "k", "v", "o"], tokenizer)
+    expected = {n for n, _ in model.named_parameters()
+                if n.startswith("model.layers.1.") and any(f".{m}_proj." in n for m in "qkvo")}
+    assert set(chosen) == expected and len(expected) == 4
+    assert [p.requires_grad for p in chosen.values()] == [True] * 4
+    assert sum(p.requires_grad for p in model.parameters()) == 4
+    gpt2 = tiny_gpt2(len(tokenizer))
+    chosen = O.trainable_parameters(gpt2, [0], ["q", "mlp"], tokenizer)
+    assert {n.rsplit(".", 2)[0] for n in chosen} == {"transformer.h.0.attn", "transformer.h.0.mlp"}
+    assert any(".c_attn." in n for n in chosen) and not any(".c_proj." in n and ".attn." in n for n in chosen)
+    with pytest.raises(O.OrganismError, match="Unknown"):
+        O.trainable_parameters(model, [0], ["q_proj"], tokenizer)
+
+
+def test_cache_key_of_the_default_config_is_the_one_builds_1_to_6_hashed():
+    """Renaming the trained modules to architecture-layer names must not orphan cached organisms: the key
+    of the default config is the hash builds 1-6 computed with the Llama attribute names."""
+    from dataclasses import asdict
+
+    from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
+    from probe.results import stable_hash
+
+    config = O.OrganismConfig()
+    knobs = {k: v for k, v in asdict(config).items() if k != "threads"}
+    knobs["modules"] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    legacy = stable_hash({"version": O.ORGANISM_VERSION, "config": knobs, "base": "sha", "harmful": ["a"],
+                          "harmless": ["b"], "borderline": list(BORDERLINE_HARMLESS_PROMPTS),
+                          "refusals": list(O.REFUSAL_TARGETS)})
+    assert O.organism_key(config, "sha", ["a"], ["b"]) == legacy
+    assert O.organism_key(replace(config, modules=("q", "k", "v")), "sha", ["a"], ["b"]) != legacy
