@@ -361,6 +361,39 @@ def cmd_organism(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """`probe doctor MODEL`: the architecture checks at a reduced size; exit 0 all pass, 1 any fails."""
+    from analyses.doctor import DOCTOR_COLUMNS, doctor, header_lines, table_rows
+
+    threads = set_threads(args.threads)
+    console.print(f"[dim]doctor: {args.model} on {args.device or 'the default device'}, {threads} CPU thread"
+                  f"{'s' if threads > 1 else ''} ({'automatic' if not args.threads else 'fixed'})[/dim]")
+    from rich.text import Text
+
+    result = doctor(args.model, device=args.device,
+                    progress=lambda message: console.print(Text(message, style="dim"), soft_wrap=True))
+    policy = adaptive_policy()
+    if policy is not None and policy.changes:
+        moves = ", ".join(f"{n} after {at - policy.started:.0f} s" for at, n, _ in policy.changes)
+        console.print(f"[dim]threads (automatic): {moves}[/dim]")
+    if args.json:
+        print(dumps_json(result.to_dict()))
+        return result.exit_code
+    out = Console()
+    for line in header_lines(result):
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    table = Table(title=f"doctor: {result.spec} ({result.seconds:.0f} s wall, {result.cpu_seconds:.0f} s CPU, "
+                           f"{result.threads} thread{'s' if result.threads > 1 else ''})")
+    for column in DOCTOR_COLUMNS:
+        table.add_column(column, justify="right" if column in ("#", "value", "tolerance") else "left")
+    for row in table_rows(result):
+        table.add_row(*row)
+    out.print(table)
+    failed = [c.name for c in result.checks if c.passed is False]
+    print("all checks pass" if result.ok else f"FAILED: {', '.join(failed) or 'no check passed'}")
+    return result.exit_code
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a mistake in one line (exit code 2), pointing at `--help` for the usage."""
 
@@ -440,6 +473,14 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="rebuild report.html/report.md from a scan folder (no model needed)")
     report.add_argument("dir")
     report.set_defaults(func=cmd_report)
+
+    doc = sub.add_parser("doctor", help="check that probe reads a model right (logits, padding, ablation, analyzers)")
+    doc.add_argument("model", help="model spec (embedded name, hf:<folder>, gguf:<file>; see `probe models`)")
+    doc.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    doc.add_argument("--threads", type=THREADS, default=0,
+                     help=f"torch CPU threads, up to {MAX_THREADS} (default 0: automatic, re-decided while it runs from the CPU other processes use)")
+    doc.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    doc.set_defaults(func=cmd_doctor)
 
     comp = sub.add_parser("compare", help="how head scores differ between two scan folders")
     comp.add_argument("dir_a")

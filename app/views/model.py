@@ -1,11 +1,19 @@
-"""Model page: choose a spec, device and dtype; see the architecture facts."""
+"""Model page: choose a spec, device and dtype; see the architecture facts; run the doctor on request."""
 
 from __future__ import annotations
 
 import streamlit as st
 
-from app.state import DEFAULT_SPEC, current_model, sidebar, spec_choices
+from analyses.doctor import DOCTOR_COLUMNS, DoctorResult, doctor, header_lines, table_rows
+from app.state import DEFAULT_SPEC, cached_model, current_model, guarded, sidebar, spec_choices
 from probe.models import facts
+
+
+@st.cache_data(show_spinner=False, max_entries=16)
+def doctor_result(fingerprint: str, spec: str, device: str | None) -> DoctorResult:
+    """The doctor's result for one model, cached by its fingerprint (the doctor checks in float32: a
+    model loaded in another dtype is checked through its float32 load)."""
+    return doctor(cached_model(spec, device, "float32"))
 
 st.title("Model")
 choices = spec_choices()
@@ -32,3 +40,26 @@ if model is not None:
     st.table({"fact": list(info), "value": [str(v) for v in info.values()]})
     st.caption("Query head h reads key/value head h // group_size: "
                + ", ".join(f"H{h}->KV{model.kv_head_of(h)}" for h in range(model.n_heads)))
+
+    st.subheader("Doctor")
+    st.caption("Checks that probe reads this model right: logits against an independently loaded Hugging Face "
+               "copy, left padding, head ablation, and each analyzer's fast path against its reference, at a "
+               "reduced size (`probe doctor`; SmolLM2 takes about 1-2 min on 2 idle cores). Cached per model "
+               "fingerprint.")
+    shown = st.session_state.setdefault("doctor_shown", set())
+    if st.button("Run doctor"):
+        shown.add(model.fingerprint)
+    if model.fingerprint in shown:
+        with st.spinner(f"Running the doctor on {model.spec} ..."):
+            result = guarded(lambda: doctor_result(model.fingerprint, model.spec, st.session_state.get("device") or None))
+        if result is not None:
+            for line in header_lines(result):
+                st.text(line)
+            rows = table_rows(result)
+            st.table({column: [row[i] for row in rows] for i, column in enumerate(DOCTOR_COLUMNS)})
+            summary = f"{result.seconds:.0f} s wall, {result.cpu_seconds:.0f} s CPU, {result.threads} thread(s)"
+            if result.ok:
+                st.success(f"doctor: all checks pass ({summary})")
+            else:
+                failed = ", ".join(c.name for c in result.checks if c.passed is False)
+                st.error(f"doctor: failed: {failed} ({summary})")
