@@ -387,7 +387,7 @@ def test_duo_streaming_heads_equal_attention_under_the_streaming_mask(family):
                 worst = max(worst, float((got - expected).abs().max()))
                 moved = max(moved, float((expected - clean).abs().max()))
     assert seen["P·v"] <= 1e-5
-    assert moved > 1e-3
+    assert record_effect(name, "moves: duo streaming", moved, minimum=1e-3) > 1e-3
     assert record(name, "duo streaming vs mask", worst) <= ATOL
 
 
@@ -412,7 +412,7 @@ def test_duo_gate_blend_equals_the_blended_patterns_by_hand(family):
         with _hand_attention(copy, blend, seen):
             expected = copy(ids).logits.float()
         moved = float((expected - copy(ids).logits.float()).abs().max())
-    assert moved > 1e-3
+    assert record_effect(name, "moves: duo gates", moved, minimum=1e-3) > 1e-3
     assert record(name, "duo gates vs blend", float((got - expected).abs().max())) <= ATOL
 
 
@@ -532,6 +532,14 @@ EXPECTED_FACTS = {
 }
 
 
+def _docs_facts(model: LoadedModel) -> dict[str, Any]:
+    """The layer's facts as docs/ARCHITECTURES.md's family × component table shows them."""
+    arch = architecture(model)
+    mlp = arch.mlp(0)
+    return {**arch.summary(), "experts": mlp.n_experts, "top_k": mlp.top_k,
+            "learned_positions": arch.has_learned_positions}
+
+
 def test_architecture_facts(family):
     name, model, copy = family
     arch = architecture(model)
@@ -539,7 +547,7 @@ def test_architecture_facts(family):
     assert architecture(model, refresh=True) is not arch
     arch = architecture(model)
     facts = arch.summary()
-    record_facts(name, facts)
+    record_facts(name, _docs_facts(model))
     got = (facts["block"], facts["norm"], facts["placement"], facts["qk_norm"], facts["gemma_offset"],
            facts["rotary_dims"], facts["mlp"], facts["qkv_fused"])
     assert got == EXPECTED_FACTS[name]
@@ -786,3 +794,54 @@ def test_bfloat16_models_read_and_run(name, root):
     assert e.dtype == torch.float32 and torch.isfinite(e).all()
     config = successor.SuccessorConfig(number_max=20, run_probe=False, run_arithmetic=False, run_causal=False)
     assert successor.run(model, config).scores.scores.shape == (3, 4)
+
+
+# ---- docs/ARCHITECTURES.md's tables come from tools/architectures_table.py ------------------------
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURES.md"
+# every check this file records, as the docs must show it for every family
+DEVIATION_CHECKS = ("logits", "left-pad", "zero-head", *[f"intervention: {c}" for c in INTERVENTION_CHECKS],
+                    "intervention: scale value (KV group)", "mlp/embed", "successor e(t)", "successor OV",
+                    "retrieval argmax≠", "safety Ships", "factual DLA", "duo streaming vs mask", "duo gates vs blend")
+EFFECT_CHECKS = (*[f"moves: {c}" for c in INTERVENTION_CHECKS], "moves: duo streaming", "moves: duo gates")
+
+
+def _table_tool() -> Any:
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "architectures_table.py"
+    spec = importlib.util.spec_from_file_location("architectures_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def test_docs_family_component_table_is_what_the_script_makes_from_the_current_facts(root):
+    tool = _table_tool()
+    facts = {name: _docs_facts(loaded_family(name, root)[0]) for name in ALL}
+    assert tool.section(DOCS.read_text(), "facts") == tool.facts_table(facts)
+
+
+def test_docs_deviation_and_effect_cells_are_within_their_bounds():
+    """Read back cell by cell (not by string search): every deviation <= its tolerance, every effect >=
+    its minimum, and every family has every check this file records, switch-offs included."""
+    tool = _table_tool()
+    tables = tool.parse_tables(DOCS.read_text())
+    labels = [tool.LABELS[name] for name in ALL]
+    assert set(labels) <= set(tables["cells"])
+    for check in DEVIATION_CHECKS + EFFECT_CHECKS:
+        assert check in tables["checks"], check
+        assert all(check in tables["cells"][label] for label in labels), check
+    for name in ALL:
+        for component in SWITCHED[name]:
+            assert f"off: {component}" in tables["cells"][tool.LABELS[name]], (name, component)
+    outside = {}
+    for label, row in tables["cells"].items():
+        for check, value in row.items():
+            spec = tables["checks"][check]
+            if not (value <= spec["bound"] if spec["kind"] == "deviation" else value >= spec["bound"]):
+                outside[(label, check)] = value
+    assert not outside, outside
+    assert tables["checks"]["logits"] == {"kind": "deviation", "bound": ATOL}
+    assert tables["checks"]["retrieval argmax≠"]["bound"] == 0
+    assert all(tables["checks"][f"off: {c}"]["bound"] == SWITCH_MINIMUM for n in ALL for c in SWITCHED[n])

@@ -1,0 +1,201 @@
+"""Write docs/ARCHITECTURES.md's matrix tables from a proof-matrix run, so they cannot drift from the code.
+
+    PROBE_MATRIX_OUT=/tmp/matrix.json pytest tests/test_architectures.py [tests/test_*_families.py ...]
+    python tools/architectures_table.py /tmp/matrix.json              # rewrite the tables in place
+    python tools/architectures_table.py /tmp/matrix.json --check      # exit 1 if the docs differ
+
+The JSON is tests/matrix.py's (`checks`, `cells`, `facts`). Three tables are replaced, each between
+`<!-- matrix:NAME:begin -->` and `<!-- matrix:NAME:end -->` (the prose around them stays):
+
+- `facts`: family × component, from the architecture layer's facts (`Architecture.summary()`);
+- `deviations`: check × family, the largest deviation measured, with each check's tolerance;
+- `effects`: check × family, the smallest effect measured (a switched-off component, an intervention
+  that must move the output), with each check's minimum.
+
+Whatever checks the JSON holds are included (other family test files add theirs); a cell outside its
+bound is marked ✗. `parse_tables` reads the two number tables back (tests/test_architectures.py checks
+the committed docs cell by cell against the bounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURES.md"
+
+# family key (tests/families.py) -> label, in the docs' order; unknown families follow, sorted
+LABELS = {
+    "llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral", "qwen2": "Qwen2", "qwen3": "Qwen3",
+    "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3": "Gemma 3", "phi3": "Phi-3", "olmo2": "OLMo-2",
+    "gpt_neox": "GPT-NeoX", "gpt2": "GPT-2",
+}
+# checks in reading order (the run's own first); unknown checks follow, sorted
+ORDER = (
+    "logits", "left-pad", "zero-head", "intervention: zero", "intervention: mean", "intervention: resample",
+    "intervention: uniform", "intervention: scale query", "intervention: scale value",
+    "intervention: scale value (KV group)", "intervention: scale output", "mlp/embed", "successor e(t)",
+    "successor OV", "retrieval argmax≠", "attn rows", "safety Ships", "factual DLA", "duo streaming vs mask",
+    "duo gates vs blend",
+    "off: attn soft-cap", "off: final soft-cap", "off: QK-norm", "off: post norms", "off: 1+w offset",
+    "off: embed scale", "off: sliding window", "off: partial rotary", "off: parallel block", "off: biases",
+    "off: MoE top-k",
+    "moves: zero", "moves: mean", "moves: resample", "moves: uniform", "moves: scale query", "moves: scale value",
+    "moves: scale output", "moves: duo streaming", "moves: duo gates",
+)
+FACT_COLUMNS = ("family", "block", "norm", "placement", "QK-norm", "Gemma offset", "rotary dims / d_head", "MLP",
+                "fused qkv", "KV heads", "embed scale", "soft-caps (attn / final)", "windows")
+
+
+def families_of(matrix: dict[str, Any]) -> list[str]:
+    found = set(matrix.get("cells", {})) | set(matrix.get("facts", {}))
+    return [f for f in LABELS if f in found] + sorted(found - set(LABELS))
+
+
+def checks_of(matrix: dict[str, Any], kind: str) -> list[str]:
+    checks = [c for c, spec in matrix.get("checks", {}).items() if spec["kind"] == kind]
+    known = [c for c in ORDER if c in checks]
+    return known + sorted(set(checks) - set(known))
+
+
+def _number(value: float) -> str:
+    if value is None:
+        return "–"
+    if math.isnan(value):
+        return "nan"
+    return "0" if value == 0 else f"{value:.1e}"
+
+
+def _fact_row(family: str, facts: dict[str, Any]) -> list[str]:
+    def num(x: Any) -> str:
+        return "–" if x is None else f"{float(x):g}"
+
+    mlp = facts["mlp"]
+    if mlp == "moe" and facts.get("experts"):
+        mlp = f"MoE ({facts['experts']} experts, top {facts['top_k']})"
+    if facts.get("rotary_dims") is not None:
+        rotary = f"{facts['rotary_dims']}/{facts['d_head']}"
+    else:
+        rotary = "learned positions" if facts.get("learned_positions") else "none"
+    windows = facts.get("windows") or []
+    return [
+        LABELS.get(family, family), facts["block"], facts["norm"], facts["placement"], facts["qk_norm"] or "–",
+        num(facts["gemma_offset"]), rotary, mlp, "yes" if facts["qkv_fused"] else "no", str(facts["n_kv_heads"]),
+        num(facts["embed_scale"]),
+        "–" if not (facts.get("softcap_attn") or facts.get("softcap_logits"))
+        else f"{num(facts.get('softcap_attn'))} / {num(facts.get('softcap_logits'))}",
+        ", ".join("–" if w is None else str(w) for w in windows) if any(w is not None for w in windows) else "–",
+    ]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def facts_table(facts: dict[str, dict[str, Any]]) -> str:
+    """Family × component, from each family's recorded facts."""
+    order = families_of({"facts": facts})
+    return _markdown(list(FACT_COLUMNS), [_fact_row(f, facts[f]) for f in order])
+
+
+def number_table(matrix: dict[str, Any], kind: str) -> str:
+    """Check × family for `kind` ("deviation": largest, bound a tolerance; "effect": smallest, bound a minimum)."""
+    families = [f for f in families_of(matrix) if f in matrix.get("cells", {})]
+    sign = "≤" if kind == "deviation" else "≥"
+    rows = []
+    for check in checks_of(matrix, kind):
+        bound = float(matrix["checks"][check]["bound"])
+        cells = []
+        for family in families:
+            value = matrix["cells"].get(family, {}).get(check)
+            text = _number(value)
+            if value is not None and not (value <= bound if kind == "deviation" else value >= bound):
+                text += " ✗"
+            cells.append(text)
+        rows.append([check, f"{sign} {_number(bound)}", *cells])
+    return _markdown(["check", "bound", *[LABELS.get(f, f) for f in families]], rows)
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- matrix:{name}:begin -->", f"<!-- matrix:{name}:end -->"
+
+
+def section(text: str, name: str) -> str:
+    """The text between a table's markers (stripped)."""
+    begin, end = _markers(name)
+    if begin not in text or end not in text:
+        raise ValueError(f"docs lack the markers {begin} ... {end}")
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
+def replace_section(text: str, name: str, table: str) -> str:
+    begin, end = _markers(name)
+    section(text, name)  # raises when the markers are missing
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{table}\n{end}{tail}"
+
+
+def render(text: str, matrix: dict[str, Any]) -> str:
+    """`text` with the three tables replaced by what `matrix` gives."""
+    text = replace_section(text, "facts", facts_table(matrix.get("facts", {})))
+    text = replace_section(text, "deviations", number_table(matrix, "deviation"))
+    return replace_section(text, "effects", number_table(matrix, "effect"))
+
+
+def _value(cell: str) -> float | None:
+    cell = cell.replace("✗", "").strip()
+    if cell in ("–", "-", ""):
+        return None
+    return float(cell)
+
+
+def parse_tables(text: str) -> dict[str, Any]:
+    """The docs' deviation and effect tables read back: `{"checks": {check: {"kind", "bound"}},
+    "cells": {family label: {check: value}}}` (labels as printed)."""
+    out: dict[str, Any] = {"checks": {}, "cells": {}}
+    for name, kind in (("deviations", "deviation"), ("effects", "effect")):
+        lines = [line for line in section(text, name).splitlines() if line.startswith("|")]
+        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        for line in lines[2:]:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            check, bound = cells[0], cells[1]
+            match = re.fullmatch(r"[≤≥] (\S+)", bound)
+            if match is None:
+                raise ValueError(f"{name}: bad bound {bound!r} for {check!r}")
+            out["checks"][check] = {"kind": kind, "bound": float(match.group(1))}
+            for family, cell in zip(header[2:], cells[2:]):
+                value = _value(cell)
+                if value is not None:
+                    out["cells"].setdefault(family, {})[check] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("matrix", type=Path, help="the JSON a run wrote to $PROBE_MATRIX_OUT")
+    parser.add_argument("--docs", type=Path, default=DOCS)
+    parser.add_argument("--check", action="store_true", help="do not write; exit 1 if the docs differ")
+    args = parser.parse_args(argv)
+    matrix = json.loads(args.matrix.read_text())
+    old = args.docs.read_text()
+    new = render(old, matrix)
+    if args.check:
+        if new != old:
+            print(f"{args.docs} differs from what {args.matrix} gives", file=sys.stderr)
+            return 1
+        return 0
+    args.docs.write_text(new)
+    print(f"wrote {args.docs} ({len(families_of(matrix))} families, {len(matrix.get('checks', {}))} checks)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
