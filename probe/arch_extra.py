@@ -180,6 +180,20 @@ def learned_positions(arch: Architecture) -> Tensor | None:
     return hf_module(arch.model.bridge.pos_embed).weight.detach()
 
 
+@torch.no_grad()
+def set_learned_positions(arch: Architecture, W_pos: Tensor) -> None:
+    """Write the learned positional embedding `[n_ctx, d_model]` (GPT-2; the planted CD-T model):
+    `probe.plant` has no position writer yet. Drops the cached architecture (its tables are stale)."""
+    weight = learned_positions(arch)
+    if weight is None:
+        raise MissingComponentError(arch.name, "learned positional embedding")
+    if tuple(W_pos.shape) != tuple(weight.shape):
+        raise MissingComponentError(arch.name, f"positional embedding of shape {list(W_pos.shape)}",
+                                    f"it is {list(weight.shape)}")
+    hf_module(arch.model.bridge.pos_embed).weight.copy_(W_pos.to(weight.dtype))
+    arch.model.extra.pop("_architecture", None)
+
+
 def unsupported_attention(arch: Architecture) -> str | None:
     """An attention variant that the stacked weights and `Attention` facts do not describe (CD-T would
     compute the wrong scores), named; None when there is none."""

@@ -19,11 +19,13 @@ from __future__ import annotations
 import random
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from analyses.cdt.tasks import LogitDiffBatch
+from probe import plant
+from probe.arch_extra import set_learned_positions
+from probe.architecture import architecture
 from probe.heads import Head
-from probe.models import LoadedModel, wrap_hf_model
+from probe.models import LoadedModel
 from probe.tiny import word_tokenizer
 
 LETTERS = list("abcdefghijkl")
@@ -34,53 +36,51 @@ PLANTED = (Head(0, 0), Head(1, 0))
 
 
 def planted_induction_model(seed: int = 0) -> LoadedModel:
-    """The planted model, wrapped like any other (bridge, tokenizer, facts)."""
+    """The planted model, wrapped like any other (bridge, tokenizer, facts), written through the
+    planting layer (`probe.plant`: per-head weights, whatever the family stores them as)."""
     gen = torch.Generator().manual_seed(seed)
-    config = GPT2Config(vocab_size=len(WORDS), n_embd=80, n_layer=2, n_head=4, n_positions=N_CTX,
-                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, resid_pdrop=0.0,
-                        embd_pdrop=0.0, attn_pdrop=0.0)
-    model = GPT2LMHeadModel(config).eval()
-    d, dh = 80, 20
-    with torch.no_grad():
-        for param in model.parameters():
-            param.zero_()
-        body = model.transformer
-        for block in body.h:
-            for ln in (block.ln_1, block.ln_2):
-                ln.weight.fill_(1.0)
-        body.ln_f.weight.fill_(1.0)
-        body.wte.weight[:, TOK:TOK + 16] = torch.eye(16)
-        body.wpe.weight[:, POS:POS + 16] = torch.eye(16)
-
-        def cols(kind: int, head: int) -> slice:  # kind 0 q, 1 k, 2 v within c_attn
-            return slice(kind * d + head * dh, kind * d + (head + 1) * dh)
-
-        # L0H0: previous-token head
-        a0 = body.h[0].attn
-        for p in range(16):
-            a0.c_attn.weight[POS + p, cols(0, 0).start + p] = 1.5
-            if p + 1 < 16:
-                a0.c_attn.weight[POS + p, cols(1, 0).start + p + 1] = 1.5
-        for t in range(16):
-            a0.c_attn.weight[TOK + t, cols(2, 0).start + t] = 1.0
-            a0.c_proj.weight[0 * dh + t, PREV + t] = 0.16
-        # L1H0: induction head
-        a1 = body.h[1].attn
-        for t in range(16):
-            a1.c_attn.weight[TOK + t, cols(0, 0).start + t] = 2.0
-            a1.c_attn.weight[PREV + t, cols(1, 0).start + t] = 2.0
-            a1.c_attn.weight[TOK + t, cols(2, 0).start + t] = 1.0
-            a1.c_proj.weight[0 * dh + t, OUT + t] = 0.2
-        # distractors: random attention reading tokens and positions, writing junk only
-        for attn in (a0, a1):
-            for head in (1, 2, 3):
-                for kind in (0, 1, 2):
-                    attn.c_attn.weight[: JUNK, cols(kind, head)] = 0.3 * torch.randn(JUNK, dh, generator=gen)
-                attn.c_proj.weight[head * dh:(head + 1) * dh, JUNK:] = 0.02 * torch.randn(dh, 16, generator=gen)
-        model.lm_head.weight[:, OUT:OUT + 16] = 10.0 * torch.eye(16)
-    model.config.architectures = ["GPT2LMHeadModel"]
-    tokenizer = word_tokenizer(WORDS, name="probe/planted-induction")
-    return wrap_hf_model(model, tokenizer, "planted-induction", hub_name="probe/planted-induction", device="cpu")
+    d, dh, H = 80, 20, 4
+    shape = plant.Shape(vocab=len(WORDS), d_model=d, n_layers=2, n_heads=H, n_kv_heads=H, d_head=dh, d_mlp=4 * d,
+                        n_ctx=N_CTX)
+    model = plant.new_model("gpt2", shape, word_tokenizer(WORDS, name="probe/planted-induction"),
+                            "planted-induction", hub_name="probe/planted-induction")  # zeroed, norms identity
+    embed = torch.zeros(len(WORDS), d)
+    embed[:, TOK:TOK + 16] = torch.eye(16)
+    plant.set_embedding(model, embed)
+    positions = torch.zeros(N_CTX, d)
+    positions[:, POS:POS + 16] = torch.eye(16)
+    set_learned_positions(architecture(model), positions)
+    heads = {(layer, head): [torch.zeros(d, dh) for _ in range(3)] + [torch.zeros(dh, d)]
+             for layer in range(2) for head in range(H)}  # W_Q, W_K, W_V, W_O per head
+    # L0H0: previous-token head
+    W_Q, W_K, W_V, W_O = heads[(0, 0)]
+    for p in range(16):
+        W_Q[POS + p, p] = 1.5
+        if p + 1 < 16:
+            W_K[POS + p, p + 1] = 1.5
+    for t in range(16):
+        W_V[TOK + t, t] = 1.0
+        W_O[t, PREV + t] = 0.16
+    # L1H0: induction head
+    W_Q, W_K, W_V, W_O = heads[(1, 0)]
+    for t in range(16):
+        W_Q[TOK + t, t] = 2.0
+        W_K[PREV + t, t] = 2.0
+        W_V[TOK + t, t] = 1.0
+        W_O[t, OUT + t] = 0.2
+    # distractors: random attention reading tokens and positions, writing junk only
+    for layer in range(2):
+        for head in (1, 2, 3):
+            for kind in range(3):
+                heads[(layer, head)][kind][:JUNK] = 0.3 * torch.randn(JUNK, dh, generator=gen)
+            heads[(layer, head)][3][:, JUNK:] = 0.02 * torch.randn(dh, 16, generator=gen)
+    for (layer, head), (W_Q, W_K, W_V, W_O) in heads.items():
+        plant.set_head_qk(model, layer, head, W_Q, W_K)
+        plant.set_head_ov(model, layer, head, W_V, W_O)
+    unembed = torch.zeros(len(WORDS), d)
+    unembed[:, OUT:OUT + 16] = 10.0 * torch.eye(16)
+    plant.set_unembedding(model, unembed)
+    return model
 
 
 def induction_batch(model: LoadedModel, n: int = 12, length: int = 7, seed: int = 0) -> LogitDiffBatch:
