@@ -1,7 +1,8 @@
 """A planted factual-recall model: one head copies the context city, one head writes the memorised capital.
 
-Hand-set Llama weights (2 layers x 4 heads, d_model 64, RMSNorm, RoPE made negligible by a huge
-base) over a word tokenizer that splits punctuation, so the counterfactual prompts of
+Hand-set weights, written through `probe.plant` (Llama by default: 2 layers x 4 heads, d_model 64,
+RMSNorm, RoPE made negligible by a huge base; `family=` builds the same weights in GPT-2, GPT-NeoX or
+Qwen3) over a word tokenizer that splits punctuation, so the counterfactual prompts of
 `analyses.data.counterfactual` tokenize word by word:
 
 - every token has a one-hot embedding;

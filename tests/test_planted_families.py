@@ -7,10 +7,11 @@ found by their analyzers on families of different shapes.
     `bridge.W_in`), the other heads untouched; the forward sees each write as predicted by an
     intervention run before it (zero W_O = zero-ablating the head, zero W_V = zero-ablating the heads of
     that KV head, zero W_Q / W_K = uniform attention), and a written MLP computes its formula.
-(b) Mechanisms: retrieval, successor and safety planted in Llama (GQA), GPT-NeoX (parallel block,
+(b) Mechanisms: retrieval, successor, safety and factual planted in Llama (GQA), GPT-NeoX (parallel block,
     partial rotary, fused interleaved qkv, LayerNorm), GPT-2 (learned positions, Conv1D fused qkv) and
     Qwen3 (QK-norm): the analyzer's top head is the planted one, and moving the plant to another head
-    moves the finding (retrieval: no copy at all without the copy gain).
+    moves the finding (retrieval: no copy at all without the copy gain); the factual in-context and
+    memory heads get their signs from factual's attribution, and lose it without their gain.
 """
 
 from __future__ import annotations
@@ -228,3 +229,30 @@ def test_planted_safety_head_is_found_and_follows_the_plant(name):
     for text in planted.SAFETY_HARMFUL_PROMPTS[:3]:
         head, _, _ = _top(safety.ships_query(moved, moved.encode(text), "query", 1e-5), model.n_heads)
         assert head == Head(1, 0), text
+
+
+@pytest.mark.parametrize("name", MECHANISM_FAMILIES)
+def test_planted_factual_heads_are_found_with_their_signs(name):
+    from analyses import factual
+    from analyses.data.capitals import Capital
+    from analyses.data.counterfactual import build_counterfactuals
+    from analyses.factual_planted import IN_CONTEXT_HEAD, MEMORY_HEAD, PLANTED_TABLE, planted_factual_model
+
+    pool = [Capital(country, city) for country, city in PLANTED_TABLE]
+
+    def attribution(copy_gain: float) -> tuple[torch.Tensor, float]:
+        model = planted_factual_model(copy_gain=copy_gain, family=name)
+        prompts = build_counterfactuals(model.tokenizer, pool, 12, seed=3).prompts
+        result = factual.head_attribution(model, prompts)
+        return result.mean, float((result.per_prompt.sum((1, 2)) - result.clean_diff).abs().max())
+
+    ic, mem = (IN_CONTEXT_HEAD.layer, IN_CONTEXT_HEAD.head), (MEMORY_HEAD.layer, MEMORY_HEAD.head)
+    mean, gap = attribution(3.0)
+    in_context, memory = float(mean[ic]), float(mean[mem])
+    others = mean.clone()
+    others[ic] = others[mem] = 0.0
+    assert in_context > 1.0 and memory < -1.0 and float(others.abs().max()) < 1e-6
+    assert gap < 1e-4  # no MLP, no bias: the heads' direct effects add up to the logit difference
+    record_effect(name, "planted factual |DLA|", min(in_context, -memory))
+    silent, _ = attribution(0.0)  # control: without its copy gain the in-context head attributes nothing
+    assert abs(float(silent[ic])) < 1e-6 and float(silent[mem]) < -1.0
