@@ -36,6 +36,7 @@ import torch
 
 from analyses.common import Progress, no_progress, provenance, random_head_sets
 from analyses.data.harmless import REFUSAL_PHRASES
+from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.forward import run_from_layer
 from probe.generation import greedy_generate
@@ -291,20 +292,28 @@ def ships_query_reference(model: LoadedModel, ids: torch.Tensor, ablation: str =
     return scores
 
 
-def ablated_z_delta(z: torch.Tensor, v: torch.Tensor, ablation: str, epsilon: float, model: LoadedModel) -> torch.Tensor:
+def ablated_z_delta(z: torch.Tensor, v: torch.Tensor, ablation: str, epsilon: float, model: LoadedModel,
+                    window: int | None = None) -> torch.Tensor:
     """z_ablated - z for every query head of one layer at once, `[B, T, H, d_head]`.
 
-    UA (`query`): with the query scaled by epsilon -> 0 the pattern becomes uniform over the causal
-    prefix, so z -> the running mean of the head's values (its KV group's, under GQA). Exact at
-    epsilon = 0 on full-attention layers; a sliding-window layer would average its window instead
-    (the screen ignores that). SC (`output`): z -> epsilon * z.
+    UA (`query`): with the query scaled by epsilon -> 0 the pattern becomes uniform over the keys the
+    query sees, so z -> the mean of the head's values (its KV group's, under GQA) over the causal
+    prefix, or over the last `window` positions on a sliding-window layer (key k visible from query q
+    iff q - k < window; `architecture(model).attention(layer).window`). Exact at epsilon = 0.
+    SC (`output`): z -> epsilon * z.
     """
     if ablation == "output":
         return (epsilon - 1.0) * z
     if v.shape[2] != z.shape[2]:  # GQA: each query head reads its KV head's values
         v = v[:, :, [model.kv_head_of(h) for h in range(z.shape[2])]]
-    counts = torch.arange(1, v.shape[1] + 1, device=v.device, dtype=v.dtype).view(1, -1, 1, 1)
-    return v.cumsum(1) / counts - z
+    length = v.shape[1]
+    sums = v.cumsum(1)
+    counts = torch.arange(1, length + 1, device=v.device, dtype=v.dtype)
+    if window is not None and window < length:
+        sums = sums.clone()
+        sums[:, window:] = sums[:, window:] - sums[:, :-window]  # sum over (q - window, q]
+        counts = counts.clamp(max=window)
+    return sums / counts.view(1, -1, 1, 1) - z
 
 
 def ships_first_order(model: LoadedModel, ids: torch.Tensor, ablation: str = "query", epsilon: float = 1e-5,
@@ -357,7 +366,8 @@ def ships_first_order(model: LoadedModel, ids: torch.Tensor, ablation: str = "qu
     log_p = torch.cat([top_log_p, tail_log_p])  # [top_tokens + 1]: top tokens, then the bucket
     estimate = torch.empty((model.n_layers, model.n_heads))
     for layer, grad in enumerate(grads):
-        change = ablated_z_delta(zs[layer], vs[layer], ablation, epsilon, model)  # [1, T, H, d]
+        change = ablated_z_delta(zs[layer], vs[layer], ablation, epsilon, model,
+                                 architecture(model).attention(layer).window)  # [1, T, H, d]
         dl = (grad * change).sum(dim=(1, 3)).cpu().double()  # [rows, H]: logit change of each target row
         shifted = log_p[:, None] + dl  # ablated log-probs up to a constant; the bucket moves by its mean
         log_q = shifted - torch.logsumexp(shifted, dim=0, keepdim=True)
