@@ -1,8 +1,8 @@
 """A planted factual-recall model: one head copies the context city, one head writes the memorised capital.
 
 Hand-set weights, written through `probe.plant` (Llama by default: 2 layers x 4 heads, d_model 64,
-RMSNorm, RoPE made negligible by a huge base; `family=` builds the same weights in GPT-2, GPT-NeoX or
-Qwen3) over a word tokenizer that splits punctuation, so the counterfactual prompts of
+RMSNorm, RoPE made negligible by a huge base; `family=` builds the same weights in GPT-2, GPT-NeoX,
+Qwen3 or Gemma 3) over a word tokenizer that splits punctuation, so the counterfactual prompts of
 `analyses.data.counterfactual` tokenize word by word:
 
 - every token has a one-hot embedding;
@@ -67,7 +67,7 @@ def planted_factual_model(copy_gain: float = 3.0, memory_gain: float = 2.0,
                         bos=vocab["<bos>"], eos=vocab["<eos>"], pad=vocab["<pad>"])
     spec = "tiny-factual-planted" if family == "llama" else f"tiny-factual-planted-{family}"
     model = plant.new_model(family, shape, tokenizer, spec, hub_name="probe/tiny-factual-planted", device=device)
-    plant.set_embedding(model, torch.eye(V, d_model))
+    plant.set_embedding(model, torch.eye(V, d_model), as_added=True)
 
     norm_gain = d_model ** 0.5  # RMSNorm of a one-hot vector: the 1 becomes sqrt(d_model)
     slow = d_head // 2 - 1      # the slowest-rotating RoPE dimension: rotation ~ position * 1e-8

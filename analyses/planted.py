@@ -12,7 +12,12 @@ One importable home for the models that prove each analyzer (tests, notebooks, a
 | `factual_model()` | an in-context copy head and a memorised-capital head | `FACTUAL_IN_CONTEXT_HEAD` (L1H0), `FACTUAL_MEMORY_HEAD` (L1H1) |
 
 Each builder returns a fresh `LoadedModel` (CPU, float32) built from `transformers` configs and
-`probe.tiny.word_tokenizer`, so it works offline and in milliseconds.
+`probe.tiny.word_tokenizer`, so it works offline and in milliseconds. The retrieval, safety,
+successor and factual builders write their weights through `probe.plant` (the architecture layer's
+writing side, no Hugging Face module names here) and take `family=` (one of `probe.plant.FAMILIES`:
+Llama by default, with the weights and fingerprints these models always had; GPT-NeoX, GPT-2, Qwen3,
+Gemma 3) and, except factual, the planted `head=`; tests/test_planted_families.py finds each mechanism
+on every one of these families.
 """
 
 from __future__ import annotations
@@ -113,7 +118,7 @@ def retrieval_model(copy_gain: float = 20.0, family: str = "llama", head: Head =
     random_heads = [h for h in range(model.n_heads) if h not in (head.head, decoy.head)]
     random_kv = [k for k in range(model.n_kv_heads) if k not in content_kv]
     with torch.no_grad():
-        plant.set_embedding(model, torch.eye(vocab, d_model))
+        plant.set_embedding(model, torch.eye(vocab, d_model), as_added=True)
         plant.set_unembedding(model, torch.eye(vocab, d_model))
         plant.zero_positions(model)
         queries = torch.randn(len(random_heads) * head_dim, d_model, generator=generator) * 0.3
@@ -201,7 +206,7 @@ def safety_model(family: str = "llama", head: Head = SAFETY_HEAD) -> LoadedModel
         embed[:, 2] = 0.0
         for word in SAFETY_HARMFUL_WORDS:
             embed[tokenizer.convert_tokens_to_ids(word), 0] = 3.0
-        plant.set_embedding(model, embed)
+        plant.set_embedding(model, embed, as_added=True)
         for layer in range(model.n_layers):  # random heads, drawn as whole projections (row = output unit)
             q, k, v = (0.3 * torch.randn(n * d_head, d_model, generator=gen) for n in (n_heads, n_kv, n_kv))
             o = 0.05 * torch.randn(d_model, n_heads * d_head, generator=gen)
@@ -352,7 +357,7 @@ def successor_model(wrap_around: bool = False, family: str = "llama", head: Head
             W_E[:, d - 1] = 0.0
             W_E[:, d - 1] = -W_E.sum(-1)
         plant.set_head_ov(model, head.layer, head.head, W_V, W_O)
-        plant.set_embedding(model, W_E)
+        plant.set_embedding(model, W_E, as_added=True)
         plant.set_unembedding(model, W_E)
         if gated:
             W_gate = torch.zeros(d, d_mlp)

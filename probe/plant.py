@@ -117,6 +117,13 @@ def _qwen3(s: Shape) -> Any:
     return transformers.Qwen3Config(**_common(s), use_sliding_window=False)
 
 
+def _gemma3(s: Shape) -> Any:
+    # every layer full attention (no window), no soft-caps, 1/sqrt(d_head) scale: the planted maths as in Llama
+    return transformers.Gemma3TextConfig(**_common(s), query_pre_attn_scalar=s.d_head, sliding_window=s.n_ctx,
+                                         layer_types=["full_attention"] * s.n_layers,
+                                         attn_logit_softcapping=None, final_logit_softcapping=None)
+
+
 def _gpt_neox(s: Shape) -> Any:
     _tied_head_dim("gpt_neox", s)
     kwargs: dict[str, Any] = {"vocab_size": s.vocab, "hidden_size": s.d_model, "intermediate_size": s.d_mlp,
@@ -144,6 +151,7 @@ def _gpt2(s: Shape) -> Any:
 FAMILIES: dict[str, tuple[Any, str]] = {
     "llama": (_llama, "LlamaForCausalLM"),
     "qwen3": (_qwen3, "Qwen3ForCausalLM"),
+    "gemma3": (_gemma3, "Gemma3ForCausalLM"),
     "gpt_neox": (_gpt_neox, "GPTNeoXForCausalLM"),
     "gpt2": (_gpt2, "GPT2LMHeadModel"),
 }

@@ -8,8 +8,8 @@ found by their analyzers on families of different shapes.
     intervention run before it (zero W_O = zero-ablating the head, zero W_V = zero-ablating the heads of
     that KV head, zero W_Q / W_K = uniform attention), and a written MLP computes its formula.
 (b) Mechanisms: retrieval, successor, safety and factual planted in Llama (GQA), GPT-NeoX (parallel block,
-    partial rotary, fused interleaved qkv, LayerNorm), GPT-2 (learned positions, Conv1D fused qkv) and
-    Qwen3 (QK-norm): the analyzer's top head is the planted one, and moving the plant to another head
+    partial rotary, fused interleaved qkv, LayerNorm), GPT-2 (learned positions, Conv1D fused qkv),
+    Qwen3 (QK-norm) and Gemma 3 (QK-norm, norms before and after each sublayer, 1 + w, embedding scale): the analyzer's top head is the planted one, and moving the plant to another head
     moves the finding (retrieval: no copy at all without the copy gain); the factual in-context and
     memory heads get their signs from factual's attribution, and lose it without their gain.
 """
@@ -33,7 +33,7 @@ from probe.interventions import intervene, uniform_attention, zero_ablation
 from probe.models import LoadedModel, load_model
 
 TEXT = "the capital city of the country is a secret number 12 and the key to the park is 13"
-MECHANISM_FAMILIES = ["llama", "gpt_neox", "gpt2", "qwen3"]
+MECHANISM_FAMILIES = ["llama", "gpt_neox", "gpt2", "qwen3", "gemma3"]
 FAST = successor.SuccessorConfig(run_probe=False, run_arithmetic=False, run_causal=False)
 
 
