@@ -77,7 +77,8 @@ TOLERANCES: dict[str, float] = {
     "logits": 1e-4, "left-pad": 1e-4, "left-pad gen": 0, "zero-head": 1e-4, "successor e(t)": 1e-4,
     "successor OV": 1e-4, "retrieval": 0, "Ships": 1e-4, "factual DLA": 1e-4,
 }
-SCALED = {"logits", "left-pad", "zero-head", "successor OV", "factual DLA"}  # tolerance x max(1, |logits|)
+# tolerance x max(1, max |logit|); e(t): x max(1, max |e(t)|)
+SCALED = {"logits", "left-pad", "zero-head", "successor e(t)", "successor OV", "factual DLA"}
 
 
 @dataclass
@@ -111,6 +112,7 @@ class DoctorResult:
     seconds: float = 0.0
     cpu_seconds: float = 0.0  # this process's CPU time (on a busy machine, wall time says little)
     threads: int = 0
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)  # load / copy / checks: wall and CPU
 
     @property
     def ok(self) -> bool:
@@ -126,7 +128,7 @@ class DoctorResult:
                 "adapter": self.adapter, "copy": self.copy, "supported": self.supported,
                 "missing_component": self.missing_component, "facts": self.facts, "ok": self.ok,
                 "checks": [c.to_dict() for c in self.checks], "seconds": round(self.seconds, 2),
-                "cpu_seconds": round(self.cpu_seconds, 2),
+                "cpu_seconds": round(self.cpu_seconds, 2), "phases": self.phases,
                 "threads": self.threads}
 
 
@@ -262,6 +264,7 @@ class Context:
     size: DoctorSize
     layer: int
     scale: float = 1.0  # max |logit| of the clean text (tolerances of the SCALED checks)
+    sizes: dict[str, float] = field(default_factory=dict)  # a check's own scale, where not the logits'
 
 
 def check_logits(ctx: Context) -> tuple[float, str]:
@@ -335,6 +338,7 @@ def check_successor_embedding(ctx: Context) -> tuple[float, str]:
                            ["blocks.0.hook_resid_pre", "blocks.0.hook_resid_post"])
     delta = zeroed["blocks.0.hook_resid_post"] - zeroed["blocks.0.hook_resid_pre"]
     worst = max(worst, float((mlp0 - delta).abs().max()))
+    ctx.sizes["successor e(t)"] = max(1.0, float(full.abs().max()))
     return worst, f"{len(ids)} tokens, |e(t)| up to {float(full.abs().max()):.3g}"
 
 
@@ -465,9 +469,18 @@ def doctor(model: LoadedModel | str, size: DoctorSize = DoctorSize(), progress: 
     some check names (the app and tests); the result says per check its number, tolerance, pass/fail."""
     say = progress or (lambda message: None)
     start, cpu_start = time.perf_counter(), time.process_time()
+    phases: dict[str, dict[str, float]] = {}
+
+    def phase(name: str, since: tuple[float, float]) -> tuple[float, float]:
+        now = (time.perf_counter(), time.process_time())
+        phases[name] = {"seconds": round(now[0] - since[0], 2), "cpu_seconds": round(now[1] - since[1], 2)}
+        return now
+
+    mark = (start, cpu_start)
     if isinstance(model, str):
         say(f"loading {model}")
         model = load_model(model, device=device, dtype="float32", progress=say)
+        mark = phase("load", mark)
     if model.dtype != torch.float32:
         raise DoctorError(f"doctor checks {model.spec} in float32 (its tolerances are fp32's); it is loaded in "
                           f"{str(model.dtype).replace('torch.', '')}: load it with dtype float32.")
@@ -476,7 +489,7 @@ def doctor(model: LoadedModel | str, size: DoctorSize = DoctorSize(), progress: 
         raise DoctorError(f"Unknown doctor check(s) {', '.join(unknown)}; known: {', '.join(RUNNERS)}.")
     result = DoctorResult(spec=model.spec, fingerprint=model.fingerprint, architecture=model.architecture,
                           adapter=_adapter_name(model), copy="", supported=True, missing_component=None,
-                          facts={}, threads=torch.get_num_threads())
+                          facts={}, threads=torch.get_num_threads(), phases=phases)
     try:
         arch = architecture(model)
         result.facts = arch.summary()
@@ -489,6 +502,7 @@ def doctor(model: LoadedModel | str, size: DoctorSize = DoctorSize(), progress: 
         return result
     say(f"{model.architecture} through {result.adapter}: loading an independent Hugging Face copy")
     copy, result.copy = independent_copy(model)
+    mark = phase("copy", mark)
     layer = size.layer if size.layer is not None else model.n_layers // 2
     if not 0 <= layer < model.n_layers:
         raise DoctorError(f"Layer {layer} does not exist; {model.spec} has {model.n_layers} layers.")
@@ -502,7 +516,7 @@ def doctor(model: LoadedModel | str, size: DoctorSize = DoctorSize(), progress: 
         try:
             check.value, check.detail = RUNNERS[name](ctx)
             if name in SCALED:
-                check.tolerance = TOLERANCES[name] * ctx.scale
+                check.tolerance = TOLERANCES[name] * ctx.sizes.get(name, ctx.scale)
             check.passed = bool(check.value <= check.tolerance)
         except _Failed as failed:
             check.value, check.detail, check.passed = failed.value, failed.why, False
@@ -513,6 +527,7 @@ def doctor(model: LoadedModel | str, size: DoctorSize = DoctorSize(), progress: 
         check.seconds = time.perf_counter() - began
         result.checks.append(check)
         say(f"check {number}/{len(CHECKS)}: {name}: {'pass' if check.passed else 'FAIL'} ({check.seconds:.1f} s)")
+    phase("checks", mark)
     result.threads = torch.get_num_threads()
     result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     del copy
@@ -549,3 +564,10 @@ def header_lines(result: DoctorResult) -> list[str]:
 
 
 DOCTOR_COLUMNS = ("#", "check", "value", "tolerance", "result", "detail")
+
+
+def timing_line(result: DoctorResult) -> str:
+    """Wall and CPU seconds per phase (load, independent copy, checks) and the threads used."""
+    parts = [f"{name} {p['seconds']:.0f} s ({p['cpu_seconds']:.0f} s CPU)" for name, p in result.phases.items()]
+    return (f"time: {result.seconds:.0f} s wall, {result.cpu_seconds:.0f} s CPU, {result.threads} thread"
+            f"{'s' if result.threads > 1 else ''}" + (f"; {', '.join(parts)}" if parts else ""))

@@ -363,7 +363,7 @@ def cmd_organism(args: argparse.Namespace) -> int:
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     """`probe doctor MODEL`: the architecture checks at a reduced size; exit 0 all pass, 1 any fails."""
-    from analyses.doctor import DOCTOR_COLUMNS, doctor, header_lines, table_rows
+    from analyses.doctor import DOCTOR_COLUMNS, doctor, header_lines, table_rows, timing_line
 
     threads = set_threads(args.threads)
     console.print(f"[dim]doctor: {args.model} on {args.device or 'the default device'}, {threads} CPU thread"
@@ -389,6 +389,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     for row in table_rows(result):
         table.add_row(*row)
     out.print(table)
+    out.print(timing_line(result), markup=False, highlight=False, soft_wrap=True)
     failed = [c.name for c in result.checks if c.passed is False]
     print("all checks pass" if result.ok else f"FAILED: {', '.join(failed) or 'no check passed'}")
     return result.exit_code

@@ -9,12 +9,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from analyses import doctor as doctor_module
 from analyses.doctor import CHECKS, DoctorError, doctor
 from app import cli
 from families import build_folder
 from probe import interventions
+from probe.architecture import architecture
 from probe.models import load_model
 
 
@@ -58,12 +60,41 @@ def test_a_broken_intervention_makes_doctor_fail_with_exit_1(monkeypatch, capsys
     assert "FAIL" in row
 
 
+def test_a_copy_whose_weights_differ_fails_the_logits_check(monkeypatch):
+    """The logits check compares against the copy, not the bridged model itself: one final-norm weight
+    of the copy nudged by 0.05 shows."""
+    real = doctor_module.independent_copy
+
+    def nudged(model):
+        copy, how = real(model)
+        final = copy.get_submodule(architecture(model).path("ln_final"))
+        with torch.no_grad():
+            final.weight[0] += 0.05
+        return copy, how
+
+    monkeypatch.setattr(doctor_module, "independent_copy", nudged)
+    result = doctor("tiny-llama", only=["logits"])
+    assert [c.name for c in result.checks] == ["logits"]
+    assert result.checks[0].passed is False and result.checks[0].value > 1e-3 and result.exit_code == 1
+
+
 def test_an_ablation_that_moves_nothing_is_a_failure_not_a_pass(monkeypatch):
     """A check whose two sides both stay clean compares nothing: reported as failed, with the reason."""
     monkeypatch.setattr(doctor_module, "MOVED", float("inf"))
     result = doctor("tiny-llama", only=["zero-head"])
     zero = next(c for c in result.checks if c.name == "zero-head")
     assert zero.passed is False and "nothing to compare" in zero.detail and not result.ok
+
+
+def test_a_check_that_raises_is_a_failed_row_and_the_others_still_run(monkeypatch):
+    def boom(ctx):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(doctor_module.RUNNERS, "Ships", boom)
+    result = doctor("tiny-llama", only=["Ships", "retrieval"])
+    rows = {c.name: c for c in result.checks}
+    assert rows["Ships"].passed is False and rows["Ships"].detail == "RuntimeError: boom"
+    assert rows["retrieval"].passed and rows["logits"].passed and result.exit_code == 1
 
 
 def test_an_uncovered_family_names_the_missing_component(root, capsys):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analyses.doctor import DOCTOR_COLUMNS, DoctorResult, doctor, header_lines, table_rows
+from analyses.doctor import DOCTOR_COLUMNS, DoctorResult, doctor, header_lines, table_rows, timing_line
 from app.state import DEFAULT_SPEC, cached_model, current_model, guarded, sidebar, spec_choices
 from probe.models import facts
 
@@ -57,7 +57,7 @@ if model is not None:
                 st.text(line)
             rows = table_rows(result)
             st.table({column: [row[i] for row in rows] for i, column in enumerate(DOCTOR_COLUMNS)})
-            summary = f"{result.seconds:.0f} s wall, {result.cpu_seconds:.0f} s CPU, {result.threads} thread(s)"
+            summary = timing_line(result)
             if result.ok:
                 st.success(f"doctor: all checks pass ({summary})")
             else:
