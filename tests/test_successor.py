@@ -296,3 +296,43 @@ def test_gemma3_causal_check_runs_and_reports_its_spread(gemma3):
     assert len(causal["random_effects"]) == 4 and causal["random_std"] > 0
     assert result.scores.scores.shape == (18, 4)
     assert set(successor.figures(result)) == {"scores", "per_task", "ablation"}
+
+
+# ---- docs numbers against the committed result file ---------------------------------------------
+
+RESULT = "docs/results/successor_smollm2.json"
+# (text in docs/successor.md, key path into the result file, how the doc rounds it)
+DOC_NUMBERS = [
+    ("**L23H3** | **0.202**", "result.top_heads.0.score", lambda v: f"**L23H3** | **{v:.3f}**"),
+    ("L26H6 | 0.124", "result.top_heads.1.score", lambda v: f"L26H6 | {v:.3f}"),
+    ("overall chance 0.076", "result.chance", lambda v: f"overall chance {v:.3f}"),
+    ("258 scored tokens", "result.n_scored", lambda v: f"{sum(v.values())} scored tokens"),
+    ("111/1726 =\n0.064", "result.arithmetic", lambda v: "{}/{} =\n{:.3f}".format(
+        sum(r["successes"] for r in v), sum(r["trials"] for r in v),
+        sum(r["successes"] for r in v) / sum(r["trials"] for r in v))),
+    ("19/90 = 0.21", "result.arithmetic.1", lambda v: f"{v['successes']}/{v['trials']} = {v['rate']:.2f}"),
+    ("from 0.367 to 0.156", "result.causal", lambda v: f"from {v['clean_prob']:.3f} to {v['ablated_prob']:.3f}"),
+    ("ΔP 0.012 ± 0.026 (max 0.085)", "result.causal", lambda v: f"ΔP {v['random_mean']:.3f} ± {v['random_std']:.3f} "
+                                                              f"(max {v['random_max']:.3f})"),
+    ("numbers 1.00 (n=10)", "result.probe.numbers", lambda v: f"numbers {v['accuracy']:.2f} (n={v['n_test']})"),
+]
+
+
+def _at(document, path: str):
+    for part in path.split("."):
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    return document
+
+
+@pytest.mark.parametrize("text,path,render", DOC_NUMBERS, ids=[p for _, p, _ in DOC_NUMBERS])
+def test_docs_numbers_come_from_the_committed_result(text, path, render):
+    """Each SmolLM2 number of docs/successor.md is rendered from docs/results/successor_smollm2.json at its
+    key path; the rendering must equal the doc's text, and the doc must contain it."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    document = json.loads((root / RESULT).read_text())
+    assert render(_at(document, path)) == text
+    assert text in (root / "docs" / "successor.md").read_text()
+    assert document["config"] == json.loads(json.dumps(successor.SuccessorConfig().__dict__, default=list))
