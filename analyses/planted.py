@@ -39,7 +39,7 @@ from analyses.factual_planted import planted_factual_model
 from probe import plant, tiny
 from probe.architecture import architecture
 from probe.heads import Head
-from probe.models import LoadedModel, wrap_hf_model
+from probe.models import LoadedModel
 
 __all__ = [
     "RETRIEVAL_HEAD", "RETRIEVAL_DECOY", "RETRIEVAL_NEEDLE", "RETRIEVAL_FILLER", "RETRIEVAL_TEMPLATE_WORDS",
@@ -249,27 +249,31 @@ def duo_model() -> LoadedModel:
     Only `DUO_HEAD` needs the full cache, so DuoAttention gates keep it and close the others."""
     tokenizer = tiny.word_tokenizer()
     vocab = tokenizer.get_vocab()
-    hf = tiny.tiny_llama(len(tokenizer), n_layers=1, n_heads=4, n_kv_heads=4, d_model=32, d_mlp=32, seed=3)
-    d_head = 8
+    d_model, n_heads, d_head = 32, 4, 8
+    shape = plant.Shape(len(tokenizer), d_model, 1, n_heads, n_heads, d_head, 32, 256)
+    model = plant.new_model("llama", shape, tokenizer, "planted-duo", hub_name="probe/planted-duo", seed=3,
+                            zero=False)
     with torch.no_grad():
-        emb = hf.model.embed_tokens.weight
-        emb.normal_(0, 0.3)
+        emb = torch.empty(len(tokenizer), d_model).normal_(0, 0.3)  # the global RNG, after the seeded init
         emb[:, :3] = 0
         emb[:, 0] = 1.0
         emb[vocab["<bos>"], 1] = 1.0
         emb[vocab["key"], 2] = 1.0
-        attn = hf.model.layers[0].self_attn
-        for w in (attn.q_proj.weight, attn.k_proj.weight):
-            w.zero_()
+        plant.set_embedding(model, emb)
         slow = 3  # the lowest-frequency rotary pair (3, 7): RoPE barely rotates it over 60 positions
-        attn.q_proj.weight[DUO_HEAD.head * d_head + slow, 0] = 5.0
-        attn.q_proj.weight[DUO_SINK_HEAD.head * d_head + slow, 0] = 5.0
-        attn.k_proj.weight[DUO_HEAD.head * d_head + slow, 2] = 5.0       # keys: the 'key' token
-        attn.k_proj.weight[DUO_SINK_HEAD.head * d_head + slow, 1] = 5.0  # keys: <bos>
-        attn.v_proj.weight[2 * d_head:] = 0.0  # heads 2, 3 write nothing
-        attn.o_proj.weight.normal_(0, 1.0)  # heads write as much as the embeddings carry
-        hf.model.layers[0].mlp.down_proj.weight.zero_()
-    return wrap_hf_model(hf, tokenizer, "planted-duo", hub_name="probe/planted-duo", device="cpu")
+        for head, key_dim in ((DUO_HEAD.head, 2), (DUO_SINK_HEAD.head, 1)):  # keys: 'key', <bos>
+            W_Q, W_K = torch.zeros(d_model, d_head), torch.zeros(d_model, d_head)
+            W_Q[0, slow] = 5.0
+            W_K[key_dim, slow] = 5.0
+            plant.set_head_qk(model, 0, head, W_Q, W_K)
+        for head in (2, 3):  # heads 2, 3: no query or key, and no value: they write nothing
+            plant.set_head_qk(model, 0, head, torch.zeros(d_model, d_head), torch.zeros(d_model, d_head))
+            plant.set_v(model, 0, head, torch.zeros(d_model, d_head))
+        W_O = torch.empty(d_model, n_heads * d_head).normal_(0, 1.0)  # heads write as much as the embeddings carry
+        for head in range(n_heads):
+            plant.set_o(model, 0, head, W_O[:, head * d_head:(head + 1) * d_head].T)
+        plant.zero_mlp(model, 0, out_only=True)
+    return model
 
 
 def duo_samples(model: LoadedModel, n: int = 4) -> list:

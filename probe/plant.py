@@ -357,9 +357,17 @@ def _attention_tensors(model: LoadedModel, layer: int) -> Iterator[torch.Tensor]
 # ---- MLP -------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def zero_mlp(model: LoadedModel, layer: int) -> None:
-    """Every parameter of a layer's MLP or MoE block (router and experts included): it adds nothing."""
-    for param in _arch(model).blocks[layer].mlp.parameters():
+def zero_mlp(model: LoadedModel, layer: int, out_only: bool = False) -> None:
+    """Every parameter of a layer's MLP or MoE block (router and experts included): it adds nothing.
+    `out_only` zeroes only a dense MLP's output projection (same function, input weights kept)."""
+    mlp = _arch(model).blocks[layer].mlp
+    if out_only:
+        if "out" not in mlp._modules:
+            raise PlantError(f"{model.spec}: layer {layer}'s MLP ({type(mlp).__name__}) has no dense output projection.")
+        params = list(hf_module(mlp._modules["out"]).parameters())
+    else:
+        params = list(mlp.parameters())
+    for param in params:
         param.zero_()
     _stale(model)
 
