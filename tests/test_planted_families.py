@@ -132,7 +132,12 @@ def test_mlp_writes_read_back_and_compute_their_formula(name, root):
     if arch.mlp(0).kind == "moe":
         with pytest.raises(plant.PlantError, match="MoE"):
             plant.set_mlp(model, 0, torch.zeros(1), torch.zeros(1))
+        with pytest.raises(plant.PlantError, match="no dense output projection"):
+            plant.zero_mlp(model, 2, out_only=True)
         return
+    assert float(architecture(model).mlp_block_output(2, x).abs().max()) > 0.0
+    plant.zero_mlp(model, 2, out_only=True)
+    assert float(architecture(model).mlp_block_output(2, x).abs().max()) == 0.0
     d_mlp = model.bridge.W_in.shape[-1]
     g = torch.Generator().manual_seed(2)
     W_in, W_out = torch.randn(model.d_model, d_mlp, generator=g) / 8, torch.randn(d_mlp, model.d_model, generator=g) / 8
