@@ -1,7 +1,9 @@
 """The two-stream forward pass: β (relevant) and γ (irrelevant) through every block of the model.
 
-`Engine(model)` reads the weights once (`arch.read_weights`) and re-runs the model's forward pass
-on pairs (β, γ) with the rules of `rules.py`. Rows of a batch are independent: each row can carry
+`Engine(model)` reads the weights once (`arch.read_weights`, through the architecture layer) and
+re-runs the model's forward pass on pairs (β, γ) with the rules of `rules.py`: sequential or parallel
+blocks, pre/post/no norms, QK-norm per head or over the whole projection, soft-capped attention,
+partial rotary, dense (plain / gated) or MoE MLPs. Rows of a batch are independent: each row can carry
 a different source (a token span, or a head at some positions), so one call decomposes many sources.
 
 Hooks of the engine mirror TransformerLens names, so β + γ can be compared with the bridge's

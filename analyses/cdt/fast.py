@@ -16,6 +16,10 @@ totals are computed once per prompt batch (P rows) and broadcast. Per rule:
 | activation | act(t) − act(t − β) |
 | product | βa βu (`relevant_only`); the other options with γ = t − β |
 | stabiliser | the paper's rule with γ = t − β |
+| attention soft-cap | the cap on β's scores and on the clean scores, before the mask |
+| QK-norm (per head / whole projection), no pre-norm, post-norms | the norm rule (none: identity) |
+| parallel block | the MLP reads β of the block input, not of resid_mid |
+| MoE | routing from the clean total (cached); each chosen expert's gated rule, weighted by it |
 
 Compared with the two-stream `Engine` this drops the γ matmuls, the total-pattern softmax and the
 total MLP per row (about half the work) and starts each source layer at its source heads' z. The
