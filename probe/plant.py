@@ -22,13 +22,15 @@ the bridge splits a fused qkv projection once, at boot, into its own q/k/v linea
 forward runs those, not the fused HF module. On GPT-2 (`torch.tensor_split` of `c_attn`) and Phi-3
 (`torch.split` of `qkv_proj`) the split modules are views of the fused tensor, so an in-place write is
 seen at once. On GPT-NeoX the split re-arranges the interleaved rows into new tensors: a write into
-`query_key_value` changes neither the forward nor `bridge.W_Q`. Every write here therefore ends by
+`query_key_value` changes neither the forward nor `bridge.W_Q` (measured: tripling a layer's fused
+weight moved the logits by exactly 0, where the same change to the split q moved them by 2e-4). Every write here therefore ends by
 re-running the bridge's own split function on the fused module and copying its result into the split
 modules where they do not share memory (`_resync`); the read-back `architecture(model, refresh=True).W_Q`
 then goes through the bridge's split, an independent check of the layouts above. Everything else
 (separate projections, MLPs, norms, embeddings) is one tensor that the bridge and the HF module share.
 `architecture(model)` keeps the stacked weights it read: after writing, pass `refresh=True` (the
-functions here drop the cached one).
+functions here drop the cached one, and recompute `model.fingerprint`, under which results are cached,
+from the written weights: a model built by writes has the fingerprint it would have if loaded so).
 
 `new_model` builds a zeroed-or-seeded model of a family from a `Shape` (the configs a planted builder
 needs: free d_head where the family allows it, huge rotary bases) and wraps it as a `LoadedModel`.
