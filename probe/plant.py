@@ -22,9 +22,9 @@ the bridge splits a fused qkv projection once, at boot, into its own q/k/v linea
 forward runs those, not the fused HF module. On GPT-2 (`torch.tensor_split` of `c_attn`) and Phi-3
 (`torch.split` of `qkv_proj`) the split modules are views of the fused tensor, so an in-place write is
 seen at once. On GPT-NeoX the split re-arranges the interleaved rows into new tensors: a write into
-`query_key_value` changes neither the forward nor `bridge.W_Q` (measured: tripling a layer's fused
-weight moved the logits by exactly 0, where the same change to the split q moved them by 2e-4). Every write here therefore ends by
-re-running the bridge's own split function on the fused module and copying its result into the split
+`query_key_value` changes neither the forward nor `bridge.W_Q` (measured: replacing a layer's fused
+weight w by 3w + 0.5 moved the logits by exactly 0, where the same change to the split q moved them
+by 2e-4, to the split v by 0.14). Every write here therefore ends by re-running the bridge's own split function on the fused module and copying its result into the split
 modules where they do not share memory (`_resync`); the read-back `architecture(model, refresh=True).W_Q`
 then goes through the bridge's split, an independent check of the layouts above. Everything else
 (separate projections, MLPs, norms, embeddings) is one tensor that the bridge and the HF module share.
