@@ -24,8 +24,9 @@ forward runs those, not the fused HF module. On GPT-2 (`torch.tensor_split` of `
 seen at once. On GPT-NeoX the split re-arranges the interleaved rows into new tensors: a write into
 `query_key_value` changes neither the forward nor `bridge.W_Q` (measured: replacing a layer's fused
 weight w by 3w + 0.5 moved the logits by exactly 0, where the same change to the split q moved them
-by 2e-4, to the split v by 0.14). Every write here therefore ends by re-running the bridge's own split function on the fused module and copying its result into the split
-modules where they do not share memory (`_resync`); the read-back `architecture(model, refresh=True).W_Q`
+by 2e-4, to the split v by 0.14). Every write here therefore ends by re-running the bridge's own
+split function on the fused module and copying its result into the split modules where they do not
+share memory (`_resync`); the read-back `architecture(model, refresh=True).W_Q`
 then goes through the bridge's split, an independent check of the layouts above. Everything else
 (separate projections, MLPs, norms, embeddings) is one tensor that the bridge and the HF module share.
 `architecture(model)` keeps the stacked weights it read: after writing, pass `refresh=True` (the
