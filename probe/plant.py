@@ -366,7 +366,8 @@ def zero_mlp(model: LoadedModel, layer: int, out_only: bool = False) -> None:
     mlp = _arch(model).blocks[layer].mlp
     if out_only:
         if "out" not in mlp._modules:
-            raise PlantError(f"{model.spec}: layer {layer}'s MLP ({type(mlp).__name__}) has no dense output projection.")
+            raise PlantError(f"{model.spec}: layer {layer}'s MLP ({type(mlp).__name__}) has no dense output "
+                             "projection.")
         params = list(hf_module(mlp._modules["out"]).parameters())
     else:
         params = list(mlp.parameters())

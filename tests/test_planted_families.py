@@ -9,9 +9,10 @@ found by their analyzers on families of different shapes.
     that KV head, zero W_Q / W_K = uniform attention), and a written MLP computes its formula.
 (b) Mechanisms: retrieval, successor, safety and factual planted in Llama (GQA), GPT-NeoX (parallel block,
     partial rotary, fused interleaved qkv, LayerNorm), GPT-2 (learned positions, Conv1D fused qkv),
-    Qwen3 (QK-norm) and Gemma 3 (QK-norm, norms before and after each sublayer, 1 + w, embedding scale): the analyzer's top head is the planted one, and moving the plant to another head
-    moves the finding (retrieval: no copy at all without the copy gain); the factual in-context and
-    memory heads get their signs from factual's attribution, and lose it without their gain.
+    Qwen3 (QK-norm) and Gemma 3 (QK-norm, norms before and after each sublayer, 1 + w, embedding
+    scale): the analyzer's top head is the planted one, and moving the plant to another head moves the
+    finding (retrieval: no copy at all without the copy gain); the factual in-context and memory heads
+    get their signs from factual's attribution, and the in-context one loses it without its gain.
 """
 
 from __future__ import annotations
