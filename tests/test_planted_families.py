@@ -259,6 +259,6 @@ def test_planted_factual_heads_are_found_with_their_signs(name):
     others[ic] = others[mem] = 0.0
     assert in_context > 1.0 and memory < -1.0 and float(others.abs().max()) < 1e-6
     assert gap < 1e-4  # no MLP, no bias: the heads' direct effects add up to the logit difference
-    record_effect(name, "planted factual |DLA|", min(in_context, -memory))
+    record_effect(name, "planted factual DLA", min(in_context, -memory))
     silent, _ = attribution(0.0)  # control: without its copy gain the in-context head attributes nothing
     assert abs(float(silent[ic])) < 1e-6 and float(silent[mem]) < -1.0
