@@ -323,3 +323,15 @@ def test_engine_beta_equals_a_plain_loop_on_the_independent_copy(name, root):
     # float64 on both sides, but the routing weights / soft-capped tables are computed by the model
     # modules in float32: 1e-6 leaves room for that and nothing for a wrong rule
     assert matrix.record(name, "cdt_plain_beta", worst, tolerance=1e-6) <= 1e-6, f"{name}: {worst:.2e}"
+
+
+def test_a_family_without_cd_t_rules_is_one_clear_error(root):
+    """A family the bridge boots but CD-T has no rules for (a state-space model): one message naming
+    the supported families, not a raw AttributeError from a missing attention."""
+    from analyses.cdt.arch import UnsupportedArchitectureError
+    from families import UNCOVERED
+
+    name = next(iter(UNCOVERED))
+    model, _, _ = matrix.loaded_family(name, root)
+    with pytest.raises(UnsupportedArchitectureError, match="MambaForCausalLM.*GPT2LMHeadModel.*Qwen3MoeForCausalLM"):
+        Engine(model)
