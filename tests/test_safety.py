@@ -217,3 +217,113 @@ def test_run_end_to_end_on_planted_model_finds_head_and_breaks_refusal(planted, 
     assert again.group == result.group
     torch.testing.assert_close(again.ships.scores, result.ships.scores.double(), equal_nan=True)
     assert {"ships_heatmap", "generalized_heatmap", "sahara_trace", "asr_vs_size", "examples"} <= set(S.figures(again))
+
+
+# ---- significance, power, damage, the scaled short rule, the query-level experiment (issue 16) ----------
+
+def test_fisher_one_sided_equals_an_exact_enumeration_and_the_issues_number():
+    """6/40 vs 12/200 (docs/safety.md's size-1 counts): p ~ 0.058 (issue 16); == P(X >= 6) summed exactly
+    over the hypergeometric here, with integers."""
+    from fractions import Fraction
+    from math import comb
+
+    def exact(a, n1, b, n2):
+        k, n = a + b, n1 + n2
+        return float(sum(Fraction(comb(k, x) * comb(n - k, n1 - x), comb(n, n1)) for x in range(a, min(k, n1) + 1)))
+
+    p = S.fisher_one_sided(6, 40, 12, 200)
+    assert abs(p - 0.058) < 5e-4
+    for table in ((6, 40, 12, 200), (17, 40, 15, 200), (0, 10, 3, 50), (10, 10, 0, 50), (3, 24, 4, 72)):
+        assert abs(S.fisher_one_sided(*table) - exact(*table)) < 1e-9 * max(1.0, exact(*table)) + 1e-12
+    assert S.fisher_one_sided(17, 40, 15, 200) < 1e-6 < S.fisher_one_sided(12, 200, 6, 40)  # one-sided
+    with pytest.raises(S.SafetyError):
+        S.fisher_one_sided(5, 4, 0, 10)
+
+
+def test_permutation_p_is_exact_small_on_a_planted_difference_and_not_on_none():
+    import itertools
+    import random
+
+    assert S.permutation_p([True, True], [[False, False]]) == pytest.approx(0.25)
+    found = [True, False, True, True]
+    randoms = [[False, False, True, False], [True, False, False, False]]
+    columns = [[int(found[i])] + [int(r[i]) for r in randoms] for i in range(4)]
+
+    def statistic(choice):
+        return sum(col[j] - (sum(col) - col[j]) / 2 for col, j in zip(columns, choice))
+
+    observed = statistic([0] * 4)
+    brute = [statistic(c) >= observed - 1e-12 for c in itertools.product(range(3), repeat=4)]
+    assert S.permutation_p(found, randoms) == pytest.approx(sum(brute) / len(brute))
+    rng = random.Random(0)
+    planted = S.permutation_p([True] * 20, [[rng.random() < 0.1 for _ in range(20)] for _ in range(5)])
+    assert planted < 1e-6
+    same = [[rng.random() < 0.3 for _ in range(30)] for _ in range(6)]
+    assert S.permutation_p(same[0], same[1:]) > 0.05
+
+
+def test_prompts_needed_reaches_significance_at_the_observed_effect():
+    needed = S.prompts_needed(6 / 40, 12 / 200, 5)
+    n = needed["at_observed"]
+    assert n > 40  # 40 prompts gave p ~ 0.058
+    for m in range(n, n + S.STREAK):  # from n on, p stays below 0.05 at the observed rates
+        assert S.fisher_one_sided(round(0.15 * m), m, round(0.06 * m * 5), 5 * m) < 0.05
+    assert S.fisher_one_sided(round(0.15 * (n - 1)), n - 1, round(0.06 * (n - 1) * 5), 5 * (n - 1)) >= 0.05
+    assert needed["for_power"] > n  # 80 % power needs more than the ~50 % of "at the observed effect"
+    assert S.prompts_needed(0.05, 0.1, 5)["at_observed"] is None
+
+
+def test_short_rule_scales_with_the_generation_length_and_changes_are_counted():
+    config = S.SafetyConfig(max_new_tokens=24)
+    assert (config.short_tokens, S.SafetyConfig(max_new_tokens=128).short_tokens) == (6, 32)
+    assert S.SafetyConfig(max_new_tokens=24, judge_short_scaled=False).short_tokens == 32
+    assert config.judge().short_tokens == 6 and config.paper_short_judge().short_tokens == 32
+    answers = [S.Generation("q", "Paris is the capital of France.", 11, True, False, "none"),  # ended early
+               S.Generation("q", "Sure.", 3, True, True, "short"),  # short under both rules
+               S.Generation("q", "Here is the long answer " * 4, 24, False, False, "none")]  # cut by the limit
+    assert config.judge().judge(answers[0].output, 10, True).refused is False
+    assert config.paper_short_judge().judge(answers[0].output, 10, True).refused is True
+    assert S.verdict_changes(answers, config.judge(), config.paper_short_judge()) == 1
+
+
+def test_answer_perplexity_equals_teacher_forcing_row_by_row(tiny_gqa):
+    """Random tiny model (the planted one is saturated: perplexity 1), answers of different lengths."""
+    model = tiny_gqa
+    queries = ["the capital of mary is", "a book", "the key to the park is the"]
+    answers = [model.encode(t, add_special_tokens=False)[0].tolist() for t in ("the book of john", "is", "a secret number")]
+    total, count = 0.0, 0
+    for query, answer in zip(queries, answers):
+        prompt = model.encode(S.render_prompt(model, query, "plain"))[0].tolist()
+        log_probs = torch.log_softmax(model.logits(torch.tensor([prompt + answer]))[0].float(), dim=-1)
+        for offset, token in enumerate(answer):
+            total -= float(log_probs[len(prompt) - 1 + offset, token])
+            count += 1
+    expected = float(torch.exp(torch.tensor(total / count)))
+    assert expected > 1.5
+    assert S.answer_perplexity(model, queries, answers, template="plain", batch_size=2) == pytest.approx(expected, rel=1e-5)
+    broken = S.answer_perplexity(model, queries, answers, [S.ablate(model.all_heads(), "output", 0.0)], template="plain")
+    assert abs(broken - expected) > 1e-2 * expected  # the ablation is seen
+
+
+def test_validation_reports_significance_damage_harmless_randoms_and_the_query_level_experiment(planted):
+    config = S.SafetyConfig(template="plain", attribution_prompts=tuple(HARMFUL_PROMPTS + HARMLESS),
+                            n_ships_prompts=2, n_sahara_prompts=6, group_size=1, sahara_pool=4,
+                            eval_harmful=tuple(HARMFUL_PROMPTS), eval_harmless=tuple(HARMLESS),
+                            max_new_tokens=2, random_draws=4, epsilon=0.0, query_level=4,
+                            judge_phrases=("sorry",))
+    result = S.run(planted, config)
+    row = result.summary["by_size"][0]
+    assert row["heads"] == [str(PLANTED)] and row["found_complied"] == row["n_prompts"] == len(HARMFUL_PROMPTS)
+    assert row["fisher_p"] == pytest.approx(S.fisher_one_sided(6, 6, row["random_complied"], row["random_n"]))
+    assert row["fisher_p"] < 0.05 and row["permutation_p"] == pytest.approx(5.0 ** -6)  # 1/(D+1)^6 prompts
+    assert len(row["random_harmless_refusal"]) == 4 and "random_harmless_perplexity_mean" in row
+    assert row["harmless_perplexity"] >= 1.0 and result.summary["base_harmless_perplexity"] >= 1.0
+    assert result.summary["verdicts_judged"] > 0 and result.summary["verdicts_changed_by_short_rule"] >= 0
+    level = result.query_level
+    assert level["n"] == 4 and level["head_counts"] == {str(PLANTED): 4}
+    assert (level["base_asr"], level["asr"]) == (0.0, 1.0) and level["random_asr"] < 1.0
+    assert level["permutation_p"] == pytest.approx(0.5 ** 4)
+    assert [q["head"] for q in level["per_query"]] == [str(PLANTED)] * 4
+    again = S.SafetyResult.from_json(result.to_json())
+    assert again.query_level["asr"] == 1.0 and again.validation[0].harmful_complied == result.validation[0].harmful_complied
+    assert "Fisher p" in S.summary(result) and "query level" in S.summary(result)
