@@ -414,7 +414,9 @@ def check_ships(ctx: Context) -> tuple[float, str]:
     index = (torch.tensor([h.layer for h in heads]), torch.tensor([h.head for h in heads]))
     fast, slow = fast[index], slow[index]
     if not float(slow.abs().max()) > 0:
-        raise _Failed(float((fast - slow).abs().max()), "the reference's ablations changed nothing (KL 0)")
+        raise _Inconclusive(float((fast - slow).abs().max()),
+                            f"layers {layers}: the reference's ablations change nothing (KL 0): the output does "
+                            "not depend on these heads' attention patterns, so the paths cannot differ here")
     return float((fast - slow).abs().max()), f"layers {layers}: {len(heads)} heads, KL up to {float(slow.max()):.3g}"
 
 
@@ -429,7 +431,7 @@ def check_factual(ctx: Context) -> tuple[float, str]:
     prompt = factual.CounterfactualPrompt("mary", ("book",), "key", FACTUAL_TEXT, first(" book"), first(" key"), False)
     attribution = factual.head_attribution(model, [prompt])
     if not float(attribution.per_prompt.abs().max()) > MOVED:
-        raise _Failed(0.0, "every head's attribution is ~0: nothing to compare")
+        raise _Inconclusive(0.0, f"every head's attribution is below {MOVED:g}: nothing to compare")
     layers = spread_layers(model, ctx.size.factual_layers, ctx.layer)
     heads = [Head(layer, h) for layer in layers for h in range(model.n_heads)]
     worst = max(abs(factual.reference_direct_effect(model, prompt, head)
@@ -443,6 +445,11 @@ class _Failed(Exception):
     def __init__(self, value: float, why: str) -> None:
         super().__init__(why)
         self.value, self.why = value, why
+
+
+class _Inconclusive(_Failed):
+    """A check with nothing to compare on this model (e.g. its output ignores the heads' patterns): skipped,
+    with the reason, rather than passed."""
 
 
 RUNNERS: dict[str, Callable[[Context], tuple[float, str]]] = {
@@ -518,6 +525,8 @@ def doctor(model: LoadedModel | str, size: DoctorSize = DoctorSize(), progress: 
             if name in SCALED:
                 check.tolerance = TOLERANCES[name] * ctx.sizes.get(name, ctx.scale)
             check.passed = bool(check.value <= check.tolerance)
+        except _Inconclusive as skipped:
+            check.value, check.detail, check.passed = skipped.value, f"skipped: {skipped.why}", None
         except _Failed as failed:
             check.value, check.detail, check.passed = failed.value, failed.why, False
         except MissingComponentError as error:
@@ -526,7 +535,8 @@ def doctor(model: LoadedModel | str, size: DoctorSize = DoctorSize(), progress: 
             check.detail, check.passed = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", False
         check.seconds = time.perf_counter() - began
         result.checks.append(check)
-        say(f"check {number}/{len(CHECKS)}: {name}: {'pass' if check.passed else 'FAIL'} ({check.seconds:.1f} s)")
+        state = "skip" if check.passed is None else ("pass" if check.passed else "FAIL")
+        say(f"check {number}/{len(CHECKS)}: {name}: {state} ({check.seconds:.1f} s)")
     phase("checks", mark)
     result.threads = torch.get_num_threads()
     result.seconds, result.cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start

@@ -97,6 +97,19 @@ def test_a_check_that_raises_is_a_failed_row_and_the_others_still_run(monkeypatc
     assert rows["retrieval"].passed and rows["logits"].passed and result.exit_code == 1
 
 
+def test_a_check_with_nothing_to_compare_is_skipped_not_passed(monkeypatch):
+    """An output that ignores the heads (both Ships paths all 0) cannot show a disagreement: `skip`."""
+    from analyses import safety
+
+    zeros = lambda model, ids, **kw: torch.zeros(model.n_layers, model.n_heads)  # noqa: E731
+    monkeypatch.setattr(safety, "ships_query", zeros)
+    monkeypatch.setattr(safety, "ships_query_reference", zeros)
+    result = doctor("tiny-llama", only=["Ships"])
+    ships = next(c for c in result.checks if c.name == "Ships")
+    assert ships.passed is None and "change nothing" in ships.detail
+    assert ("8", "Ships", "0", "1.00e-04", "skip") == doctor_module.table_rows(result)[-1][:5]
+
+
 def test_an_uncovered_family_names_the_missing_component(root, capsys):
     code, out, _ = run_cli(capsys, "doctor", f"hf:{build_folder('mamba', root)}", "--threads", "1")
     assert code == 1
