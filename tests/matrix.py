@@ -9,7 +9,8 @@ numbers here, so that docs/ARCHITECTURES.md's tables come from one run (tools/ar
   intervention that must move the output): the cell keeps the smallest value seen, `minimum` its bound;
 - `record_facts(family, facts)` — the architecture layer's facts (`Architecture.summary()`);
 - `loaded_family(name, root)` — `(LoadedModel via load_model("hf:<folder>"), an independent HF copy,
-  folder)`, built once per process whatever test file asks first.
+  folder)`, built once per process whatever test file asks first. Shared by every file: a test that
+  changes weights or leaves hooks must restore them (or load its own copy from the folder).
 
 Where the cells go: when the environment variable `PROBE_MATRIX_OUT` names a file, the cells are
 written there as JSON when the test process exits (merged into what the file already holds: a cell
@@ -19,7 +20,8 @@ this run measured replaces the file's). Without it nothing is written. To rebuil
     python tools/architectures_table.py /tmp/matrix.json        # rewrites docs/ARCHITECTURES.md's tables
 
 JSON layout: `{"version": 1, "checks": {check: {"kind": "deviation" | "effect", "bound": float}},
-"cells": {family: {check: value}}, "facts": {family: {...}}}`. tests/ is on `sys.path` (pytest's
+"cells": {family: {check: value}}, "bounds": {family: {check: bound}}, "facts": {family: {...}}}`
+(a check may hold families to different bounds, e.g. a looser one for MoE: `bounds` is per cell). tests/ is on `sys.path` (pytest's
 rootdir-less "prepend" import mode: tests/ has no `__init__.py`), so test files `import matrix`.
 """
 
@@ -42,22 +44,24 @@ DEFAULT_MINIMUM = 1e-2
 VERSION = 1
 
 CELLS: dict[str, dict[str, float]] = {}
+BOUNDS: dict[str, dict[str, float]] = {}  # per cell: a check may hold families to different bounds
 CHECKS: dict[str, dict[str, Any]] = {}
 FACTS: dict[str, dict[str, Any]] = {}
 _LOADED: dict[str, tuple[Any, torch.nn.Module, Path]] = {}
 
 
-def _declare(check: str, kind: str, bound: float) -> None:
+def _declare(family: str, check: str, kind: str, bound: float) -> None:
     known = CHECKS.get(check)
     if known is not None and known["kind"] != kind:
         raise ValueError(f"matrix check {check!r} recorded both as a {known['kind']} and as a {kind}")
     CHECKS[check] = {"kind": kind, "bound": float(bound)}
+    BOUNDS.setdefault(family, {})[check] = float(bound)
 
 
 def record(family: str, check: str, value: float, tolerance: float = DEFAULT_TOLERANCE) -> float:
     """Record a deviation; the cell keeps the largest value. Returns `value` (for `assert record(...) <= tol`)."""
     value = float(value)
-    _declare(check, "deviation", tolerance)
+    _declare(family, check, "deviation", tolerance)
     row = CELLS.setdefault(family, {})
     row[check] = max(row.get(check, 0.0), value) if not math.isnan(value) else value
     return value
@@ -66,7 +70,7 @@ def record(family: str, check: str, value: float, tolerance: float = DEFAULT_TOL
 def record_effect(family: str, check: str, value: float, minimum: float = DEFAULT_MINIMUM) -> float:
     """Record an effect that must be large; the cell keeps the smallest value. Returns `value`."""
     value = float(value)
-    _declare(check, "effect", minimum)
+    _declare(family, check, "effect", minimum)
     row = CELLS.setdefault(family, {})
     row[check] = min(row[check], value) if check in row else value
     return value
@@ -91,16 +95,17 @@ def loaded_family(name: str, root: Path) -> tuple[Any, torch.nn.Module, Path]:
 def snapshot() -> dict[str, Any]:
     """This process's matrix as the JSON document (without merging any file)."""
     return {"version": VERSION, "checks": dict(CHECKS), "cells": {f: dict(r) for f, r in CELLS.items()},
-            "facts": dict(FACTS)}
+            "bounds": {f: dict(r) for f, r in BOUNDS.items()}, "facts": dict(FACTS)}
 
 
 def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """`old` with every check, cell and fact of `new` replacing its own."""
     out = {"version": VERSION, "checks": {**old.get("checks", {}), **new["checks"]},
-           "cells": {f: dict(r) for f, r in old.get("cells", {}).items()},
            "facts": {**old.get("facts", {}), **new["facts"]}}
-    for family, row in new["cells"].items():
-        out["cells"].setdefault(family, {}).update(row)
+    for part in ("cells", "bounds"):
+        out[part] = {f: dict(r) for f, r in old.get(part, {}).items()}
+        for family, row in new.get(part, {}).items():
+            out[part].setdefault(family, {}).update(row)
     return out
 
 

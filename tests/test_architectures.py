@@ -30,7 +30,7 @@ from typing import Any
 import pytest
 import torch
 
-from families import FAMILIES, GQA, UNCOVERED, build_folder
+from families import FAMILIES, GQA, N_CTX, UNCOVERED, build_folder
 from matrix import CELLS, format_cells, loaded_family, record, record_effect, record_facts
 from probe.architecture import MissingComponentError, architecture
 from probe.heads import Head
@@ -462,7 +462,7 @@ def _switch_offs(model: LoadedModel, copy: torch.nn.Module) -> dict[str, list[tu
     if facts["embed_scale"] != 1.0:
         out["embed scale"] = [(copy.get_submodule(arch.path("embed")), "embed_scale", torch.tensor(1.0))]
     if any(facts["windows"]):
-        out["sliding window"] = [(copy.config, "sliding_window", 10 * N_CTX_TEST)]
+        out["sliding window"] = [(copy.config, "sliding_window", 10 * N_CTX)]
     if facts["rotary_dims"] is not None and facts["rotary_dims"] < facts["d_head"]:
         rotary = copy.base_model.rotary_emb
         theta = arch.rotary(0).theta
@@ -479,7 +479,6 @@ def _switch_offs(model: LoadedModel, copy: torch.nn.Module) -> dict[str, list[tu
     return out
 
 
-N_CTX_TEST = 256
 SWITCHED = {  # the components each family adds, as the test switches them off
     "llama": set(), "mistral": set(), "phi3": set(),
     "mixtral": {"MoE top-k"}, "qwen3_moe": {"QK-norm", "MoE top-k"},
@@ -838,10 +837,26 @@ def test_docs_deviation_and_effect_cells_are_within_their_bounds():
     outside = {}
     for label, row in tables["cells"].items():
         for check, value in row.items():
-            spec = tables["checks"][check]
-            if not (value <= spec["bound"] if spec["kind"] == "deviation" else value >= spec["bound"]):
-                outside[(label, check)] = value
+            bound = tables["bounds"][label][check]
+            if not (value <= bound if tables["checks"][check]["kind"] == "deviation" else value >= bound):
+                outside[(label, check)] = (value, bound)
     assert not outside, outside
     assert tables["checks"]["logits"] == {"kind": "deviation", "bound": ATOL}
     assert tables["checks"]["retrieval argmax≠"]["bound"] == 0
     assert all(tables["checks"][f"off: {c}"]["bound"] == SWITCH_MINIMUM for n in ALL for c in SWITCHED[n])
+
+
+def test_table_script_reads_back_what_it_writes():
+    """Per-cell bounds, a `|` in a check name, missing cells and a cell outside its bound survive the
+    round trip through markdown."""
+    tool = _table_tool()
+    matrix = {"checks": {"a|b": {"kind": "deviation", "bound": 1e-4}, "moved": {"kind": "effect", "bound": 1e-2}},
+              "cells": {"llama": {"a|b": 0.0, "moved": 0.5}, "mixtral": {"a|b": 3e-6}, "gpt2": {"a|b": 2e-4}},
+              "bounds": {"llama": {"a|b": 1e-4, "moved": 1e-2}, "mixtral": {"a|b": 1e-5}, "gpt2": {"a|b": 1e-4}},
+              "facts": {}}
+    text = "x\n" + "\n".join(f"<!-- matrix:{n}:begin -->\n<!-- matrix:{n}:end -->" for n in ("facts", "deviations", "effects"))
+    tables = tool.parse_tables(tool.render(text, matrix))
+    assert tables["cells"] == {"Llama": {"a|b": 0.0, "moved": 0.5}, "Mixtral": {"a|b": 3e-6}, "GPT-2": {"a|b": 2e-4}}
+    assert tables["bounds"]["Mixtral"]["a|b"] == 1e-5 and tables["bounds"]["GPT-2"]["a|b"] == 1e-4
+    assert tables["checks"]["moved"] == {"kind": "effect", "bound": 1e-2}
+    assert "2.0e-04 ✗" in tool.section(tool.render(text, matrix), "deviations")

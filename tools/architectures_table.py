@@ -12,8 +12,8 @@ The JSON is tests/matrix.py's (`checks`, `cells`, `facts`). Three tables are rep
 - `effects`: check × family, the smallest effect measured (a switched-off component, an intervention
   that must move the output), with each check's minimum.
 
-Whatever checks the JSON holds are included (other family test files add theirs); a cell outside its
-bound is marked ✗. `parse_tables` reads the two number tables back (tests/test_architectures.py checks
+Whatever checks the JSON holds are included (other family test files add theirs); a cell held to
+another bound than its row's shows it in brackets, a cell outside its bound is marked ✗. `parse_tables` reads the two number tables back (tests/test_architectures.py checks
 the committed docs cell by cell against the bounds).
 """
 
@@ -105,21 +105,42 @@ def facts_table(facts: dict[str, dict[str, Any]]) -> str:
     return _markdown(list(FACT_COLUMNS), [_fact_row(f, facts[f]) for f in order])
 
 
+def _bound_of(matrix: dict[str, Any], family: str, check: str) -> float:
+    return float(matrix.get("bounds", {}).get(family, {}).get(check, matrix["checks"][check]["bound"]))
+
+
+def _row_bound(matrix: dict[str, Any], families: list[str], check: str, kind: str) -> float:
+    """The bound most of the row's families are held to (ties: the strictest)."""
+    bounds = [_bound_of(matrix, f, check) for f in families if check in matrix["cells"].get(f, {})]
+    if not bounds:
+        return float(matrix["checks"][check]["bound"])
+    return sorted(set(bounds), key=lambda b: (-bounds.count(b), b if kind == "deviation" else -b))[0]
+
+
+def _escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
 def number_table(matrix: dict[str, Any], kind: str) -> str:
-    """Check × family for `kind` ("deviation": largest, bound a tolerance; "effect": smallest, bound a minimum)."""
+    """Check × family for `kind` ("deviation": largest, bound a tolerance; "effect": smallest, bound a
+    minimum). A cell held to another bound than its row's shows it in brackets; one outside it, ✗."""
     families = [f for f in families_of(matrix) if f in matrix.get("cells", {})]
     sign = "≤" if kind == "deviation" else "≥"
     rows = []
     for check in checks_of(matrix, kind):
-        bound = float(matrix["checks"][check]["bound"])
+        row_bound = _row_bound(matrix, families, check, kind)
         cells = []
         for family in families:
             value = matrix["cells"].get(family, {}).get(check)
             text = _number(value)
-            if value is not None and not (value <= bound if kind == "deviation" else value >= bound):
-                text += " ✗"
+            if value is not None:
+                bound = _bound_of(matrix, family, check)
+                if bound != row_bound:
+                    text += f" ({sign} {_number(bound)})"
+                if not (value <= bound if kind == "deviation" else value >= bound):
+                    text += " ✗"
             cells.append(text)
-        rows.append([check, f"{sign} {_number(bound)}", *cells])
+        rows.append([_escape(check), f"{sign} {_number(row_bound)}", *cells])
     return _markdown(["check", "bound", *[LABELS.get(f, f) for f in families]], rows)
 
 
@@ -150,31 +171,38 @@ def render(text: str, matrix: dict[str, Any]) -> str:
     return replace_section(text, "effects", number_table(matrix, "effect"))
 
 
-def _value(cell: str) -> float | None:
-    cell = cell.replace("✗", "").strip()
-    if cell in ("–", "-", ""):
-        return None
-    return float(cell)
+_CELL = re.compile(r"(?P<value>\S+)(?: \((?P<sign>[≤≥]) (?P<bound>\S+)\))?(?P<bad> ✗)?")
+
+
+def _split_row(line: str) -> list[str]:
+    """A markdown table row's cells, `\\|` unescaped."""
+    cells = re.split(r"(?<!\\)\|", line.strip().strip("|"))
+    return [c.strip().replace("\\|", "|") for c in cells]
 
 
 def parse_tables(text: str) -> dict[str, Any]:
     """The docs' deviation and effect tables read back: `{"checks": {check: {"kind", "bound"}},
-    "cells": {family label: {check: value}}}` (labels as printed)."""
-    out: dict[str, Any] = {"checks": {}, "cells": {}}
+    "cells": {family label: {check: value}}, "bounds": {family label: {check: bound}}}` (labels as
+    printed; a cell's bound is its row's unless the cell names its own)."""
+    out: dict[str, Any] = {"checks": {}, "cells": {}, "bounds": {}}
     for name, kind in (("deviations", "deviation"), ("effects", "effect")):
         lines = [line for line in section(text, name).splitlines() if line.startswith("|")]
-        header = [c.strip() for c in lines[0].strip("|").split("|")]
+        header = _split_row(lines[0])
         for line in lines[2:]:
-            cells = [c.strip() for c in line.strip("|").split("|")]
+            cells = _split_row(line)
             check, bound = cells[0], cells[1]
             match = re.fullmatch(r"[≤≥] (\S+)", bound)
-            if match is None:
-                raise ValueError(f"{name}: bad bound {bound!r} for {check!r}")
+            if match is None or len(cells) != len(header):
+                raise ValueError(f"{name}: cannot read the row of {check!r}")
             out["checks"][check] = {"kind": kind, "bound": float(match.group(1))}
             for family, cell in zip(header[2:], cells[2:]):
-                value = _value(cell)
-                if value is not None:
-                    out["cells"].setdefault(family, {})[check] = value
+                if cell in ("–", "-", ""):
+                    continue
+                found = _CELL.fullmatch(cell)
+                if found is None:
+                    raise ValueError(f"{name}: cannot read {family} / {check}: {cell!r}")
+                out["cells"].setdefault(family, {})[check] = float(found["value"])
+                out["bounds"].setdefault(family, {})[check] = float(found["bound"] or match.group(1))
     return out
 
 
