@@ -54,7 +54,7 @@ from probe.readout import frozen_final_norm
 from probe.results import HeadScores, Provenance, to_jsonable
 
 ANALYZER = "factual"
-VERSION = "1"
+VERSION = "2"
 SCORER = "memorised-first, cut at 'Q:'/newline, case-insensitive whole-word match (analyses.factual.classify_answer)"
 LABELS = ("in_context", "memorised", "other")
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -44,7 +44,7 @@ from probe.models import LoadedModel
 from probe.results import HeadScores, Provenance, to_jsonable
 
 ANALYZER = "successor"
-VERSION = "1"
+VERSION = "2"
 NORM_CONVENTIONS = ("weight", "module", "none")
 
 
@@ -460,18 +460,17 @@ def residue_directions(task_set: TaskSet, embeddings: torch.Tensor) -> torch.Ten
 
 
 class HeldOutMeans:
-    """Residue-class means of the effective embeddings with some items left out, from class sums.
+    """Residue-class means of the effective embeddings with some tokens left out, from class sums.
 
-    An item is (task, index): leaving it out removes every variant's token of it (" Monday" and
-    "Monday" carry the same item), so a direction never contains the vector it is tested on."""
+    The caller leaves out every token of an item (task, index) in every variant (" Monday" and
+    "Monday" carry the same item; " May" is a month and a month prefix), so a direction never contains
+    the vector it is tested on."""
 
     def __init__(self, task_set: TaskSet, embeddings: torch.Tensor) -> None:
-        ids, indices, tasks, E = _unique_items(task_set, embeddings)
+        ids, indices, _, E = _unique_items(task_set, embeddings)
         self.E = E.double()
         self.residue = torch.tensor([i % 10 for i in indices])
-        self.rows_of: dict[tuple[str, int], list[int]] = defaultdict(list)
-        for row, (task, index) in enumerate(zip(tasks, indices)):
-            self.rows_of[(task, index)].append(row)
+        self.row_of = {token: row for row, token in enumerate(ids)}
         self.sums = torch.zeros(10, E.shape[1], dtype=torch.float64)
         self.counts = torch.zeros(10, dtype=torch.long)
         for r in range(10):
@@ -479,11 +478,10 @@ class HeldOutMeans:
             self.sums[r] = self.E[members].sum(0)
             self.counts[r] = int(members.sum())
 
-    def mean(self, residue: int, held_out: Sequence[tuple[str, int]]) -> torch.Tensor | None:
-        """Mean of class `residue` without the items `held_out`; None when nothing is left."""
-        rows = [row for item in held_out for row in self.rows_of.get(item, [])
-                if int(self.residue[row]) == residue]
-        rows = list(dict.fromkeys(rows))
+    def mean(self, residue: int, held_out: Collection[int]) -> torch.Tensor | None:
+        """Mean of class `residue` without the token ids `held_out`; None when nothing is left."""
+        rows = sorted({self.row_of[t] for t in held_out if t in self.row_of
+                       and int(self.residue[self.row_of[t]]) == residue})
         count = int(self.counts[residue]) - len(rows)
         if count <= 0:
             return None
@@ -502,6 +500,10 @@ def arithmetic_trials(task_set: TaskSet, embeddings: torch.Tensor, config: Succe
     otherwise m_j contains e(t') itself and the arithmetic is partly told the answer.
     `hold_out=False` is the old leaky rule, kept only so a test can show the difference."""
     means = HeldOutMeans(task_set, embeddings)
+    tokens_of: dict[tuple[str, int], set[int]] = defaultdict(set)  # an item's tokens in every variant
+    for variant in task_set.tasks:
+        for token, index in zip(variant.token_ids, variant.indices):
+            tokens_of[(variant.task, index)].add(token)
     out: list[dict[str, Any]] = []
     start = 0
     for task in task_set.tasks:
@@ -518,7 +520,7 @@ def arithmetic_trials(task_set: TaskSet, embeddings: torch.Tensor, config: Succe
                 target = position_of.get(index - r + j)
                 if j == r or target is None or task.successor[target] < 0:
                     continue
-                held = [(task.task, index), (task.task, task.indices[target])] if hold_out else []
+                held = tokens_of[(task.task, index)] | tokens_of[(task.task, task.indices[target])] if hold_out else set()
                 m_r, m_j = means.mean(r, held), means.mean(j, held)
                 if m_r is None or m_j is None:
                     skipped += 1

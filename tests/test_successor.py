@@ -151,15 +151,18 @@ def test_arithmetic_counts_the_planted_mod10_shift_exactly(tiny_llama):
 
 def _naive_arithmetic(model, task_set, E, head, config):
     """{task key: (trials, successes)} by the paper's loop, one trial at a time, nothing shared with
-    `vector_arithmetic` but the task set: items (task, index) pooled over variants, the two class
-    means rebuilt per trial without the tested item and its target."""
+    `vector_arithmetic` but the task set: distinct tokens pooled over tasks and variants, the two class
+    means rebuilt per trial without any token of the tested item or its target (every variant)."""
     items, seen, position = [], set(), 0
     for task in task_set.tasks:
         for token, index in zip(task.token_ids, task.indices):
             if token not in seen:
                 seen.add(token)
-                items.append((task.task, index, E[position].double()))
+                items.append((token, index, E[position].double()))
             position += 1
+
+    def tokens(name, index):  # the item's token in every variant of its task
+        return {t for v in task_set.tasks if v.task == name for t, k in zip(v.token_ids, v.indices) if k == index}
     weights = successor.bridge_weights(model)
     out, position = {}, 0
     for task in task_set.tasks:
@@ -177,9 +180,9 @@ def _naive_arithmetic(model, task_set, E, head, config):
                 target = task.indices.index(index - r + j)
                 if task.successor[target] < 0:
                     continue
-                held = {(task.task, index), (task.task, index - r + j)}
-                m_r = torch.stack([e for t, k, e in items if k % 10 == r and (t, k) not in held]).mean(0)
-                m_j = torch.stack([e for t, k, e in items if k % 10 == j and (t, k) not in held]).mean(0)
+                held = tokens(task.task, index) | tokens(task.task, index - r + j)
+                m_r = torch.stack([e for t, k, e in items if k % 10 == r and t not in held]).mean(0)
+                m_j = torch.stack([e for t, k, e in items if k % 10 == j and t not in held]).mean(0)
                 vector = (block[i] - m_r + m_j).float()
                 logits = successor.reference_logits(model, task, head, 0, config, weights, vector)
                 trials += 1
