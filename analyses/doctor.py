@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import logging
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -351,7 +350,8 @@ def check_successor_ov(ctx: Context) -> tuple[float, str]:
     E = successor.effective_embeddings(model, ids)
     fast = successor.ov_logits(successor.build_circuit(model), E, ids, "module", include_biases=True)
     final = copy.get_submodule(arch.path("ln_final"))
-    columns = copy.get_submodule(arch.path("unembed")).weight[torch.tensor(ids)].T.float()
+    unembedding = copy.get_submodule(arch.path("unembed")).weight
+    columns = unembedding[torch.tensor(ids, device=unembedding.device)].T.float()
 
     def put(t: torch.Tensor, hook: Any) -> torch.Tensor:
         return E[:, None].to(t.dtype)
