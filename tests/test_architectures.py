@@ -825,22 +825,24 @@ def test_docs_deviation_and_effect_cells_are_within_their_bounds():
     """Read back cell by cell (not by string search): every deviation <= its tolerance, every effect >=
     its minimum, and every family has every check this file records, switch-offs included."""
     tool = _table_tool()
-    tables = tool.parse_tables(DOCS.read_text())
-    labels = [tool.LABELS[name] for name in ALL]
-    assert set(labels) <= set(tables["cells"])
+    text = DOCS.read_text()
+    tables = tool.parse_tables(text)
+    assert set(ALL) <= set(tables["cells"])
     for check in DEVIATION_CHECKS + EFFECT_CHECKS:
         assert check in tables["checks"], check
-        assert all(check in tables["cells"][label] for label in labels), check
+        assert all(check in tables["cells"][name] for name in ALL), check
     for name in ALL:
         for component in SWITCHED[name]:
-            assert f"off: {component}" in tables["cells"][tool.LABELS[name]], (name, component)
+            assert f"off: {component}" in tables["cells"][name], (name, component)
     outside = {}
-    for label, row in tables["cells"].items():
+    for name, row in tables["cells"].items():
         for check, value in row.items():
-            bound = tables["bounds"][label][check]
+            bound = tables["bounds"][name][check]
             if not (value <= bound if tables["checks"][check]["kind"] == "deviation" else value >= bound):
-                outside[(label, check)] = (value, bound)
+                outside[(name, check)] = (value, bound)
     assert not outside, outside
+    # the family × analyzer table is what the number tables give
+    assert tool.section(text, "analyzers") == tool.analyzer_table(tables)
     assert tables["checks"]["logits"] == {"kind": "deviation", "bound": ATOL}
     assert tables["checks"]["retrieval argmax≠"]["bound"] == 0
     assert all(tables["checks"][f"off: {c}"]["bound"] == SWITCH_MINIMUM for n in ALL for c in SWITCHED[n])
@@ -854,9 +856,43 @@ def test_table_script_reads_back_what_it_writes():
               "cells": {"llama": {"a|b": 0.0, "moved": 0.5}, "mixtral": {"a|b": 3e-6}, "gpt2": {"a|b": 2e-4}},
               "bounds": {"llama": {"a|b": 1e-4, "moved": 1e-2}, "mixtral": {"a|b": 1e-5}, "gpt2": {"a|b": 1e-4}},
               "facts": {}}
-    text = "x\n" + "\n".join(f"<!-- matrix:{n}:begin -->\n<!-- matrix:{n}:end -->" for n in ("facts", "deviations", "effects"))
+    text = "x\n" + "\n".join(f"<!-- matrix:{n}:begin -->\n<!-- matrix:{n}:end -->"
+                              for n in ("facts", "analyzers", "deviations", "effects"))
     tables = tool.parse_tables(tool.render(text, matrix))
-    assert tables["cells"] == {"Llama": {"a|b": 0.0, "moved": 0.5}, "Mixtral": {"a|b": 3e-6}, "GPT-2": {"a|b": 2e-4}}
-    assert tables["bounds"]["Mixtral"]["a|b"] == 1e-5 and tables["bounds"]["GPT-2"]["a|b"] == 1e-4
+    assert tables["cells"] == matrix["cells"] and tables["bounds"] == matrix["bounds"]
+    assert tool.section(tool.render(text, matrix), "analyzers").splitlines()[2:] == [
+        "| Llama | ✓ 2 |", "| Mixtral | ✓ 1 |", "| GPT-2 | ✗ 1/1 |"]
     assert tables["checks"]["moved"] == {"kind": "effect", "bound": 1e-2}
     assert "2.0e-04 ✗" in tool.section(tool.render(text, matrix), "deviations")
+
+
+def test_matrix_keeps_the_worst_value_per_cell_and_merges_runs(tmp_path):
+    """record keeps the largest deviation, record_effect the smallest effect, a check cannot be both, and
+    a run written into an existing file replaces only the cells it measured."""
+    import json
+
+    import matrix
+
+    family = "_matrix_unit"
+    try:
+        for value in (2e-6, 5e-6, 1e-6):
+            matrix.record(family, "_dev", value)
+        for value in (0.5, 0.02, 0.7):
+            matrix.record_effect(family, "_eff", value, minimum=1e-2)
+        matrix.record(family, "_loose", 1e-5, tolerance=1e-3)
+        assert matrix.CELLS[family] == {"_dev": 5e-6, "_eff": 0.02, "_loose": 1e-5}
+        assert matrix.BOUNDS[family] == {"_dev": 1e-4, "_eff": 1e-2, "_loose": 1e-3}
+        with pytest.raises(ValueError, match="both"):
+            matrix.record_effect(family, "_dev", 1.0)
+        path = tmp_path / "m.json"
+        path.write_text(json.dumps({"checks": {"_old": {"kind": "deviation", "bound": 1e-4}},
+                                    "cells": {family: {"_old": 3e-7, "_dev": 9.0}}, "bounds": {}, "facts": {}}))
+        matrix.write(path)
+        written = json.loads(path.read_text())
+        assert written["cells"][family] == {"_old": 3e-7, "_dev": 5e-6, "_eff": 0.02, "_loose": 1e-5}
+        assert written["checks"]["_eff"] == {"kind": "effect", "bound": 1e-2}
+    finally:
+        for part in (matrix.CELLS, matrix.BOUNDS):
+            part.pop(family, None)
+        for check in ("_dev", "_eff", "_loose"):
+            matrix.CHECKS.pop(check, None)

@@ -4,10 +4,11 @@
     python tools/architectures_table.py /tmp/matrix.json              # rewrite the tables in place
     python tools/architectures_table.py /tmp/matrix.json --check      # exit 1 if the docs differ
 
-The JSON is tests/matrix.py's (`checks`, `cells`, `facts`). Three tables are replaced, each between
+The JSON is tests/matrix.py's (`checks`, `cells`, `bounds`, `facts`). Four tables are replaced, each between
 `<!-- matrix:NAME:begin -->` and `<!-- matrix:NAME:end -->` (the prose around them stays):
 
 - `facts`: family × component, from the architecture layer's facts (`Architecture.summary()`);
+- `analyzers`: family × analyzer, how many checks each has and whether all are within bounds;
 - `deviations`: check × family, the largest deviation measured, with each check's tolerance;
 - `effects`: check × family, the smallest effect measured (a switched-off component, an intervention
   that must move the output), with each check's minimum.
@@ -47,6 +48,19 @@ ORDER = (
     "off: MoE top-k",
     "moves: zero", "moves: mean", "moves: resample", "moves: uniform", "moves: scale query", "moves: scale value",
     "moves: scale output", "moves: duo streaming", "moves: duo gates",
+)
+# family × analyzer: which checks belong to which column (first matching prefix wins)
+ANALYZERS = (
+    ("bridge = HF", ("logits", "left-pad", "zero-head", "intervention: ", "mlp/embed", "forward from layer",
+                     "plain final states", "fused ")),
+    ("components visible", ("off: ", "moves: ")),
+    ("retrieval", ("retrieval", "attn rows")),
+    ("successor", ("successor",)),
+    ("safety", ("safety",)),
+    ("factual", ("factual",)),
+    ("cdt", ("cdt",)),
+    ("duo", ("duo",)),
+    ("planted", ("plant",)),
 )
 FACT_COLUMNS = ("family", "block", "norm", "placement", "QK-norm", "Gemma offset", "rotary dims / d_head", "MLP",
                 "fused qkv", "KV heads", "embed scale", "soft-caps (attn / final)", "windows")
@@ -144,6 +158,36 @@ def number_table(matrix: dict[str, Any], kind: str) -> str:
     return _markdown(["check", "bound", *[LABELS.get(f, f) for f in families]], rows)
 
 
+def analyzer_of(check: str) -> str:
+    for column, prefixes in ANALYZERS:
+        if check.startswith(prefixes):
+            return column
+    return "other"
+
+
+def _within(matrix: dict[str, Any], family: str, check: str) -> bool:
+    value = matrix["cells"][family][check]
+    bound = _bound_of(matrix, family, check)
+    return value <= bound if matrix["checks"][check]["kind"] == "deviation" else value >= bound
+
+
+def analyzer_table(matrix: dict[str, Any]) -> str:
+    """Family × analyzer: how many of the column's checks the family has, and whether all are within
+    their bounds (✓ n) or not (✗ failing/n)."""
+    families = [f for f in families_of(matrix) if f in matrix.get("cells", {})]
+    columns = [c for c, _ in ANALYZERS] + ["other"]
+    used = [c for c in columns if any(analyzer_of(k) == c for k in matrix["checks"])]
+    rows = []
+    for family in families:
+        row = [LABELS.get(family, family)]
+        for column in used:
+            checks = [k for k in matrix["cells"][family] if analyzer_of(k) == column and k in matrix["checks"]]
+            bad = [k for k in checks if not _within(matrix, family, k)]
+            row.append("–" if not checks else f"✓ {len(checks)}" if not bad else f"✗ {len(bad)}/{len(checks)}")
+        rows.append(row)
+    return _markdown(["family", *used], rows)
+
+
 def _markers(name: str) -> tuple[str, str]:
     return f"<!-- matrix:{name}:begin -->", f"<!-- matrix:{name}:end -->"
 
@@ -167,6 +211,7 @@ def replace_section(text: str, name: str, table: str) -> str:
 def render(text: str, matrix: dict[str, Any]) -> str:
     """`text` with the three tables replaced by what `matrix` gives."""
     text = replace_section(text, "facts", facts_table(matrix.get("facts", {})))
+    text = replace_section(text, "analyzers", analyzer_table(matrix))
     text = replace_section(text, "deviations", number_table(matrix, "deviation"))
     return replace_section(text, "effects", number_table(matrix, "effect"))
 
@@ -183,7 +228,8 @@ def _split_row(line: str) -> list[str]:
 def parse_tables(text: str) -> dict[str, Any]:
     """The docs' deviation and effect tables read back: `{"checks": {check: {"kind", "bound"}},
     "cells": {family label: {check: value}}, "bounds": {family label: {check: bound}}}` (labels as
-    printed; a cell's bound is its row's unless the cell names its own)."""
+    turned back into family keys; a cell's bound is its row's unless the cell names its own)."""
+    keys = {label: family for family, label in LABELS.items()}
     out: dict[str, Any] = {"checks": {}, "cells": {}, "bounds": {}}
     for name, kind in (("deviations", "deviation"), ("effects", "effect")):
         lines = [line for line in section(text, name).splitlines() if line.startswith("|")]
@@ -195,7 +241,8 @@ def parse_tables(text: str) -> dict[str, Any]:
             if match is None or len(cells) != len(header):
                 raise ValueError(f"{name}: cannot read the row of {check!r}")
             out["checks"][check] = {"kind": kind, "bound": float(match.group(1))}
-            for family, cell in zip(header[2:], cells[2:]):
+            for label, cell in zip(header[2:], cells[2:]):
+                family = keys.get(label, label)
                 if cell in ("–", "-", ""):
                     continue
                 found = _CELL.fullmatch(cell)
