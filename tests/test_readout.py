@@ -73,3 +73,21 @@ def test_direction_logits_of_the_final_residual_are_the_logits_minus_b_U(name, r
     halves = readout.direction_logits(model, resid / 3, scale) + readout.direction_logits(model, 2 * resid / 3, scale)
     assert float((halves - readout.direction_logits(model, resid, scale)).abs().max()) <= ATOL
     assert torch.equal(readout.final_norm_weight(model), arch.final_norm.weight)
+
+
+def test_an_unembedding_bias_is_added_to_the_exact_readout_only(root, monkeypatch):
+    """No family here has an unembedding bias: one is patched onto the layer, so the exact read-out must
+    add it (all ids and a few, each its own entry) and the linear DLA read-out must not."""
+    from probe.architecture import Architecture
+
+    model, resid, logits = _run("llama", root)
+    bias = torch.linspace(-1.0, 1.0, logits.shape[-1])
+    monkeypatch.setattr(Architecture, "b_U", property(lambda self: bias))
+    ids = [7, 2, 40]
+    with torch.no_grad():
+        normalized = readout.final_norm(model, resid)
+        assert float((readout.logits_from_normalized(model, normalized) - (logits + bias)).abs().max()) <= ATOL
+        few = readout.logits_from_normalized(model, normalized, ids)
+        assert float((few - (logits + bias)[:, ids]).abs().max()) <= ATOL
+        scale = readout.final_scale(model, resid)
+        assert float((readout.direction_logits(model, resid, scale).float() - logits).abs().max()) <= ATOL
