@@ -42,7 +42,7 @@ import contextlib
 import inspect
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -158,8 +158,7 @@ def _configs(model: Any) -> list[Any]:
 @dataclass
 class _State:
     offset: int = 0  # positions already in the KV cache before the current forward
-    full_cache: bool = True
-    fired: dict[int, int] = field(default_factory=lambda: defaultdict(int))  # layer -> output pre-hook calls
+    full_cache: bool = True  # False when the cache truncates keys to a sliding window
 
 
 def _group(interventions: Sequence[Intervention]) -> tuple[dict[int, list[tuple[Intervention, Head]]],
@@ -173,11 +172,10 @@ def _group(interventions: Sequence[Intervention]) -> tuple[dict[int, list[tuple[
     return on_output, on_mask
 
 
-def _output_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, layer: int, n_heads: int, d_head: int):
+def _output_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, n_heads: int, d_head: int) -> Any:
     """Rewrite query heads' slices of z (the output projection's input), as `probe.interventions` does on hook_z."""
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        state.fired[layer] += 1
         flat = args[0]
         z = flat.reshape(*flat.shape[:-1], n_heads, d_head).clone()  # [B, T, H, dh]
         for intervention, head in ops:
@@ -196,8 +194,7 @@ def _output_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, layer:
     return hook
 
 
-def _mask_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, layer: int, n_heads: int,
-                   parameters: list[str]):
+def _mask_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, n_heads: int, parameters: list[str]) -> Any:
     """AND the streaming heads' sink ∪ recent window into the layer's mask (per head), before the kernel."""
 
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -243,7 +240,7 @@ def _is_sdpa(module: nn.Module) -> bool:
     return getattr(getattr(module, "config", None), "_attn_implementation", "sdpa") == "sdpa"
 
 
-def _offset_pre_hook(state: _State):
+def _offset_pre_hook(state: _State) -> Any:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         cache = kwargs.get("past_key_values")
         state.offset = int(cache.get_seq_length()) if cache is not None else 0
@@ -285,12 +282,12 @@ def fused(model: Any, interventions: Sequence[Intervention] = ()) -> Iterator[_S
                     raise FusedPathError(f"{model.spec}: layer {layer}'s output projection "
                                          f"({arch.attention(layer).o_path}) is not called by its HF attention module.")
                 handles.append(projection.register_forward_pre_hook(
-                    _output_pre_hook(ops, state, layer, model.n_heads, model.d_head)))
+                    _output_pre_hook(ops, state, model.n_heads, model.d_head)))
             for layer, ops in sorted(on_mask.items()):
                 original = slots[layer][3]
                 parameters = list(inspect.signature(original.forward).parameters)
                 handles.append(original.register_forward_pre_hook(
-                    _mask_pre_hook(ops, state, layer, model.n_heads, parameters), with_kwargs=True))
+                    _mask_pre_hook(ops, state, model.n_heads, parameters), with_kwargs=True))
             yield state
         finally:
             for handle in handles:
