@@ -330,3 +330,29 @@ def test_nothing_is_left_on_the_model_after_an_error_inside_the_forward(family):
             raise RuntimeError("boom")
     assert _state(model) == before
     torch.testing.assert_close(_bridge(model, ids, []), clean)
+
+
+def test_another_thread_waits_while_a_fused_call_holds_the_model(root):
+    """The swap and the hooks live on the shared model: `fused` holds `model.lock` for its whole block, so a
+    concurrent bridge forward (another app session) waits and sees the bridge's own attention."""
+    import threading
+
+    model, _, _ = loaded_family("llama", root)
+    ids = model.encode(TEXT)
+    clean = _bridge(model, ids, [])
+    results: list[torch.Tensor] = []
+    entered = threading.Event()
+
+    def other_session() -> None:
+        entered.wait()
+        results.append(_bridge(model, ids, []))
+
+    thread = threading.Thread(target=other_session)
+    thread.start()
+    with fused(model, [zero_ablation(model.all_heads())]):
+        entered.set()
+        thread.join(timeout=0.5)
+        assert thread.is_alive()  # blocked while the HF attention modules are swapped in
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    torch.testing.assert_close(results[0], clean)
