@@ -4,8 +4,11 @@ attention modules on SDPA, head interventions at the output projection's input) 
 SmolLM2-135M (the embedded GGUF, loaded with probe.models.load_model), one sequence of random token ids
 per length, one torch thread, best of `--repeats` per cell:
 
-- bridge, no hooks / + 3 head interventions: `model.logits(ids)` (every position, as the bridge computes
-  them), the interventions through `probe.interventions.intervene`;
+- bridge, no hooks / + 3 head interventions: `model.logits(ids)` with the routing off
+  (`model.fused_routing = False`: every position, as the bridge computes them), the interventions through
+  `probe.interventions.intervene`;
+- routed + 3 head interventions: `model.logits(ids, positions="last")` inside the same `intervene()` block
+  with the routing on (what analyzers get: LoadedModel hands the block to the fused path);
 - fused, no hooks / + 3 head interventions: `probe.fused.fused_logits(..., positions="last")`, and the
   clean fused forward with every position's logits;
 - plain HF SDPA, last logit: an independent HF copy of the same GGUF (`attn_implementation="sdpa"`,
@@ -17,17 +20,25 @@ length (last-position logits, and the interventions' effect relative to its size
 recorded before and after: numbers from a busy machine are slower than idle ones.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_fused.py            # 512 and 2048 tokens, best of 3
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_fused.py --analyzer  # factual QUICK, bridge vs routed
+
+`--analyzer` times one analyzer end to end (`analyses.factual.run` at its QUICK preset: first-token
+forwards under value-scaling sweeps, ablations and greedy generation, all through `model.logits` /
+`model.generate`) with the routing off (`PROBE_FUSED=0`) and on, best of `--repeats` (2 by default there),
+and stores it under "analyzer_routing" in the same file, with the largest difference between the two
+runs' numbers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,14 +89,74 @@ def plain_sdpa_copy() -> Any:
     return model.eval()
 
 
+@contextlib.contextmanager
+def bridge_only(model: Any) -> Iterator[None]:
+    before, model.fused_routing = model.fused_routing, False
+    try:
+        yield
+    finally:
+        model.fused_routing = before
+
+
+def _numbers(value: Any, prefix: str = "") -> dict[str, float]:
+    """Every float/int leaf of a (dataclass) result, by path: to compare two runs."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _numbers(item, f"{prefix}{key}.").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in _numbers(item, f"{prefix}{i}.").items()}
+    if isinstance(value, bool):
+        return {prefix[:-1]: float(value)}
+    if isinstance(value, (int, float)):
+        return {prefix[:-1]: float(value)}
+    return {}
+
+
+def analyzer_routing(repeats: int, out: Path) -> None:
+    """factual.run(QUICK) on SmolLM2 with PROBE_FUSED=0 (bridge) and with the routing on; best of repeats."""
+    from analyses import factual
+    from probe.models import FUSED_ENV, load_model
+
+    load_before = _loadavg()
+    model = load_model(SPEC, device="cpu")
+    timings: dict[str, float] = {}
+    results: dict[str, Any] = {}
+    for label, env in (("bridge", "0"), ("routed", "1")):
+        os.environ[FUSED_ENV] = env
+        timings[f"{label}_s"], results[label] = best_of(lambda: factual.run(model, factual.QUICK), repeats)
+        print(f"factual QUICK, {label}: {timings[f'{label}_s']:.1f} s", flush=True)
+    os.environ.pop(FUSED_ENV, None)
+    a, b = _numbers(results["bridge"]), _numbers(results["routed"])
+    shared = [k for k in a if k in b and a[k] == a[k] and b[k] == b[k]]  # NaN-free keys of both
+    worst = max(shared, key=lambda k: abs(a[k] - b[k]), default=None)
+    entry = {"analyzer": "factual.run(QUICK)", "model": SPEC, "repeats": repeats, "threads": torch.get_num_threads(),
+             **timings, "bridge_over_routed": timings["bridge_s"] / timings["routed_s"],
+             "numbers_compared": len(shared), "numbers_differing": sum(a[k] != b[k] for k in shared),
+             "largest_difference": None if worst is None else {"number": worst, "bridge": a[worst], "routed": b[worst]},
+             "commit": _commit(), "load_average_before": load_before, "load_average_after": _loadavg()}
+    print(json.dumps(entry), flush=True)
+    data = json.loads(out.read_text()) if out.is_file() else {}
+    data["analyzer_routing"] = entry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=1) + "\n")
+    print(f"wrote {out}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--analyzer", action="store_true", help="time factual QUICK, bridge vs routed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.analyzer:
+        analyzer_routing(args.repeats if args.repeats != 3 else 2, args.out)
+        return
 
     from probe.fused import fused_logits, implementation
     from probe.heads import Head
@@ -107,12 +178,16 @@ def main() -> None:
         ids = torch.randint(0, model.d_vocab, (1, n), generator=generator)
 
         def bridge() -> torch.Tensor:
-            with torch.no_grad():
+            with torch.no_grad(), bridge_only(model):
                 return model.logits(ids)
 
         def bridge_hooked() -> torch.Tensor:
-            with torch.no_grad(), intervene(model, interventions):
+            with torch.no_grad(), intervene(model, interventions), bridge_only(model):
                 return model.logits(ids)
+
+        def routed_hooked() -> torch.Tensor:
+            with torch.no_grad(), intervene(model, interventions):
+                return model.logits(ids, positions="last")
 
         def plain_last() -> torch.Tensor:
             with torch.no_grad():
@@ -123,6 +198,7 @@ def main() -> None:
             "bridge_3_heads_s": bridge_hooked,
             "fused_s": lambda: fused_logits(model, ids, positions="last"),
             "fused_3_heads_s": lambda: fused_logits(model, ids, interventions, positions="last"),
+            "routed_3_heads_s": routed_hooked,
             "fused_all_logits_s": lambda: fused_logits(model, ids),
             "plain_sdpa_last_s": plain_last,
         }
@@ -138,10 +214,13 @@ def main() -> None:
         row["fused_vs_plain_last_logit_abs"] = float((outputs["fused_s"] - outputs["plain_sdpa_last_s"]).abs().max())
         row["effect_max_abs"] = float(effect.abs().max())
         row["effect_rel_diff"] = float((ours - effect).abs().max() / effect.abs().max())
+        routed = outputs["routed_3_heads_s"] - outputs["fused_s"]
+        row["routed_effect_rel_diff"] = float((routed - effect).abs().max() / effect.abs().max())
         row["bridge_over_fused"] = row["bridge_s"] / row["fused_s"]
         row["bridge_3_heads_over_fused_3_heads"] = row["bridge_3_heads_s"] / row["fused_3_heads_s"]
         row["fused_over_plain"] = row["fused_s"] / row["plain_sdpa_last_s"]
         row["fused_3_heads_over_plain"] = row["fused_3_heads_s"] / row["plain_sdpa_last_s"]
+        row["bridge_3_heads_over_routed_3_heads"] = row["bridge_3_heads_s"] / row["routed_3_heads_s"]
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -157,6 +236,10 @@ def main() -> None:
                              "is above ~1: absolute seconds are slower than idle, ratios less affected",
         "rows": rows,
     }
+    if args.out.is_file():  # keep the --analyzer entry
+        kept = json.loads(args.out.read_text()).get("analyzer_routing")
+        if kept is not None:
+            result["analyzer_routing"] = kept
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

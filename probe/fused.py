@@ -51,14 +51,7 @@ from torch import nn
 from probe.architecture import architecture
 from probe.errors import InterventionError, ProbeError
 from probe.heads import Head, validate_heads
-from probe.interventions import (
-    Intervention,
-    Kind,
-    _position_window,
-    _replacement,
-    _row_index,
-    streaming_mask,
-)
+from probe.interventions import Intervention, Kind, apply_z_ops, streaming_keep
 
 SERVED = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT, Kind.STREAMING})
 ON_OUTPUT = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT})
@@ -84,6 +77,10 @@ def unserved_reason(model: Any, interventions: Sequence[Intervention] = ()) -> s
     if hooked:
         shown = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
         return f"hooks are attached to {shown}, which the fused path never calls; run the bridge"
+    ordered = _hooks_before_the_head_ops(model, interventions)
+    if ordered:
+        return (f"hooks on {', '.join(ordered[:3])} would run after the head-output interventions on the fused "
+                "path (the bridge runs them in the order they were attached); run the bridge")
     if _swap_slots(model) is None:
         return (f"{model.spec}: the bridge's attention components could not be matched to the Hugging Face "
                 "layers' attention slots (one per layer, each with a layer_idx)")
@@ -118,20 +115,55 @@ def _original(attn: nn.Module) -> nn.Module | None:
     return getattr(attn, "original_component", None)
 
 
+def handed_over_points(model: Any) -> dict[int, int]:
+    """Hooks of open `intervene()` blocks whose forwards the core hands to this path (`id(point)` -> count):
+    switched off while handed over (`probe.interventions.Attached`), so they neither fire nor block it."""
+    counts: dict[int, int] = {}
+    for record in getattr(model, "intervening", ()):
+        if record.handed_over:
+            for point, n in record.points.items():
+                counts[point] = counts.get(point, 0) + n
+    return counts
+
+
+def _n_hooks(module: nn.Module) -> int:
+    return len(module._forward_hooks) + len(module._forward_pre_hooks)
+
+
 def _hooks_that_would_not_fire(model: Any) -> list[str]:
-    """Hook points inside the bridge's attention components, outside the HF attention module they wrap, that
-    have a hook attached: the fused path skips the component, so these would not fire."""
+    """Modules inside the bridge's attention components, outside the HF attention module they wrap, that
+    have a hook attached (hook points, or plain torch hooks on the component's own modules): the fused
+    path skips the component, so these would not fire. Handed-over `intervene()` hooks do not count."""
     from transformer_lens.hook_points import HookPoint
 
     names = {id(point): name for name, point in model.bridge.hook_dict.items()}
+    allowed = handed_over_points(model)
     found: list[str] = []
     for attn in _attention_bridges(model):
         original = _original(attn)
         inside = {id(m) for m in original.modules()} if original is not None else set()
         for name, module in attn.named_modules():
-            if isinstance(module, HookPoint) and id(module) not in inside \
-                    and (module._forward_hooks or module._forward_pre_hooks):
+            if id(module) in inside or _n_hooks(module) <= allowed.get(id(module), 0):
+                continue
+            if isinstance(module, HookPoint):
                 found.append(names.get(id(module), f"{attn.name}.{name}"))
+            else:
+                found.append(f"{attn.name}.{name}".rstrip(".") + f" (a torch hook on {type(module).__name__})")
+    return found
+
+
+def _hooks_before_the_head_ops(model: Any, interventions: Sequence[Intervention]) -> list[str]:
+    """`hook_z` points of layers with head-output interventions that carry other hooks: on the bridge those
+    hooks run in registration order with the interventions' own (a hook attached before `intervene` sees
+    the z before the intervention); here the interventions run first, at the output projection's input."""
+    layers = sorted({h.layer for i in interventions if i.kind in ON_OUTPUT for h in i.heads})
+    allowed = handed_over_points(model)
+    found = []
+    for layer in layers:
+        name = f"blocks.{layer}.attn.hook_z"
+        point = model.bridge.hook_dict.get(name)
+        if point is not None and _n_hooks(point) > allowed.get(id(point), 0):
+            found.append(name)
     return found
 
 
@@ -177,18 +209,7 @@ def _output_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, n_head
 
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         flat = args[0]
-        z = flat.reshape(*flat.shape[:-1], n_heads, d_head).clone()  # [B, T, H, dh]
-        for intervention, head in ops:
-            rows = _row_index(intervention, z.shape[0])
-            lo, hi = _position_window(intervention, state.offset, z.shape[1])
-            if hi <= lo:
-                continue
-            if intervention.kind is Kind.ZERO:
-                z[rows, lo:hi, head.head] = 0.0
-            elif intervention.kind in (Kind.SCALE_VALUE, Kind.SCALE_OUTPUT):
-                z[rows, lo:hi, head.head] = z[rows, lo:hi, head.head] * intervention.factor
-            else:
-                z[rows, lo:hi, head.head] = _replacement(intervention, head, state.offset, lo, hi, z, rows)
+        z = apply_z_ops(flat.reshape(*flat.shape[:-1], n_heads, d_head), ops, state.offset)  # [B, T, H, dh]
         return (z.reshape(flat.shape), *args[1:])
 
     return hook
@@ -218,13 +239,7 @@ def _mask_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, n_heads:
             k_len = given.shape[-1]
         mask = visible.expand(batch, n_heads, q_len, k_len).clone()
         for intervention, head in ops:
-            rows = _row_index(intervention, batch)
-            lo, hi = _position_window(intervention, state.offset, q_len)
-            if hi <= lo:
-                continue
-            q_positions = torch.arange(lo, hi, device=hidden.device) + state.offset
-            keep = streaming_mask(q_positions, k_len, *intervention.window)  # type: ignore[misc]
-            mask[rows, head.head, lo:hi] = mask[rows, head.head, lo:hi] & keep
+            mask[:, head.head] &= streaming_keep(intervention, state.offset, batch, q_len, k_len, hidden.device)
         if additive:
             mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
         if "attention_mask" in kwargs or "attention_mask" not in parameters[:len(args)]:

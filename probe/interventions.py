@@ -22,7 +22,11 @@ Notes:
   fixed pattern); a scale on `hook_v` would hit every query head of the group.
 - UNIFORM is the "undifferentiated attention" of Ships at ε = 0 and the retrieval-heads masking.
 - `start`/`stop` limit an intervention to absolute positions [start, stop); they stay right during
-  cached generation because each hook reads the position offset from the attention scores.
+  cached generation because each hook reads the position offset from the attention scores (on the
+  fused path, `probe.fused`, from the KV cache's length).
+- `intervene()` records its block on the model (`model.intervening`): `model.logits` / `model.generate`
+  hand a block of head-output / streaming interventions to the fused path, which applies the same
+  operations (`apply_z_ops`, `streaming_keep`) with the block's hooks switched off for that call.
 - `rows` limits it to some batch rows, so several ablated copies of a prompt run in one batch.
 """
 
@@ -184,6 +188,45 @@ def _replacement(intervention: Intervention, head: Head, offset: int, lo: int, h
     return value[offset + lo: offset + hi]
 
 
+def apply_z_ops(z: torch.Tensor, ops: Sequence[tuple[Intervention, Head]], offset: int) -> torch.Tensor:
+    """z `[batch, pos, n_heads, d_head]` with the head-output operations (ZERO, MEAN, RESAMPLE, SCALE_VALUE,
+    SCALE_OUTPUT) written into their query heads' slices, in order; `offset` = positions already in the KV
+    cache before this chunk (for `start`/`stop` and per-position values). Returns a new tensor. Used on
+    `hook_z` here and on the output projection's input by the fused path (`probe.fused`)."""
+    z = z.clone()
+    for intervention, head in ops:
+        if intervention.kind not in ON_Z:
+            raise InterventionError(f"{intervention.describe()} does not act on a head's output z.")
+        rows = _row_index(intervention, z.shape[0])
+        lo, hi = _position_window(intervention, offset, z.shape[1])
+        if hi <= lo:
+            continue
+        if intervention.kind is Kind.ZERO:
+            z[rows, lo:hi, head.head] = 0.0
+        elif intervention.kind in (Kind.SCALE_VALUE, Kind.SCALE_OUTPUT):
+            z[rows, lo:hi, head.head] = z[rows, lo:hi, head.head] * intervention.factor
+        else:
+            z[rows, lo:hi, head.head] = _replacement(intervention, head, offset, lo, hi, z, rows)
+    return z
+
+
+def streaming_keep(intervention: Intervention, offset: int, batch: int, q_len: int, k_len: int,
+                   device: Any = None) -> torch.Tensor:
+    """`[batch, q_len, k_len]` bool: False where a STREAMING intervention hides key j from the query (outside
+    sink ∪ recent window, on its rows and in its position window), True elsewhere (causality and padding
+    are left to the model's own mask). The same keep-mask masks the bridge's scores and, ANDed into the
+    layer's mask, the fused path's SDPA call."""
+    if intervention.kind is not Kind.STREAMING or intervention.window is None:
+        raise InterventionError(f"{intervention.describe()} is not streaming attention.")
+    keep = torch.ones(batch, q_len, k_len, dtype=torch.bool, device=device)
+    rows = _row_index(intervention, batch)
+    lo, hi = _position_window(intervention, offset, q_len)
+    if hi > lo:
+        q_positions = torch.arange(lo, hi, device=device) + offset
+        keep[rows, lo:hi] = streaming_mask(q_positions, k_len, *intervention.window)
+    return keep
+
+
 def _score_softcap(model: Any, layer: int) -> float | None:
     """The layer's attention-logit soft-cap (Gemma 2), which the bridge applies before `hook_attn_scores`."""
     from probe.architecture import architecture
@@ -226,14 +269,14 @@ def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple
                 return scores
             scores = scores.clone()
             for intervention, head in score_ops:
+                if intervention.kind is Kind.STREAMING:
+                    keep = streaming_keep(intervention, state["offset"], scores.shape[0], q_len, k_len,
+                                          scores.device)
+                    scores[:, head.head] = scores[:, head.head].masked_fill(~keep, torch.finfo(scores.dtype).min)
+                    continue
                 rows = _row_index(intervention, scores.shape[0])
                 lo, hi = _position_window(intervention, state["offset"], q_len)
                 block = scores[rows, head.head, lo:hi]
-                if intervention.kind is Kind.STREAMING:
-                    q_positions = torch.arange(lo, hi, device=scores.device) + state["offset"]
-                    keep = streaming_mask(q_positions, k_len, *intervention.window)  # type: ignore[misc]
-                    scores[rows, head.head, lo:hi] = block.masked_fill(~keep, torch.finfo(block.dtype).min)
-                    continue
                 visible = _visible(block)
                 if intervention.kind is Kind.UNIFORM:
                     new = torch.zeros_like(block)
@@ -245,35 +288,59 @@ def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple
         hooks.append((f"blocks.{layer}.attn.hook_attn_scores", on_scores))
         if z_ops:
             def on_z(z: torch.Tensor, hook: Any, z_ops=z_ops, state=state) -> torch.Tensor:
-                z = z.clone()
-                for intervention, head in z_ops:
-                    rows = _row_index(intervention, z.shape[0])
-                    lo, hi = _position_window(intervention, state["offset"], z.shape[1])
-                    if hi <= lo:
-                        continue
-                    if intervention.kind is Kind.ZERO:
-                        z[rows, lo:hi, head.head] = 0.0
-                    elif intervention.kind in (Kind.SCALE_VALUE, Kind.SCALE_OUTPUT):
-                        z[rows, lo:hi, head.head] = z[rows, lo:hi, head.head] * intervention.factor
-                    else:
-                        z[rows, lo:hi, head.head] = _replacement(intervention, head, state["offset"], lo, hi, z, rows)
-                return z
+                return apply_z_ops(z, z_ops, state["offset"])
 
             hooks.append((f"blocks.{layer}.attn.hook_z", on_z))
     return hooks
+
+
+@dataclass(eq=False)
+class Attached:
+    """One open `intervene()` block: its interventions and how many hooks it put on each hook point
+    (`id(point)` -> count). Listed on the model (`LoadedModel.intervening`) while the block is open, so
+    the core can run a forward of the block on the fused path (`probe.fused`) with these interventions;
+    while `handed_over` is set its hooks do nothing (the fused path applies the interventions itself)."""
+
+    interventions: tuple[Intervention, ...]
+    points: dict[int, int]
+    handed_over: bool = False
+
+
+def _guarded(record: Attached, fn: Any) -> Any:
+    def hook(tensor: torch.Tensor, hook: Any) -> torch.Tensor:
+        return tensor if record.handed_over else fn(tensor, hook)
+    return hook
 
 
 @contextlib.contextmanager
 def intervene(model: Any, interventions: Intervention | Sequence[Intervention]) -> Iterator[Any]:
     """Apply interventions for the duration of the block; the hooks are removed on exit, always.
 
-    Works for forward passes, `run_with_cache` and cached generation (`model.generate`).
+    Works for forward passes, `run_with_cache` and cached generation (`model.generate`). The block is
+    also recorded on the model (`model.intervening`), so `model.logits` / `model.generate` may serve it
+    on the fused path when every intervention is a head-output or streaming one (see probe/models.py).
     """
     if isinstance(interventions, Intervention):
         interventions = [interventions]
-    hooks = build_hooks(model, list(interventions))
-    with model.lock, model.bridge.hooks(fwd_hooks=hooks):
-        yield model
+    interventions = list(interventions)
+    hooks = build_hooks(model, interventions)
+    hook_dict = getattr(model.bridge, "hook_dict", {})
+    points: dict[int, int] = {}
+    for name, _ in hooks:
+        point = hook_dict.get(name)
+        if point is not None:
+            points[id(point)] = points.get(id(point), 0) + 1
+    record = Attached(tuple(interventions), points)
+    stack = getattr(model, "intervening", None)
+    known = stack is not None and all(hook_dict.get(name) is not None for name, _ in hooks)
+    with model.lock, model.bridge.hooks(fwd_hooks=[(name, _guarded(record, fn)) for name, fn in hooks]):
+        if known:
+            stack.append(record)
+        try:
+            yield model
+        finally:
+            if known:
+                del stack[next(i for i, r in enumerate(stack) if r is record)]
 
 
 def active_hook_count(model: Any) -> int:

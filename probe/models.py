@@ -35,6 +35,10 @@ from probe.heads import Head
 from probe.runtime import poll
 
 DEFAULT_MODEL = "smollm2-135m"
+# `PROBE_FUSED=0` sends every `LoadedModel.logits` / `generate` through the bridge (comparison, debugging);
+# per model: `model.fused_routing = False`. See docs/fused.md.
+FUSED_ENV = "PROBE_FUSED"
+Positions = str | slice | Sequence[int] | None
 
 
 @dataclass(frozen=True)
@@ -157,6 +161,11 @@ class LoadedModel:
     # Held while hooks are attached and while running: a model shared between threads (the app's
     # sessions) never runs one session's prompt through another session's interventions.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+    # Open `probe.interventions.intervene()` blocks, outermost first (`Attached` records): `logits` and
+    # `generate` hand them to the fused path when it serves them all.
+    intervening: list[Any] = field(default_factory=list, repr=False, compare=False)
+    # False: `logits` / `generate` always run the bridge (as does PROBE_FUSED=0 for every model).
+    fused_routing: bool = True
 
     def __post_init__(self) -> None:
         _serialise(self)
@@ -220,12 +229,51 @@ class LoadedModel:
             )
 
     # ---- running ------------------------------------------------------------------------------
+    def fused_reason(self) -> str | None:
+        """Why `logits` / `generate` would run the bridge now; None when they take the fused path
+        (`probe.fused`: the model's own SDPA attention, no pattern materialised). The fused path is taken
+        only where it is exact: no hook on a hook point it would skip (`hook_pattern`, `hook_attn_scores`,
+        ...), every open `intervene()` block a head-output or streaming one (no query scaling / uniform
+        attention), routing not switched off (`fused_routing`, `PROBE_FUSED=0`)."""
+        if not self.fused_routing:
+            return "fused_routing is off on this model"
+        if os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
+            return f"{FUSED_ENV}={os.environ[FUSED_ENV]}"
+        from probe.fused import unserved_reason
+
+        with self.lock, self._handed_over():
+            return unserved_reason(self, self._open_interventions())
+
+    def _open_interventions(self) -> list[Any]:
+        return [i for record in self.intervening for i in record.interventions]
+
+    @contextlib.contextmanager
+    def _handed_over(self) -> Iterator[None]:
+        """The open `intervene()` blocks' hooks switched off: the fused path applies their interventions."""
+        records = list(self.intervening)
+        for record in records:
+            record.handed_over = True
+        try:
+            yield
+        finally:
+            for record in records:
+                record.handed_over = False
+
     @torch.no_grad()
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits `[batch, pos, vocab]` of one forward pass through the bridge (hooks in effect)."""
+    def logits(self, ids: torch.Tensor, positions: Positions = None) -> torch.Tensor:
+        """Logits `[batch, pos, vocab]` of one forward pass (hooks and `intervene()` blocks in effect).
+
+        On the fused path (`probe.fused`) where that is exact (see `fused_reason`), else through the bridge;
+        the two agree to float rounding (docs/fused.md). `positions`: None (every position), "last", a
+        slice or position indices: only those positions are returned (and, fused, unembedded)."""
         self.check_fits(ids.shape[-1])
         with self.lock:
-            return self.bridge(ids)
+            if self.fused_reason() is None:
+                from probe.fused import fused_logits
+
+                with self._handed_over():
+                    return fused_logits(self, ids, self._open_interventions(), positions=positions)
+            return _pick_positions(self.bridge(ids), positions)
 
     @torch.no_grad()
     def run_with_cache(self, ids: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, Any]:
@@ -283,7 +331,8 @@ class LoadedModel:
                  stop_ids: Sequence[int] | None = None) -> torch.Tensor:
         """Greedy continuation `[1, n_new]`, stopping after an EOS/stop token (not included).
 
-        Runs the wrapped HF model (whose modules the bridge has replaced, so every hook fires) with a
+        On the fused path where that is exact (`fused_reason`; positions from the cache length), else it
+        runs the wrapped HF model (whose modules the bridge has replaced, so every hook fires) with a
         full `DynamicCache`: unlike a sliding-window cache it keeps every key in every layer, so the
         interventions' absolute positions (KV length - query length) stay right on Gemma's windowed layers.
         """
@@ -297,6 +346,11 @@ class LoadedModel:
             stops.add(self.tokenizer.eos_token_id)
         new: list[int] = []
         with self.lock:
+            if self.fused_reason() is None:
+                from probe.fused import fused_generate
+
+                with self._handed_over():
+                    return fused_generate(self, ids, max_new_tokens, self._open_interventions(), stop_ids)
             cache = DynamicCache()
             logits = self.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             for _ in range(max_new_tokens):
@@ -307,6 +361,23 @@ class LoadedModel:
                 step = torch.tensor([[token]], device=ids.device)
                 logits = self.hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         return torch.tensor([new], dtype=torch.long, device=ids.device)
+
+
+def _pick_positions(logits: torch.Tensor, positions: Positions) -> torch.Tensor:
+    """The bridge's full logits cut to `positions`, as `probe.fused.fused_logits` returns them."""
+    if positions is None:
+        return logits
+    if isinstance(positions, str):
+        if positions != "last":
+            raise ProbeError(f"positions={positions!r}: use 'last', None (every position), a slice or indices.")
+        return logits[:, -1:]
+    if isinstance(positions, slice):
+        chosen = logits[:, positions]
+    else:
+        chosen = logits[:, torch.as_tensor(list(positions), dtype=torch.long, device=logits.device)]
+    if chosen.shape[1] == 0:
+        raise ProbeError(f"positions={positions!r} selects no position of a {logits.shape[1]}-token input.")
+    return chosen
 
 
 # ---- one thread at a time ---------------------------------------------------------------------------

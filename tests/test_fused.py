@@ -15,6 +15,8 @@ Per family (loaded the user's way, `load_model("hf:<folder>")`, once per process
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +91,18 @@ def _state(model: Any) -> tuple[Any, ...]:
     return _hook_count(model), slots, model.hf_model.config._attn_implementation
 
 
+@contextlib.contextmanager
+def _bridge_only(model: Any) -> Iterator[None]:
+    """`model.logits` / `generate` on the bridge (they route to the fused path where it is exact)."""
+    before, model.fused_routing = model.fused_routing, False
+    try:
+        yield
+    finally:
+        model.fused_routing = before
+
+
 def _bridge(model: Any, ids: torch.Tensor, interventions: list[Any]) -> torch.Tensor:
-    with torch.no_grad(), intervene(model, interventions):
+    with torch.no_grad(), intervene(model, interventions), _bridge_only(model):
         return model.logits(ids).float()
 
 
@@ -291,7 +303,7 @@ def test_cached_generation_equals_the_bridges(family):
     n = ids.shape[-1]
     interventions = [zero_ablation(model.all_heads()[2:], start=n + 1), scale([Head(1, 2)], "value", -3.0),
                      streaming_attention([Head(2, 1), Head(0, 3)], sink=1, recent=2, start=n)]
-    with intervene(model, interventions):
+    with intervene(model, interventions), _bridge_only(model):
         expected = model.generate(ids, max_new_tokens=5)
     assert fused_generate(model, ids, 5, interventions).tolist() == expected.tolist()
 
@@ -356,3 +368,161 @@ def test_another_thread_waits_while_a_fused_call_holds_the_model(root):
     thread.join(timeout=10)
     assert not thread.is_alive()
     torch.testing.assert_close(results[0], clean)
+
+
+# ---- LoadedModel.logits / generate route here where it is exact ---------------------------------------
+
+ROUTED = ("llama", "gemma2", "phi3", "gpt_neox", "gpt2")  # GQA, eager soft-cap, fused QKV, parallel, Conv1D
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Counts the fused entry points `LoadedModel` calls (imported lazily, so patching the module works)."""
+    import probe.fused as module
+
+    calls = {"logits": 0, "generate": 0}
+    real_logits, real_generate = module.fused_logits, module.fused_generate
+
+    def logits(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["logits"] += 1
+        return real_logits(*args, **kwargs)
+
+    def generate(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls["generate"] += 1
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(module, "fused_logits", logits)
+    monkeypatch.setattr(module, "fused_generate", generate)
+    return calls
+
+
+@pytest.mark.parametrize("name", ROUTED)
+def test_model_logits_route_clean_and_intervened_forwards_to_the_fused_path(name, root, spy):
+    """`model.logits` with and without the routing: clean logits ≤ 1e-4 abs, the effect of an `intervene()`
+    block of head-output + streaming interventions (and a nested block) ≤ 1e-4 of the effect; `positions`."""
+    model, _, _ = loaded_family(name, root)
+    ids = model.encode(TEXT).repeat(2, 1)
+    heads = [Head(1, h) for h in range(model.n_heads)]
+    means = head_means(model, reference_prompts(model)[:2], heads[:2])
+    outer = [zero_ablation([Head(0, 1), Head(2, 0)], start=4, rows=(1,)), mean_ablation(heads[:2], means),
+             streaming_attention([Head(1, 3)], sink=1, recent=3)]
+    inner = [scale([Head(2, 2)], "value", -2.0), scale([Head(0, 1)], "output", 3.0, stop=9)]
+    with _bridge_only(model):
+        clean_bridge = model.logits(ids).float()
+        with intervene(model, outer):
+            outer_bridge = model.logits(ids).float()
+            with intervene(model, inner):
+                both_bridge = model.logits(ids).float()
+    assert spy["logits"] == 0
+    clean = model.logits(ids).float()
+    with intervene(model, outer):
+        assert model.fused_reason() is None
+        outer_fused = model.logits(ids).float()
+        with intervene(model, inner):
+            both_fused = model.logits(ids).float()
+    assert spy["logits"] == 3 and model.intervening == []
+    assert float((clean - clean_bridge).abs().max()) <= ATOL
+    for fused_out, bridge_out in ((outer_fused, outer_bridge), (both_fused, both_bridge)):
+        effect, ours = bridge_out - clean_bridge, fused_out - clean
+        size = float(effect.abs().max())
+        assert size > 1e-3
+        assert float((ours - effect).abs().max()) / max(size, FLOOR) <= RTOL
+    for positions, cut in (("last", clean_bridge[:, -1:]), (slice(2, 7), clean_bridge[:, 2:7]),
+                           ([0, 4], clean_bridge[:, [0, 4]])):
+        routed = model.logits(ids, positions=positions).float()
+        with _bridge_only(model):
+            bridged = model.logits(ids, positions=positions).float()
+        assert routed.shape == bridged.shape == cut.shape
+        assert torch.equal(bridged, cut) and float((routed - cut).abs().max()) <= ATOL
+
+
+def test_model_generate_routes_decode_windows_to_the_fused_path(root, spy):
+    """Greedy generation inside `intervene()` with windows that start in the decoded part: the fused path
+    (positions from the cache length, not from the score hook) == the bridge's generation."""
+    model, _, _ = loaded_family("llama", root)
+    ids = model.encode("the capital of mary is the book of john and")
+    n = ids.shape[-1]
+    interventions = [zero_ablation(model.all_heads()[2:], start=n + 1), scale([Head(1, 2)], "value", -3.0),
+                     streaming_attention([Head(2, 1)], sink=1, recent=2, start=n)]
+    with intervene(model, interventions):
+        with _bridge_only(model):
+            expected = model.generate(ids, max_new_tokens=6)
+        assert spy["generate"] == 0
+        got = model.generate(ids, max_new_tokens=6)
+    assert spy["generate"] == 1
+    assert got.tolist() == expected.tolist()
+    with intervene(model, uniform_attention([Head(1, 0)], start=n)):
+        model.generate(ids, max_new_tokens=2)
+    assert spy["generate"] == 1
+
+
+def test_what_needs_the_pattern_or_the_hook_order_stays_on_the_bridge(root, spy):
+    """Query scaling, uniform attention, a hook on hook_pattern and a hook on hook_z attached before an
+    ablation of that layer (the bridge runs it before the ablation) keep `model.logits` on the bridge, with
+    the bridge's own numbers (bit for bit); a residual-stream hook does not."""
+    model, _, _ = loaded_family("llama", root)
+    ids = model.encode(TEXT)
+    fired: list[str] = []
+
+    def pattern_hook(pattern: torch.Tensor, hook: Any) -> None:
+        fired.append(hook.name)
+
+    captured: dict[str, torch.Tensor] = {}
+
+    def grab_z(z: torch.Tensor, hook: Any) -> None:
+        captured["z"] = z[:, :, 1].clone()
+
+    cases = [([scale([Head(1, 1)], "query", 0.0)], []), ([uniform_attention([Head(0, 2)]), zero_ablation([Head(1, 0)])], []),
+             ([], [("blocks.1.attn.hook_pattern", pattern_hook)]),
+             ([zero_ablation([Head(1, 1)])], [("blocks.1.attn.hook_z", grab_z)])]
+    for interventions, hooks in cases:
+        with model.hooks(hooks), intervene(model, interventions):
+            assert model.fused_reason() is not None
+            routed = model.logits(ids)
+            with _bridge_only(model):
+                bridged = model.logits(ids)
+        assert torch.equal(routed, bridged)
+    assert spy["logits"] == 0
+    assert fired == ["blocks.1.attn.hook_pattern"] * 2
+    assert float(captured["z"].abs().max()) > 0  # captured before the ablation, as the bridge orders it
+
+    def shift(resid: torch.Tensor, hook: Any) -> torch.Tensor:
+        return resid * 1.5
+
+    with model.hooks([("blocks.1.hook_resid_pre", shift)]), intervene(model, [zero_ablation([Head(2, 1)])]):
+        routed = model.logits(ids).float()
+        with _bridge_only(model):
+            bridged = model.logits(ids).float()
+    assert spy["logits"] == 1 and float((routed - bridged).abs().max()) <= ATOL
+
+
+def test_run_with_cache_run_with_hooks_and_the_bridge_stay_the_bridges(root, spy, monkeypatch):
+    """Inside an `intervene()` block, a routed `model.logits` leaves the block's hooks live for what comes
+    next: `run_with_cache`, `run_with_hooks` and the bridge's own forward still see the ablation (and see
+    hook_pattern); `PROBE_FUSED=0` and `fused_routing = False` switch the routing off."""
+    model, _, _ = loaded_family("llama", root)
+    ids = model.encode(TEXT)
+    head = Head(1, 2)
+    with intervene(model, zero_ablation([head])):
+        routed = model.logits(ids)
+        assert spy["logits"] == 1 and not any(r.handed_over for r in model.intervening)
+        logits, cache = model.run_with_cache(ids, names_filter=lambda n: n in ("blocks.1.attn.hook_z",
+                                                                                "blocks.1.attn.hook_pattern"))
+        assert float(cache["blocks.1.attn.hook_z"][:, :, head.head].abs().max()) == 0.0
+        assert "blocks.1.attn.hook_pattern" in cache
+        seen: list[float] = []
+        model.run_with_hooks(ids, fwd_hooks=[("blocks.1.attn.hook_z",
+                                              lambda z, hook: seen.append(float(z[:, :, head.head].abs().max())))])
+        direct = model.bridge(ids)
+    assert seen == [0.0] and spy["logits"] == 1
+    assert float((routed - logits).abs().max()) <= ATOL and torch.equal(logits, direct)
+    monkeypatch.setenv("PROBE_FUSED", "0")
+    assert model.fused_reason() == "PROBE_FUSED=0"
+    model.logits(ids)
+    monkeypatch.delenv("PROBE_FUSED")
+    with _bridge_only(model):
+        assert model.fused_reason() == "fused_routing is off on this model"
+        model.logits(ids)
+    assert spy["logits"] == 1
+    model.logits(ids)
+    assert spy["logits"] == 2
