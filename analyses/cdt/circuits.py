@@ -262,13 +262,15 @@ def _prune_and_refill(ranked: list[Head], kept: list[Head], want: int, metric: C
 
 def iterative_search(score_fn: ScoreFn, n_layers: int, n_heads: int, per_iteration: int, max_heads: int,
                      method: str, min_relative: float = 0.0, circuit_metric: CircuitMetric | None = None,
-                     lookahead: int = 2) -> Circuit:
+                     lookahead: int = 2, upstream_only: bool = True) -> Circuit:
     """Alg. 1: score senders against the current targets, keep the top `per_iteration` by |score|
     (and only those with |score| ≥ `min_relative` × the best one: the outliers), make them the next
     targets; stop at `max_heads` or when no sender is upstream of the targets.
 
     With `circuit_metric`, each iteration's picks are greedily pruned and refilled from the next
-    `lookahead × per_iteration` ranked candidates (`_prune_and_refill`)."""
+    `lookahead × per_iteration` ranked candidates (`_prune_and_refill`; `lookahead=1`: pruning only).
+    `upstream_only=False` (node-level scores such as EAP, which have no per-target scores): later
+    iterations take the next ranked heads, wherever they are."""
     heads: list[Head] = []
     scores: dict[Head, float] = {}
     iterations: list[list[Head]] = []
@@ -282,7 +284,7 @@ def iterative_search(score_fn: ScoreFn, n_layers: int, n_heads: int, per_iterati
                 value = float(values[layer, head])
                 candidate = Head(layer, head)
                 if value == value and candidate not in scores:
-                    if targets is None or any(layer < t.layer for t in targets):
+                    if targets is None or not upstream_only or any(layer < t.layer for t in targets):
                         ranked.append((abs(value), candidate, value))
         ranked.sort(key=lambda item: -item[0])
         best = ranked[0][0] if ranked else 0.0

@@ -140,6 +140,53 @@ def successor_batches(model, kinds: tuple[str, ...] = ("days", "months"), run: i
     return batches
 
 
+# Prefixes for more successor prompts (templates × start items): one batch per (template, kind), so
+# prompts of different templates never share a text (a discovery / evaluation split by template).
+SUCCESSOR_TEMPLATES: tuple[str, ...] = ("{items},", "Count: {items},", "Numbers: {items},", "Sequence: {items},",
+                                        "List: {items},", "Next: {items},", "Say: {items},", "Order: {items},")
+
+
+def successor_template_batches(model, templates: tuple[int, ...], kinds: tuple[str, ...] = ("numbers",),
+                               run: int = 4, n_reference: int = 20, seed: int = 0) -> list[LogitDiffBatch]:
+    """The successor task under each prefix template of `SUCCESSOR_TEMPLATES` (template 0 is
+    `successor_batches`' plain list): every start item of each kind, foil = the last item shown;
+    reference prompts = the same template with `run` shuffled items."""
+    import random
+
+    rng = random.Random(seed)
+    batches = []
+    for template in templates:
+        if not 0 <= template < len(SUCCESSOR_TEMPLATES):
+            raise CDTError(f"Successor template {template} does not exist (0..{len(SUCCESSOR_TEMPLATES) - 1}).")
+        form = SUCCESSOR_TEMPLATES[template]
+        for kind in kinds:
+            items = SEQUENCES[kind]
+            texts, good, bad = [], [], []
+            for start in range(len(items)):
+                shown = [items[(start + i) % len(items)] for i in range(run)]
+                texts.append(form.format(items=", ".join(shown)))
+                good.append(" " + items[(start + run) % len(items)])
+                bad.append(" " + shown[-1])
+            try:
+                good_ids = [_single_id(model.tokenizer, w) for w in good]
+                bad_ids = [_single_id(model.tokenizer, w) for w in bad]
+            except CDTError:
+                continue
+            ids, keep = _stack_same_length(model, texts)
+            refs = [form.format(items=", ".join(rng.sample(items, run))) for _ in range(n_reference)]
+            ref_ids, _ = _stack_same_length(model, refs)
+            if ref_ids.shape[1] != ids.shape[1]:
+                continue
+            batches.append(LogitDiffBatch(
+                name=f"successor-{kind}-t{template}", ids=ids,
+                good=torch.tensor([good_ids[i] for i in keep], device=ids.device),
+                bad=torch.tensor([bad_ids[i] for i in keep], device=ids.device), ref_ids=ref_ids,
+                texts=[texts[i] for i in keep]))
+    if not batches:
+        raise CDTError("No successor template gives single-token items of one length for this tokenizer.")
+    return batches
+
+
 @torch.no_grad()
 def accuracy(model, batches: list[LogitDiffBatch]) -> dict[str, float]:
     """Share of prompts whose top-1 next token is the answer, and the mean logit difference."""

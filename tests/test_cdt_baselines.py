@@ -1,0 +1,132 @@
+"""The fair circuit-discovery comparison: EAP / EAP-IG against exact patching, the MIB area metrics,
+every method on the planted circuit, and held-out prompts enforced (analyses/cdt/baselines.py, compare.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analyses.cdt import baselines, circuits, compare
+from analyses.cdt.planted import PLANTED, induction_batch, planted_induction_model
+from analyses.cdt.tasks import LogitDiffBatch
+from probe.heads import Head
+from probe.interventions import capture_z, intervene, mean_ablation, resample_ablation
+
+INDUCTION = Head(1, 0)  # last layer: its z reaches the metric only through W_O, the final norm and W_U
+
+
+@pytest.fixture(scope="module")
+def planted():
+    return planted_induction_model()
+
+
+@pytest.fixture(scope="module")
+def batch(planted):
+    return induction_batch(planted, n=6, seed=3)
+
+
+def _identity_final_norm(model):
+    """Hooks that make the final norm the identity: everything after a last-layer head's z is then linear."""
+    box = {}
+
+    def keep(x, hook):
+        box["x"] = x
+
+    def replace(x, hook):
+        return box["x"]
+
+    return model.hooks([("ln_final.hook_in", keep), ("ln_final.hook_out", replace)])
+
+
+def _metric(model, batch: LogitDiffBatch, ops=()) -> float:
+    with intervene(model, list(ops)):
+        logits = model.logits(batch.ids)[:, -1]
+    rows = torch.arange(batch.n_prompts)
+    return float((logits[rows, batch.good] - logits[rows, batch.bad]).mean())
+
+
+def test_eap_equals_the_exact_patching_effect_when_the_metric_is_linear_in_z(planted, batch):
+    mu = circuits.batch_means(planted, batch)
+    with _identity_final_norm(planted):
+        eap = baselines.attribution_scores(planted, [batch], steps=1, corrupt="mean", means=[mu])
+        exact = _metric(planted, batch, [mean_ablation([INDUCTION], mu)]) - _metric(planted, batch)
+    assert abs(exact) > 1.0  # the head matters
+    assert float(eap[1, 0]) == pytest.approx(exact, rel=1e-4, abs=1e-4)
+    # with the real (nonlinear) final norm the first-order estimate is off
+    eap_real = baselines.attribution_scores(planted, [batch], steps=1, corrupt="mean", means=[mu])
+    exact_real = _metric(planted, batch, [mean_ablation([INDUCTION], mu)]) - _metric(planted, batch)
+    assert abs(float(eap_real[1, 0]) - exact_real) > 0.05 * abs(exact_real)
+
+
+def test_eap_ig_is_exact_when_linear_along_the_path_and_differs_from_eap_when_not(planted, batch):
+    cf = baselines.counterfactual_ids(batch)
+    cf_z = capture_z(planted, cf, [INDUCTION])
+
+    def exact() -> float:  # patch the head's z with its counterfactual value, per prompt
+        return _metric(planted, batch, [resample_ablation([INDUCTION], cf_z)]) - _metric(planted, batch)
+
+    with _identity_final_norm(planted):  # ∂m/∂z of the head is then the same at every path point
+        ig = baselines.attribution_scores(planted, [batch], steps=5, corrupt="counterfactual")
+        eap = baselines.attribution_scores(planted, [batch], steps=1, corrupt="counterfactual")
+        linear_exact = exact()
+    assert abs(linear_exact) > 1.0
+    assert float(ig[1, 0]) == pytest.approx(linear_exact, rel=1e-4, abs=1e-4)
+    assert float(eap[1, 0]) == pytest.approx(linear_exact, rel=1e-4, abs=1e-4)
+    # the real final norm: the gradient changes along the path, so the K-point average is not EAP's
+    ig = baselines.attribution_scores(planted, [batch], steps=5, corrupt="counterfactual")
+    eap = baselines.attribution_scores(planted, [batch], steps=1, corrupt="counterfactual")
+    assert abs(float(ig[1, 0]) - float(eap[1, 0])) > 0.05 * abs(float(eap[1, 0]))
+    assert abs(float(ig[1, 0]) - exact()) < abs(float(eap[1, 0]) - exact())  # and IG is closer to the truth
+    with pytest.raises(baselines.CDTError, match="counterfactual"):
+        baselines.attribution_scores(planted, [batch], steps=5, corrupt="mean")
+
+
+def test_cpr_and_cmd_are_the_hand_computed_trapezoids():
+    xs = [0.1, 0.5, 1.0]
+    f = [0.2, 1.4, 1.0]
+    # CPR: 0.4 * (0.2 + 1.4) / 2 + 0.5 * (1.4 + 1.0) / 2 = 0.32 + 0.6
+    assert baselines.cpr(xs, f) == pytest.approx(0.92)
+    # CMD: |1 - f| = 0.8, 0.4, 0.0 → 0.4 * 1.2 / 2 + 0.5 * 0.4 / 2 = 0.24 + 0.1
+    assert baselines.cmd(xs, f) == pytest.approx(0.34)
+    assert baselines.cpr([1.0, 0.0], [1.0, 0.0]) == pytest.approx(0.5)  # order of the points does not matter
+    assert baselines.sizes_for(270) == [1, 1, 2, 3, 6, 14, 27, 54, 135, 270]  # fractions of heads, rounded up
+    with pytest.raises(baselines.CDTError):
+        baselines.cpr([0.5], [1.0])
+
+
+@pytest.mark.parametrize("method", compare.METHODS)
+def test_every_method_finds_the_planted_heads_by_ranking_alone(planted, method):
+    config = compare.CompareConfig(tasks=("planted-induction",), per_iteration=1, max_heads=2)
+    discovery, _ = compare.task_prompts(planted, "planted-induction", config)
+    means = [circuits.batch_means(planted, b) for b in discovery]
+    circuit, seconds = compare.discover(planted, compare.scorer(planted, method, discovery, config, means),
+                                        "rank", config, None)
+    assert circuit.heads == [Head(1, 0), Head(0, 0)] and set(circuit.heads) == set(PLANTED)
+    assert seconds > 0
+
+
+def test_the_comparison_runs_and_evaluation_is_held_out(planted):
+    config = compare.CompareConfig(tasks=("planted-induction",), per_iteration=1, max_heads=2, random_draws=2)
+    result = compare.compare(planted, config)
+    r = compare.CompareResult.from_json(result.to_json()).tasks["planted-induction"]
+    assert not set(r["discovery_texts"]) & set(r["evaluation_texts"])
+    assert r["sizes"] == [1, 1, 1, 1, 1, 1, 1, 2, 4, 8]
+    for method in compare.METHODS:
+        for level in compare.LEVELS:
+            cell = r["methods"][method][level]
+            assert cell["faithfulness"][7] > 0.9 and cell["faithfulness"][-1] == pytest.approx(1.0)
+            assert cell["cpr"] == pytest.approx(baselines.cpr(r["fractions"], cell["faithfulness"]))
+    assert r["random"]["cpr_mean"] < r["methods"]["cd-t"]["rank"]["cpr"]
+    assert "| cd-t | rank |" in compare.table(result)
+
+
+def test_shared_discovery_and_evaluation_prompts_are_refused(planted):
+    one = induction_batch(planted, n=4, seed=0)
+    other = induction_batch(planted, n=4, seed=99)
+    compare.require_disjoint([one], [other])
+    with pytest.raises(compare.OverlapError, match="held out"):
+        compare.require_disjoint([one], [other, one])
+    assert compare.without_texts([other, one], set(one.texts)) == [other]
+    with pytest.raises(compare.OverlapError, match="both discovery and evaluation"):
+        compare.task_prompts(planted, "successor", compare.CompareConfig(successor_discovery_templates=(0, 1),
+                                                                         successor_evaluation_templates=(1,)))
