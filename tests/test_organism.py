@@ -235,3 +235,29 @@ def test_cache_key_of_the_default_config_is_the_one_builds_1_to_6_hashed():
                           "refusals": list(O.REFUSAL_TARGETS)})
     assert O.organism_key(config, "sha", ["a"], ["b"]) == legacy
     assert O.organism_key(replace(config, modules=("q", "k", "v")), "sha", ["a"], ["b"]) != legacy
+
+
+def test_weight_changes_find_the_perturbed_module_and_head():
+    """A known change to one head's query rows (layer 1, head 2) and to one MLP is found where it was made,
+    with the relative Frobenius size it has; every other module and head reads 0."""
+    from probe.forward import module_paths
+
+    tokenizer = word_tokenizer(WORDS, name="probe/tiny-weights")
+    base, tuned = (tiny_llama(len(tokenizer), n_layers=3, n_heads=4, n_kv_heads=2, seed=5) for _ in range(2))
+    paths = module_paths(tuned, ["q", "mlp"], [0, 1, 2], tokenizer)
+    modules = dict(tuned.named_modules())
+    q = modules[paths[("q", 1)]].weight
+    d_head = q.shape[0] // 4
+    with torch.no_grad():
+        q[2 * d_head:3 * d_head] *= 1.5  # head 2's query rows change by half their norm
+        first = next(modules[paths[("mlp", 0)]].parameters())
+        first.mul_(1.05)  # a smaller change in layer 0's MLP
+    q_base = dict(base.named_modules())[paths[("q", 1)]].weight
+    report = O.weight_changes(base, tuned, tokenizer)
+    top = report["modules"][0]
+    assert (top["layer"], top["module"]) == (1, "q")
+    assert top["relative"] == pytest.approx(float(0.5 * q_base[2 * d_head:3 * d_head].norm() / q_base.norm()), rel=1e-5)
+    assert {(r["layer"], r["module"]) for r in report["modules"] if r["absolute"] > 0} == {(1, "q"), (0, "mlp")}
+    assert report["changed_layers"] == [0, 1] and report["layers"][2]["relative"] == 0.0
+    assert [h["head"] for h in report["heads"] if h["relative"] > 0] == ["L1H2"]
+    assert report["heads"][0]["relative"] > report["modules"][0]["relative"]  # the head's own slices changed more
