@@ -51,6 +51,7 @@ TEXT = "the capital city of the country is a secret number 12 and the key to the
 ROWS = ("mary went to the store", "the capital of the country is a secret and the answer is 12", "a book")
 RETRIEVAL_TEXT = " ".join(["the capital of mary is the book of john and the key to the park"] * 2)
 FACTUAL_TEXT = "the capital of mary is the key . q: what is the capital of mary ? a:"
+KL_NOISE = 1e-6  # nats: KLs this small between fp32 distributions are rounding (tiny random models)
 MOVED = 1e-3  # an ablation that moves the logits less than this changed nothing (a hook that fires and does nothing)
 
 
@@ -266,13 +267,41 @@ class Context:
     sizes: dict[str, float] = field(default_factory=dict)  # a check's own scale, where not the logits'
 
 
+@contextlib.contextmanager
+def bridge_only(model: LoadedModel) -> Iterator[None]:
+    """`model.logits` through the bridge's hooks for the block, not the fused path it may route to
+    (probe.models `fused_routing`); held under the model's lock, so no other thread sees the switch."""
+    with model.lock:
+        old = getattr(model, "fused_routing", None)
+        if old is not None:
+            model.fused_routing = False
+        try:
+            yield
+        finally:
+            if old is not None:
+                model.fused_routing = old
+
+
+ROUTES: tuple[str, ...] = ("bridge", "default route")  # `model.logits` forced through the bridge, and as routed
+
+
+@contextlib.contextmanager
+def route(model: LoadedModel, name: str) -> Iterator[None]:
+    with bridge_only(model) if name == "bridge" else contextlib.nullcontext():
+        yield
+
+
 def check_logits(ctx: Context) -> tuple[float, str]:
     ids = ctx.model.encode(TEXT)
+    diffs = {}
     with torch.no_grad():
-        ours = ctx.model.logits(ids).float()
         theirs = ctx.copy(ids).logits.float()
+        for name in ROUTES:
+            with route(ctx.model, name):
+                diffs[name] = float((ctx.model.logits(ids).float() - theirs).abs().max())
     ctx.scale = max(1.0, float(theirs.abs().max()))
-    return float((ours - theirs).abs().max()), f"{ids.shape[-1]} tokens, max |logit| {ctx.scale:.3g}"
+    per_route = ", ".join(f"{name} {value:.2g}" for name, value in diffs.items())
+    return max(diffs.values()), f"{ids.shape[-1]} tokens, max |logit| {ctx.scale:.3g}; {per_route}"
 
 
 def check_left_pad(ctx: Context) -> tuple[float, str]:
@@ -300,11 +329,14 @@ def check_zero_head(ctx: Context) -> tuple[float, str]:
     dh = model.d_head
     projection = copy.get_submodule(arch.attention(layer).o_path)
     worst, moved = 0.0, float("inf")
+    per_route = dict.fromkeys(ROUTES, 0.0)
     with torch.no_grad():
         clean = copy(ids).logits.float()
         for head in range(model.n_heads):
-            with intervene(model, [zero_ablation([Head(layer, head)])]):
-                ablated = model.logits(ids).float()
+            ablated = {}
+            for name in ROUTES:
+                with route(model, name), intervene(model, [zero_ablation([Head(layer, head)])]):
+                    ablated[name] = model.logits(ids).float()
 
             def zero_slice(module: Any, args: tuple[torch.Tensor, ...], head: int = head) -> tuple[torch.Tensor, ...]:
                 z = args[0].clone()
@@ -316,12 +348,15 @@ def check_zero_head(ctx: Context) -> tuple[float, str]:
                 expected = copy(ids).logits.float()
             finally:
                 handle.remove()
-            worst = max(worst, float((ablated - expected).abs().max()))
+            for name in ROUTES:
+                per_route[name] = max(per_route[name], float((ablated[name] - expected).abs().max()))
+            worst = max(per_route.values())
             moved = min(moved, float((expected - clean).abs().max()))
     if moved <= MOVED:
         raise _Failed(worst, f"a head's ablation moved the copy's logits by only {moved:.2g} (≤ {MOVED:g}): "
                              "nothing to compare")
-    return worst, f"layer {layer}, {model.n_heads} query heads; smallest move {moved:.3g}"
+    routes = ", ".join(f"{name} {value:.2g}" for name, value in per_route.items())
+    return worst, f"layer {layer}, {model.n_heads} query heads; smallest move {moved:.3g}; {routes}"
 
 
 def check_successor_embedding(ctx: Context) -> tuple[float, str]:
@@ -413,10 +448,11 @@ def check_ships(ctx: Context) -> tuple[float, str]:
     slow = safety.ships_query_reference(model, ids, heads=heads)
     index = (torch.tensor([h.layer for h in heads]), torch.tensor([h.head for h in heads]))
     fast, slow = fast[index], slow[index]
-    if not float(slow.abs().max()) > 0:
+    if not float(slow.abs().max()) > KL_NOISE:
         raise _Inconclusive(float((fast - slow).abs().max()),
-                            f"layers {layers}: the reference's ablations change nothing (KL 0): the output does "
-                            "not depend on these heads' attention patterns, so the paths cannot differ here")
+                            f"layers {layers}: the reference's ablations change the output by at most "
+                            f"{float(slow.abs().max()):.2g} nats (float32 noise, <= {KL_NOISE:g}): the output does not "
+                            "depend on these heads' attention patterns, so the paths cannot differ here")
     return float((fast - slow).abs().max()), f"layers {layers}: {len(heads)} heads, KL up to {float(slow.max()):.3g}"
 
 

@@ -391,7 +391,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     out.print(table)
     out.print(timing_line(result), markup=False, highlight=False, soft_wrap=True)
     failed = [c.name for c in result.checks if c.passed is False]
-    print("all checks pass" if result.ok else f"FAILED: {', '.join(failed) or 'no check passed'}")
+    skipped = [c.name for c in result.checks if c.passed is None]
+    passed = "all checks pass" + (f" ({len(skipped)} skipped: {', '.join(skipped)}; see detail)" if skipped else "")
+    print(passed if result.ok else f"FAILED: {', '.join(failed) or 'no check passed'}")
     return result.exit_code
 
 

@@ -38,7 +38,10 @@ def test_doctor_json_passes_every_check_on_a_gqa_llama_folder(root, capsys):
     assert result["ok"] and result["supported"] and result["adapter"] == "LlamaArchitectureAdapter"
     assert [c["name"] for c in result["checks"]] == [name for name, _ in CHECKS]
     assert [c["number"] for c in result["checks"]] == list(range(1, len(CHECKS) + 1))
-    assert all(c["passed"] and c["value"] <= c["tolerance"] for c in result["checks"])
+    # Ships on tiny random weights: the output ignores the attention patterns (KL ~1e-7 nats): skipped, said why
+    assert all(c["passed"] and c["value"] <= c["tolerance"] for c in result["checks"] if c["name"] != "Ships")
+    ships = result["checks"][7]
+    assert ships["passed"] or (ships["passed"] is None and "float32 noise" in ships["detail"])
     assert result["facts"]["n_kv_heads"] == 2 and result["copy"].startswith("reloaded from")
     assert "check 4/9: zero-head" in err  # progress on stderr, the JSON alone on stdout
 
@@ -106,7 +109,7 @@ def test_a_check_with_nothing_to_compare_is_skipped_not_passed(monkeypatch):
     monkeypatch.setattr(safety, "ships_query_reference", zeros)
     result = doctor("tiny-llama", only=["Ships"])
     ships = next(c for c in result.checks if c.name == "Ships")
-    assert ships.passed is None and "change nothing" in ships.detail
+    assert ships.passed is None and "float32 noise" in ships.detail
     assert ("8", "Ships", "0", "1.00e-04", "skip") == doctor_module.table_rows(result)[-1][:5]
 
 
@@ -151,6 +154,6 @@ def test_the_model_page_runs_the_doctor_and_caches_it(monkeypatch):
     assert not app.exception
     assert any("all checks pass" in s.value for s in app.success)
     table = app.table[-1].value
-    assert list(table["result"]) == ["pass"] * len(CHECKS)
+    assert list(table["result"]) == ["pass"] * 7 + ["skip", "pass"]  # Ships: tiny weights, KL ~1e-7 (noise)
     next(b for b in app.button if b.label == "Run doctor").click().run()
     assert not app.exception and len(calls) == 1  # the second click reads the cache (per fingerprint)

@@ -59,7 +59,9 @@ if model is not None:
             st.table({column: [row[i] for row in rows] for i, column in enumerate(DOCTOR_COLUMNS)})
             summary = timing_line(result)
             if result.ok:
-                st.success(f"doctor: all checks pass ({summary})")
+                skipped = [c.name for c in result.checks if c.passed is None]
+                note = f"; skipped: {', '.join(skipped)} (see detail)" if skipped else ""
+                st.success(f"doctor: all checks pass{note} ({summary})")
             else:
                 failed = ", ".join(c.name for c in result.checks if c.passed is False)
                 st.error(f"doctor: failed: {failed} ({summary})")
