@@ -1,11 +1,13 @@
 """DuoAttention (Xiao et al. 2024): learned per-KV-head gates between full and streaming attention.
 
 With the model frozen, every KV head g of layer l gets a gate α[l, g] ∈ [0, 1]; the student's query
-heads of that group attend with the pattern α·P_full + (1 − α)·P_stream (P_stream = softmax over the
-attention sink ∪ recent window only). Because z = P·v, blending patterns equals blending the head
-outputs before the output projection, as the paper does. The loss is the mean squared distance between
-the student's and the full model's final normalised hidden states on the answer tokens of synthetic
-multi-passkey prompts, plus λ·mean|α|. Deployment keeps the top fraction of KV heads (global quantile)
+heads of that group output z = α·z_full + (1 − α)·z_stream before the output projection, as the
+reference's two-way forward does: z_full is the frozen teacher's (full attention on the teacher's own
+hidden states, no gradient), z_stream the student's attention restricted to the attention sink ∪
+recent window, on the student's states, so drift builds up only through streaming heads. The loss is
+the mean squared distance between the student's and the teacher's hidden states after the final norm
+(weight included, `probe.readout.final_norm`) on the answer tokens of a fresh synthetic multi-passkey
+prompt at every step, plus λ·mean|α|. Deployment keeps the top fraction of KV heads (global quantile)
 as retrieval heads and restricts the rest to sink + recent; we evaluate NIAH accuracy in a labelled
 regime against full attention and against random streaming sets of the same size.
 
@@ -18,7 +20,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,12 +35,18 @@ from probe.errors import ProbeError
 from probe.heads import Head
 from probe.interventions import intervene, streaming_attention, streaming_mask
 from probe.models import LoadedModel
+from probe.readout import final_norm
 from probe.results import HeadScores, Provenance, ResultCache, to_jsonable
 from probe.runtime import release_free_memory
 
 ANALYZER = "duo"
-VERSION = "1"
+VERSION = "2"  # 2: teacher full branch, final norm with its weight, a fresh sample per step
 REGIMES = ("decode-only", "all-positions")
+# which hidden states the full-attention branch of a gated head reads: "teacher" (the reference: the
+# frozen full model's, so the distance measures only what streaming heads lose) or "student" (the
+# student's own, drifted states: what a retrieval head actually reads at deployment, where errors of
+# earlier streaming heads compound through it; kept to measure that deployment-like drift)
+FULL_BRANCHES = ("teacher", "student")
 NATO = ("alpha bravo charlie delta echo foxtrot golf hotel india juliett kilo lima mike november oscar papa "
         "quebec romeo sierra tango uniform victor whiskey xray yankee zulu").split()
 ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth")
@@ -63,6 +71,7 @@ class DuoConfig:
     reg_weight: float = 0.05           # λ
     retrieval_fraction: float = 0.5    # share of KV heads kept as retrieval heads at deployment
     regime: str = "decode-only"        # decode-only | all-positions (which queries streaming heads restrict)
+    full_branch: str = "teacher"       # teacher (reference) | student: whose states the full branch reads
     eval_lengths: tuple[int, ...] = (512,)
     eval_depths: tuple[float, ...] = (10.0, 50.0, 90.0)
     eval_needles: tuple[int, ...] = (0, 1)
@@ -73,6 +82,8 @@ class DuoConfig:
     seed: int = 0
 
     def validate(self) -> None:
+        if self.full_branch not in FULL_BRANCHES:
+            raise DuoError(f"Unknown full_branch {self.full_branch!r}; choose {', '.join(FULL_BRANCHES)}.")
         if self.regime not in REGIMES:
             raise DuoError(f"Unknown regime {self.regime!r}; choose {', '.join(REGIMES)}.")
         if not 0 < self.retrieval_fraction < 1:
@@ -127,45 +138,123 @@ def passkey_sample(model: LoadedModel, config: DuoConfig, rng: random.Random, se
 
 # ---- the gated student ---------------------------------------------------------------------------
 
-def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int) -> list[tuple[str, Any]]:
-    """Hooks that blend full and streaming patterns per query head with its KV group's gate.
+def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int,
+               teacher_z: Sequence[torch.Tensor] | None = None) -> list[tuple[str, Any]]:
+    """Hooks that blend full and streaming attention per query head with its KV group's gate.
 
-    `hook_attn_scores` is read after the family's own soft-cap, causal and sliding-window masks (the
-    streaming softmax restricts those scores further); the query head -> KV head map is the
-    architecture layer's (`kv_index`), so every family's GQA layout is followed."""
+    With `teacher_z` (per layer, the teacher's `hook_z` `[B, T, H, d_head]`, the reference): the
+    student's scores are restricted to sink ∪ recent at `hook_attn_scores` and `hook_z` returns
+    α·z_teacher + (1 − α)·z_stream. Without it (full branch "student"): `hook_pattern` returns
+    α·P_full + (1 − α)·P_stream on the student's own scores (equal to blending z, since z = P·v).
+    `hook_attn_scores` is read after the family's own soft-cap, causal and sliding-window masks; the
+    query head -> KV head map is the architecture layer's (`kv_index`)."""
     kv_index = architecture(model).kv_index.to(gates.device)
     hooks: list[tuple[str, Any]] = []
     for layer in range(model.n_layers):
         saved: dict[str, torch.Tensor] = {}
+
+        def alpha_of(layer: int, like: torch.Tensor) -> torch.Tensor:
+            return gates[layer].clamp(0, 1)[kv_index].to(like.dtype)  # [H]
+
+        def stream_scores(scores: torch.Tensor) -> torch.Tensor:
+            q_len, k_len = scores.shape[-2], scores.shape[-1]
+            keep = streaming_mask(torch.arange(k_len - q_len, k_len, device=scores.device), k_len, sink, recent)
+            return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+
+        if teacher_z is not None:
+            def restrict(scores: torch.Tensor, hook: Any) -> torch.Tensor:
+                return stream_scores(scores)
+
+            def mix_z(z: torch.Tensor, hook: Any, layer=layer) -> torch.Tensor:
+                alpha = alpha_of(layer, z).view(1, 1, -1, 1)
+                return alpha * teacher_z[layer].to(z.dtype) + (1 - alpha) * z
+
+            hooks += [(f"blocks.{layer}.attn.hook_attn_scores", restrict), (f"blocks.{layer}.attn.hook_z", mix_z)]
+            continue
 
         def keep_scores(scores: torch.Tensor, hook: Any, saved=saved) -> torch.Tensor:
             saved["scores"] = scores
             return scores
 
         def blend(pattern: torch.Tensor, hook: Any, saved=saved, layer=layer) -> torch.Tensor:
-            scores = saved.pop("scores")
-            q_len, k_len = scores.shape[-2], scores.shape[-1]
-            q_positions = torch.arange(k_len - q_len, k_len, device=scores.device)
-            keep = streaming_mask(q_positions, k_len, sink, recent)
-            stream = torch.softmax(scores.masked_fill(~keep, torch.finfo(scores.dtype).min), dim=-1)
-            alpha = gates[layer].clamp(0, 1)[kv_index].to(pattern.dtype)
-            alpha = alpha.view(1, -1, 1, 1)
+            stream = torch.softmax(stream_scores(saved.pop("scores")), dim=-1)
+            alpha = alpha_of(layer, pattern).view(1, -1, 1, 1)
             return alpha * pattern + (1 - alpha) * stream
 
         hooks += [(f"blocks.{layer}.attn.hook_attn_scores", keep_scores), (f"blocks.{layer}.attn.hook_pattern", blend)]
     return hooks
 
 
-def final_states(model: LoadedModel, ids: torch.Tensor, hooks: list[tuple[str, Any]] | None = None) -> torch.Tensor:
-    """`ln_final.hook_normalized` `[T, d_model]` (the distillation target), optionally under hooks."""
-    captured: dict[str, torch.Tensor] = {}
-
+def _final_residual_hook(captured: dict[str, torch.Tensor]) -> tuple[str, Any]:
     def grab(value: torch.Tensor, hook: Any) -> torch.Tensor:
-        captured["h"] = value
+        captured.setdefault("resid", value)
         return value
 
-    model.run_with_hooks(ids, list(hooks or []) + [("ln_final.hook_normalized", grab)])  # holds model.lock
-    return captured["h"][0]
+    return ("ln_final.hook_in", grab)
+
+
+def final_states(model: LoadedModel, ids: torch.Tensor, hooks: list[tuple[str, Any]] | None = None) -> torch.Tensor:
+    """The hidden states after the final norm, its weight included (`probe.readout.final_norm`, the
+    reference's distillation target), `[T, d_model]`, optionally under hooks."""
+    captured: dict[str, torch.Tensor] = {}
+    model.run_with_hooks(ids, list(hooks or []) + [_final_residual_hook(captured)])  # holds model.lock
+    return final_norm(model, captured["resid"])[0]
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """The frozen full model on one sample: final states at the loss positions and every layer's z."""
+
+    states: torch.Tensor            # [n, d_model]
+    z: list[torch.Tensor]           # per layer [1, T, H, d_head]
+
+
+@torch.no_grad()
+def teacher_run(model: LoadedModel, sample: PasskeySample) -> Teacher:
+    """One plain forward (no gradient): the distillation target and the full branch's head outputs."""
+    z: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int) -> Any:
+        def grab(value: torch.Tensor, hook: Any) -> torch.Tensor:
+            z.setdefault(layer, value.detach())
+            return value
+        return grab
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", keep(layer)) for layer in range(model.n_layers)]
+    states = final_states(model, sample.ids, hooks)
+    return Teacher(states[sample.loss_positions], [z[layer] for layer in range(model.n_layers)])
+
+
+def distillation_loss(model: LoadedModel, gates: torch.Tensor, sample: PasskeySample, teacher: Teacher,
+                      config: DuoConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distillation, total loss) of the gated student on one sample, after its backward into the
+    gates (run while the hooks are attached). Call it inside `model.recompute_layers_in_backward()` for
+    the memory bound: the recomputed layers run the gate hooks again."""
+    captured: dict[str, torch.Tensor] = {}
+    teacher_z = teacher.z if config.full_branch == "teacher" else None
+    hooks = gate_hooks(model, gates, config.sink, config.recent, teacher_z) + [_final_residual_hook(captured)]
+    with model.hooks(hooks) as bridge:
+        bridge(sample.ids, use_cache=False)
+        student = final_norm(model, captured["resid"])[0]
+        distill = (student[sample.loss_positions] - teacher.states).pow(2).mean(-1).mean()
+        loss = distill + config.reg_weight * gates.clamp(0, 1).abs().mean()
+        if loss.requires_grad:
+            loss.backward()  # the gate hooks stay attached: recomputed layers run them again
+    return distill.detach(), loss.detach()
+
+
+def sample_stream(model: LoadedModel, config: DuoConfig, sentences: Sequence[str] | None = None,
+                  samples: Sequence[PasskeySample] | None = None) -> Iterator[PasskeySample]:
+    """The training prompts, one per step: given `samples` are cycled; otherwise a fresh synthetic
+    passkey sample at every step (new passkeys, depths and haystack, as the reference), drawn from
+    `random.Random(config.seed)` so a run is reproducible."""
+    if samples is not None:
+        while True:
+            yield from samples
+    rng = random.Random(config.seed)
+    pool = haystack_sentences() if sentences is None else sentences
+    while True:
+        yield passkey_sample(model, config, rng, pool)
 
 
 @dataclass
@@ -176,21 +265,21 @@ class Training:
     gate_history: list[list[list[float]]]
     seconds: float
     steps_done: int
+    sample_digests: list[str] = field(default_factory=list)  # a short hash of each step's prompt ids
+
+
+def _digest(ids: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha1(ids.cpu().numpy().tobytes()).hexdigest()[:12]
 
 
 def train_gates(model: LoadedModel, config: DuoConfig, progress: Progress = no_progress,
-                samples: Sequence[PasskeySample] | None = None) -> Training:
+                samples: Sequence[PasskeySample] | None = None, sentences: Sequence[str] | None = None) -> Training:
     """Optimise the gates (AdamW, linear warm-up/decay as the reference), model weights frozen."""
     config.validate()
-    rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
-    if samples is None:
-        sentences = haystack_sentences()
-        samples = [passkey_sample(model, config, rng, sentences) for _ in range(min(config.steps, 8))]
-    teachers = []
-    with torch.no_grad():
-        for sample in samples:
-            teachers.append(final_states(model, sample.ids)[sample.loss_positions])
+    stream = sample_stream(model, config, sentences, samples)
     gates = torch.nn.Parameter(torch.ones(model.n_layers, model.n_kv_heads, device=model.device, dtype=torch.float32))
     optimiser = torch.optim.AdamW([gates], lr=config.lr, weight_decay=0.0)
     warm, cool = max(1, int(0.2 * config.steps)), max(1, int(0.2 * config.steps))
@@ -203,40 +292,31 @@ def train_gates(model: LoadedModel, config: DuoConfig, progress: Progress = no_p
         return 1.0
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lr_factor)
-    losses, distills, history = [], [], []
+    losses, distills, history, digests = [], [], [], []
     start = time.perf_counter()
     step = 0
     for step in range(config.steps):
-        index = step % len(samples)
-        sample, teacher = samples[index], teachers[index]
-        captured: dict[str, torch.Tensor] = {}
-
-        def grab(value: torch.Tensor, hook: Any) -> torch.Tensor:
-            captured["h"] = value
-            return value
-
+        sample = next(stream)
+        digests.append(_digest(sample.ids))
+        teacher = teacher_run(model, sample)
         optimiser.zero_grad()
-        hooks = gate_hooks(model, gates, config.sink, config.recent) + [("ln_final.hook_normalized", grab)]
-        with model.recompute_layers_in_backward(), model.hooks(hooks) as bridge:
-            bridge(sample.ids, use_cache=False)
-            student = captured.pop("h")[0]
-            distill = (student[sample.loss_positions] - teacher).pow(2).mean(-1).mean()
-            loss = distill + config.reg_weight * gates.clamp(0, 1).abs().mean()
-            loss.backward()  # the gate hooks stay attached: the layers are recomputed here
+        with model.recompute_layers_in_backward():
+            distill, loss = distillation_loss(model, gates, sample, teacher, config)
+        del teacher
         optimiser.step()
         release_free_memory()
         scheduler.step()
         with torch.no_grad():
             gates.clamp_(0, 1)
-        losses.append(float(loss.detach()))
-        distills.append(float(distill.detach()))
+        losses.append(float(loss))
+        distills.append(float(distill))
         if step % 5 == 0 or step == config.steps - 1:
             history.append(gates.detach().cpu().tolist())
         elapsed = time.perf_counter() - start
         progress(0.6 * (step + 1) / config.steps, f"gate step {step + 1}/{config.steps}, loss {losses[-1]:.4f}")
         if elapsed > config.max_seconds:
             break
-    return Training(gates.detach().cpu(), losses, distills, history, time.perf_counter() - start, step + 1)
+    return Training(gates.detach().cpu(), losses, distills, history, time.perf_counter() - start, step + 1, digests)
 
 
 # ---- deployment ----------------------------------------------------------------------------------

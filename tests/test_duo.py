@@ -153,3 +153,131 @@ def test_duo_gqa_maps_follow_the_architecture_layer(tiny_gqa):
     expected = torch.tensor([[max(float(scores[l, h]) for h in range(model.n_heads) if kv_of(h) == g)
                               for g in range(model.n_kv_heads)] for l in range(model.n_layers)], dtype=torch.float64)
     assert torch.equal(duo.group_max(model, scores), expected)
+
+
+# ---- the reference objective (issue #16): teacher full branch, final norm with its weight, fresh samples ----
+
+def _random_sample(model, length: int = 40, n_loss: int = 8, seed: int = 0) -> duo.PasskeySample:
+    ids = torch.randint(4, model.d_vocab, (1, length), generator=torch.Generator().manual_seed(seed))
+    return duo.PasskeySample(ids, torch.arange(length - n_loss, length))
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_teacher_branch_at_gates_one_is_exact_and_only_the_l1_term_has_a_gradient(tiny_gqa, recompute):
+    """With the full branch reading the teacher's z, gates of 1 everywhere make the student the teacher
+    bit for bit: the distillation term is exactly 0, so its gradient vanishes and each gate's gradient
+    is the L1 term's by hand, λ / (n_layers · n_kv_heads)."""
+    model = tiny_gqa
+    config = duo.DuoConfig(sink=2, recent=4, reg_weight=0.05)
+    sample = _random_sample(model)
+    teacher = duo.teacher_run(model, sample)
+    gates = torch.nn.Parameter(torch.ones(model.n_layers, model.n_kv_heads))
+    context = model.recompute_layers_in_backward() if recompute else contextlib.nullcontext()
+    with context:
+        distill, loss = duo.distillation_loss(model, gates, sample, teacher, config)
+    assert float(distill) == 0.0
+    assert float(loss) == pytest.approx(0.05)
+    assert torch.equal(gates.grad, torch.full_like(gates, 0.05 / gates.numel()))
+
+
+def test_teacher_branch_reads_the_teachers_states_not_the_drifted_student(tiny_gqa):
+    """Layer 0 fully streaming (the student's residual drifts), layer 1 at gate 1: with the reference's
+    teacher branch layer 1's attention output is the teacher's exactly; the "student" option instead
+    runs full attention on the drifted states."""
+    model = tiny_gqa
+    assert model.n_layers >= 2
+    sample = _random_sample(model, length=48)
+    gates = torch.ones(model.n_layers, model.n_kv_heads)
+    gates[0] = 0.0
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(value, hook):
+        seen["out"] = value.detach().clone()
+        return value
+
+    teacher = duo.teacher_run(model, sample)
+    duo.final_states(model, sample.ids, [("blocks.1.attn.hook_out", grab)])
+    clean = seen.pop("out")
+    hooks = duo.gate_hooks(model, gates, sink=1, recent=3, teacher_z=teacher.z)
+    duo.final_states(model, sample.ids, hooks + [("blocks.1.attn.hook_out", grab)])
+    torch.testing.assert_close(seen.pop("out"), clean, rtol=0, atol=0)
+    duo.final_states(model, sample.ids, duo.gate_hooks(model, gates, sink=1, recent=3) + [("blocks.1.attn.hook_out", grab)])
+    assert (seen.pop("out") - clean).abs().max() > 1e-3
+
+
+def test_teacher_branch_gradient_is_the_derivative_of_its_loss(tiny_gqa):
+    """Autograd's gate gradient (through the recomputed layers) equals a central finite difference of
+    the same loss, for a gate of each layer, at random gates in (0, 1)."""
+    model = tiny_gqa
+    model.hf_model.double()
+    try:
+        config = duo.DuoConfig(sink=1, recent=3, reg_weight=0.05)
+        sample = _random_sample(model, length=32)
+        teacher = duo.teacher_run(model, sample)
+        base = torch.rand(model.n_layers, model.n_kv_heads, generator=torch.Generator().manual_seed(1),
+                          dtype=torch.float64) * 0.6 + 0.2
+        gates = torch.nn.Parameter(base.clone())
+        with model.recompute_layers_in_backward():
+            duo.distillation_loss(model, gates, sample, teacher, config)
+        assert gates.grad.abs().max() > 1e-4
+        eps = 1e-3  # the bridge keeps some float32 steps: smaller steps are rounding noise
+        for layer in range(model.n_layers):
+            values = []
+            for sign in (1, -1):
+                shifted = base.clone()
+                shifted[layer, 0] += sign * eps
+                values.append(float(duo.distillation_loss(model, shifted, sample, teacher, config)[1]))
+            numeric = (values[0] - values[1]) / (2 * eps)
+            assert float(gates.grad[layer, 0]) == pytest.approx(numeric, rel=5e-4, abs=1e-7)
+    finally:
+        model.hf_model.float()
+
+
+def test_distillation_target_includes_the_final_norm_weight(tiny_gqa):
+    """The target is the final norm's output with its weight (probe.readout.final_norm): scaling the
+    weight by 3 scales the teacher and student states by 3 and the distillation term by 9 (the
+    pre-weight `hook_normalized` would leave it unchanged)."""
+    from probe.architecture import architecture
+
+    model = tiny_gqa
+    config = duo.DuoConfig(sink=1, recent=3)
+    sample = _random_sample(model)
+    gates = torch.full((model.n_layers, model.n_kv_heads), 0.3)
+
+    def distill() -> float:
+        return float(duo.distillation_loss(model, gates, sample, duo.teacher_run(model, sample), config)[0])
+
+    before = distill()
+    weight = architecture(model).final_norm.module.weight
+    with torch.no_grad():
+        weight.mul_(3.0)
+    try:
+        after = distill()
+        states = duo.final_states(model, sample.ids)
+    finally:
+        with torch.no_grad():
+            weight.div_(3.0)
+    assert before > 1e-6
+    assert after == pytest.approx(9 * before, rel=1e-5)
+    torch.testing.assert_close(states, 3 * duo.final_states(model, sample.ids), rtol=1e-5, atol=1e-6)
+
+
+def test_a_fresh_seeded_passkey_sample_at_every_step(tiny_gqa):
+    """Consecutive steps train on different synthetic prompts; the same seed gives the same prompts
+    (and gates), another seed other prompts; given samples are cycled."""
+    import random
+
+    model = tiny_gqa
+    words = [w for w in model.tokenizer.get_vocab() if w.isalpha()]
+    rng = random.Random(0)
+    sentences = [" ".join(rng.choice(words) for _ in range(3)) + "." for _ in range(2100)]
+    config = duo.DuoConfig(context_length=24, n_passkeys=2, passkey_words=2, sink=1, recent=4, steps=4)
+    first = duo.train_gates(model, config, sentences=sentences)
+    assert len(set(first.sample_digests)) == 4, first.sample_digests
+    again = duo.train_gates(model, config, sentences=sentences)
+    assert again.sample_digests == first.sample_digests and torch.equal(again.gates, first.gates)
+    other = duo.train_gates(model, duo.DuoConfig(**{**config.__dict__, "seed": 1}), sentences=sentences)
+    assert not set(other.sample_digests) & set(first.sample_digests)
+    given = [_random_sample(model, seed=s) for s in range(2)]
+    cycled = duo.train_gates(model, config, samples=given)
+    assert cycled.sample_digests[:2] == cycled.sample_digests[2:] and cycled.sample_digests[0] != cycled.sample_digests[1]
