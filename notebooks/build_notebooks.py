@@ -202,7 +202,10 @@ RETRIEVAL = method_notebook(
     if SMALL:
         model = planted.retrieval_model()
         config = module.RetrievalConfig(lengths=(80, 160), depths=(0.0, 100.0), needles=(0,), template='base',
-                                        max_new_tokens=6, mask_ks=(1,), mask_random_draws=3)
+                                        max_new_tokens=6, mask_ks=(1,), mask_random_draws=3,
+                                        # one planted needle: masking in-sample (labelled in the summary)
+                                        mask_needles=(0,), mask_depths=(0.0, 100.0), mask_offset=0,
+                                        allow_in_sample=True)
         result = module.run(model, config, needle_set=(planted.RETRIEVAL_NEEDLE,), sentences=planted.retrieval_sentences())
     else:
         model = load_model('smollm2-135m')

@@ -139,7 +139,10 @@ def _retrieval_run(model, monkeypatch):
     from analyses import planted, retrieval
 
     config = retrieval.RetrievalConfig(lengths=(80, 160), depths=(0.0, 100.0), needles=(0,), template="base",
-                                       max_new_tokens=6, mask_ks=(1,), mask_random_draws=3)
+                                       max_new_tokens=6, mask_ks=(1,), mask_random_draws=3,
+                                       # one planted needle: masking in-sample, labelled so in the result
+                                       mask_needles=(0,), mask_depths=(0.0, 100.0), mask_offset=0,
+                                       allow_in_sample=True)
     return config, retrieval.run(model, config, needle_set=(planted.RETRIEVAL_NEEDLE,),
                                  sentences=planted.retrieval_sentences())
 
