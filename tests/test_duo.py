@@ -203,6 +203,18 @@ def test_teacher_branch_reads_the_teachers_states_not_the_drifted_student(tiny_g
     torch.testing.assert_close(seen.pop("out"), clean, rtol=0, atol=0)
     duo.final_states(model, sample.ids, duo.gate_hooks(model, gates, sink=1, recent=3) + [("blocks.1.attn.hook_out", grab)])
     assert (seen.pop("out") - clean).abs().max() > 1e-3
+    # the training loss is that student's: layer 0 streamed by the core intervention, layer 1's z the
+    # teacher's (written in by hand), its final states against the teacher's
+    layer0 = [Head(0, h) for h in range(model.n_heads)]
+    with intervene(model, streaming_attention(layer0, sink=1, recent=3)):
+        by_hand = duo.final_states(model, sample.ids, [("blocks.1.attn.hook_z", lambda z, hook: teacher.z[1])])
+    expected = (by_hand[sample.loss_positions] - teacher.states).pow(2).mean()
+    config = duo.DuoConfig(sink=1, recent=3)
+    distill, _ = duo.distillation_loss(model, gates, sample, teacher, config)
+    assert float(expected) > 1e-6
+    assert float(distill) == pytest.approx(float(expected), rel=1e-5)
+    student = duo.DuoConfig(sink=1, recent=3, full_branch="student")
+    assert float(duo.distillation_loss(model, gates, sample, teacher, student)[0]) != pytest.approx(float(expected), rel=1e-2)
 
 
 def test_teacher_branch_gradient_is_the_derivative_of_its_loss(tiny_gqa):
