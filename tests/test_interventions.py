@@ -292,3 +292,21 @@ def test_position_windows_hold_on_sliding_window_layers_during_generation():
         for _ in range(6):
             sequence = torch.cat([sequence, model.logits(sequence)[:, -1].argmax(-1, keepdim=True)], dim=1)
     assert cached.tolist() == sequence[:, ids.shape[1]:].tolist()
+
+
+def test_streaming_keep_masks_only_its_rows_and_window():
+    """The keep-mask shared by the bridge's score hook and the fused path's SDPA mask: sink ∪ recent on the
+    intervention's rows and absolute positions [start, stop) (shifted by the cache offset), True elsewhere."""
+    from probe.interventions import streaming_attention, streaming_keep
+
+    intervention = streaming_attention([Head(0, 0)], sink=1, recent=2, start=5, stop=8, rows=(1,))
+    offset, q_len, k_len = 3, 6, 9  # queries at absolute positions 3..8
+    keep = streaming_keep(intervention, offset, 3, q_len, k_len)
+    assert keep.shape == (3, q_len, k_len) and keep.dtype == torch.bool
+    assert bool(keep[0].all()) and bool(keep[2].all())
+    for q in range(q_len):
+        t = offset + q
+        expected = [j < 1 or j > t - 2 for j in range(k_len)] if 5 <= t < 8 else [True] * k_len
+        assert keep[1, q].tolist() == expected, t
+    with pytest.raises(InterventionError, match="not streaming"):
+        streaming_keep(zero_ablation([Head(0, 0)]), 0, 1, 2, 2)
