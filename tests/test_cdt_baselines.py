@@ -103,6 +103,11 @@ def test_every_method_finds_the_planted_heads_by_ranking_alone(planted, method):
                                         "rank", config, None)
     assert circuit.heads == [Head(1, 0), Head(0, 0)] and set(circuit.heads) == set(PLANTED)
     assert seconds > 0
+    if method in ("eap", "eap-ig"):  # node scores: the third head need not be upstream of the second
+        more = compare.CompareConfig(tasks=("planted-induction",), per_iteration=1, max_heads=3)
+        circuit, _ = compare.discover(planted, compare.scorer(planted, method, discovery, more, means), "rank",
+                                      more, None)
+        assert len(circuit.heads) == 3
 
 
 def test_the_comparison_runs_and_evaluation_is_held_out(planted):
@@ -130,3 +135,41 @@ def test_shared_discovery_and_evaluation_prompts_are_refused(planted):
     with pytest.raises(compare.OverlapError, match="both discovery and evaluation"):
         compare.task_prompts(planted, "successor", compare.CompareConfig(successor_discovery_templates=(0, 1),
                                                                          successor_evaluation_templates=(1,)))
+
+
+def _directional(model, batch: LogitDiffBatch, head: Head, direction: torch.Tensor, embed=None,
+                 eps: float = 2e-3) -> float:
+    """Central finite difference of the mean metric along `direction` (added to the head's z), with the
+    token embeddings optionally replaced by `embed`: an oracle of ∂m/∂z · direction from forwards only."""
+    values = []
+    for sign in (1.0, -1.0):
+        def on_z(z, hook, sign=sign):
+            z = z.clone()
+            z[:, :, head.head] += sign * eps * direction.to(z.dtype)
+            return z
+        hooks = [(f"blocks.{head.layer}.attn.hook_z", on_z)]
+        if embed is not None:
+            hooks.append((baselines.EMBED_HOOK, lambda e, hook: embed.to(e.dtype)))
+        with model.hooks(hooks):
+            values.append(_metric(model, batch))
+    return (values[0] - values[1]) / (2 * eps)
+
+
+def test_scores_match_finite_differences_through_later_layers_and_along_the_path(planted, batch):
+    """EAP of the previous-token head (its effect runs through the induction head's keys: the total
+    derivative) and EAP-IG's K-point average, both against forward-only finite differences."""
+    mu = circuits.batch_means(planted, batch)
+    eap = baselines.attribution_scores(planted, [batch], steps=1, corrupt="mean", means=[mu])
+    ig = baselines.attribution_scores(planted, [batch], steps=5, corrupt="counterfactual")
+    cf = baselines.counterfactual_ids(batch)
+    _, clean = planted.run_with_cache(batch.ids, names_filter=lambda n: n == baselines.EMBED_HOOK)
+    _, counter = planted.run_with_cache(cf, names_filter=lambda n: n == baselines.EMBED_HOOK)
+    e, e_cf = clean[baselines.EMBED_HOOK], counter[baselines.EMBED_HOOK]
+    for head in (Head(0, 0), Head(1, 0)):
+        z = capture_z(planted, batch.ids, [head])[head]
+        expected = _directional(planted, batch, head, mu[head][None] - z)
+        assert abs(expected) > 0.3
+        assert float(eap[head.layer, head.head]) == pytest.approx(expected, rel=0.02)
+        d = capture_z(planted, cf, [head])[head] - z
+        points = [_directional(planted, batch, head, d, e_cf + k / 5 * (e - e_cf)) for k in range(1, 6)]
+        assert float(ig[head.layer, head.head]) == pytest.approx(sum(points) / 5, rel=0.02)
