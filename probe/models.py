@@ -269,10 +269,13 @@ class LoadedModel:
         self.check_fits(ids.shape[-1])
         with self.lock:
             if self.fused_reason() is None:
-                from probe.fused import fused_logits
+                from probe.fused import FusedPathError, fused_logits
 
-                with self._handed_over():
-                    return fused_logits(self, ids, self._open_interventions(), positions=positions)
+                try:
+                    with self._handed_over():
+                        return fused_logits(self, ids, self._open_interventions(), positions=positions)
+                except FusedPathError:  # a structural mismatch found on entry: everything is restored
+                    pass
             return _pick_positions(self.bridge(ids), positions)
 
     @torch.no_grad()
@@ -347,10 +350,13 @@ class LoadedModel:
         new: list[int] = []
         with self.lock:
             if self.fused_reason() is None:
-                from probe.fused import fused_generate
+                from probe.fused import FusedPathError, fused_generate
 
-                with self._handed_over():
-                    return fused_generate(self, ids, max_new_tokens, self._open_interventions(), stop_ids)
+                try:
+                    with self._handed_over():
+                        return fused_generate(self, ids, max_new_tokens, self._open_interventions(), stop_ids)
+                except FusedPathError:  # a structural mismatch found on entry: everything is restored
+                    pass
             cache = DynamicCache()
             logits = self.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
             for _ in range(max_new_tokens):

@@ -526,3 +526,25 @@ def test_run_with_cache_run_with_hooks_and_the_bridge_stay_the_bridges(root, spy
     assert spy["logits"] == 1
     model.logits(ids)
     assert spy["logits"] == 2
+
+
+def test_a_fused_path_error_on_entry_falls_back_to_the_bridge(root, monkeypatch):
+    """A mismatch `fused()` finds only on entry (e.g. an output projection its HF attention does not call)
+    is a `FusedPathError`; `model.logits` / `generate` then run the bridge, with the block's hooks live."""
+    import probe.fused as module
+
+    model, _, _ = loaded_family("llama", root)
+    ids = model.encode(TEXT)
+    with intervene(model, zero_ablation([Head(1, 1)])), _bridge_only(model):
+        expected, expected_tokens = model.logits(ids), model.generate(ids, max_new_tokens=3)
+
+    @contextlib.contextmanager
+    def refuse(*args: Any, **kwargs: Any) -> Iterator[None]:
+        raise FusedPathError("no")
+        yield
+
+    monkeypatch.setattr(module, "fused", refuse)
+    with intervene(model, zero_ablation([Head(1, 1)])):
+        assert model.fused_reason() is None
+        assert torch.equal(model.logits(ids), expected)
+        assert model.generate(ids, max_new_tokens=3).tolist() == expected_tokens.tolist()
