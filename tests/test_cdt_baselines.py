@@ -173,3 +173,28 @@ def test_scores_match_finite_differences_through_later_layers_and_along_the_path
         d = capture_z(planted, cf, [head])[head] - z
         points = [_directional(planted, batch, head, d, e_cf + k / 5 * (e - e_cf)) for k in range(1, 6)]
         assert float(ig[head.layer, head.head]) == pytest.approx(sum(points) / 5, rel=0.02)
+
+
+def test_the_docs_table_and_numbers_are_the_committed_result_file():
+    """docs/cdt.md's comparison table is `compare.table` of the committed result, and its prose numbers
+    are read from the file by key path."""
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = json.loads((root / "docs/results/cdt_compare_smollm2_small.json").read_text())
+    doc = (root / "docs/cdt.md").read_text()
+    assert compare.table(compare.CompareResult.from_json(data)) in doc
+    ioi, succ = data["tasks"]["ioi"], data["tasks"]["successor"]
+    for value, text in [
+        (ioi["evaluation_accuracy"]["top1_accuracy"], "IOI top-1 {:.3f}"),
+        (ioi["full_metric"], "full {:.3f}"), (ioi["empty_metric"], "all ablated {:.3f}"),
+        (succ["full_metric"], "full {:.3f}"), (succ["empty_metric"], "all ablated {:.3f}"),
+        (ioi["random"]["cpr_mean"], "CPR {:.3f} ±"), (succ["methods"]["cd-t"]["rank"]["cpr"], "(0.977 at"),
+        (succ["methods"]["eap"]["rank"]["cmd"], "EAP wins CMD** ({:.3f}"),
+        (data["machine"]["ioi"]["total_seconds"], "in {:,.0f} s of wall time"),
+    ]:
+        expected = text.format(value).replace("-", "−") if "{" in text else text
+        assert expected in doc.replace("-", "−"), expected
+    assert ioi["winners"]["any"] == ["eap-ig/prune", "eap-ig/prune"]  # "IOI: EAP-IG wins"
+    assert succ["winners"]["any"] == ["cd-t/rank", "eap/prune+refill"]  # CD-T by CPR, EAP by CMD
