@@ -20,13 +20,14 @@ length (last-position logits, and the interventions' effect relative to its size
 recorded before and after: numbers from a busy machine are slower than idle ones.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_fused.py            # 512 and 2048 tokens, best of 3
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_fused.py --analyzer  # factual QUICK, bridge vs routed
+    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_fused.py --analyzer  # factual's QUICK sweep, bridge vs routed
 
-`--analyzer` times one analyzer end to end (`analyses.factual.run` at its QUICK preset: first-token
-forwards under value-scaling sweeps, ablations and greedy generation, all through `model.logits` /
-`model.generate`) with the routing off (`PROBE_FUSED=0`) and on, best of `--repeats` (2 by default there),
-and stores it under "analyzer_routing" in the same file, with the largest difference between the two
-runs' numbers.
+`--analyzer` times one analyzer stage: factual's scaling search at its QUICK preset
+(`analyses.factual.scale_sweep`: first-token forwards of the tuning prompts inside `intervene()`, 2 heads x
+11 factors, through `model.logits`) with the routing off (`PROBE_FUSED=0`) and on, best of `--repeats`
+(2 by default there), and stores it under "analyzer_routing" in the same file, with the largest
+difference between the two runs' numbers. (The whole `factual.run(QUICK)` takes ~10 min a run on the busy
+2-core machine: too long to repeat four times here.)
 """
 
 from __future__ import annotations
@@ -116,24 +117,37 @@ def _numbers(value: Any, prefix: str = "") -> dict[str, float]:
 
 
 def analyzer_routing(repeats: int, out: Path) -> None:
-    """factual.run(QUICK) on SmolLM2 with PROBE_FUSED=0 (bridge) and with the routing on; best of repeats."""
+    """factual's QUICK scaling search on SmolLM2 (`scale_sweep` over the QUICK tuning prompts, 2 heads x the
+    QUICK factors, value scaling: first-token forwards inside `intervene()`), with PROBE_FUSED=0 (bridge)
+    and with the routing on; best of repeats. The prompts are built once, the analyzer's own way."""
     from analyses import factual
+    from probe.heads import Head
     from probe.models import FUSED_ENV, load_model
 
     load_before = _loadavg()
     model = load_model(SPEC, device="cpu")
+    config = factual.QUICK
+    pool = factual._pool(config)
+    usable, _ = factual._known_countries(model, pool, config, None)
+    tuning_countries, _ = factual.split_countries(usable, config.tuning_fraction, config.seed)
+    prompts = factual.build_counterfactuals(model.tokenizer, tuning_countries, config.n_tuning, config.seed,
+                                            config.template, None, context_pool=pool).prompts
+    heads = [Head(5, 3), Head(12, 1)]
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
     for label, env in (("bridge", "0"), ("routed", "1")):
         os.environ[FUSED_ENV] = env
-        timings[f"{label}_s"], results[label] = best_of(lambda: factual.run(model, factual.QUICK), repeats)
-        print(f"factual QUICK, {label}: {timings[f'{label}_s']:.1f} s", flush=True)
+        timings[f"{label}_s"], results[label] = best_of(
+            lambda: factual.scale_sweep(model, prompts, heads, config.factors, config.component, config.batch_size),
+            repeats)
+        print(f"factual QUICK scaling search, {label}: {timings[f'{label}_s']:.1f} s", flush=True)
     os.environ.pop(FUSED_ENV, None)
     a, b = _numbers(results["bridge"]), _numbers(results["routed"])
     shared = [k for k in a if k in b and a[k] == a[k] and b[k] == b[k]]  # NaN-free keys of both
     worst = max(shared, key=lambda k: abs(a[k] - b[k]), default=None)
-    entry = {"analyzer": "factual.run(QUICK)", "model": SPEC, "repeats": repeats, "threads": torch.get_num_threads(),
-             **timings, "bridge_over_routed": timings["bridge_s"] / timings["routed_s"],
+    entry = {"analyzer": "analyses.factual.scale_sweep at QUICK (tuning prompts, 2 heads x 11 factors, value)",
+             "model": SPEC, "n_prompts": len(prompts), "heads": [str(h) for h in heads], "repeats": repeats,
+             "threads": torch.get_num_threads(), **timings, "bridge_over_routed": timings["bridge_s"] / timings["routed_s"],
              "numbers_compared": len(shared), "numbers_differing": sum(a[k] != b[k] for k in shared),
              "largest_difference": None if worst is None else {"number": worst, "bridge": a[worst], "routed": b[worst]},
              "commit": _commit(), "load_average_before": load_before, "load_average_after": _loadavg()}
@@ -151,7 +165,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--analyzer", action="store_true", help="time factual QUICK, bridge vs routed")
+    parser.add_argument("--analyzer", action="store_true", help="time factual's QUICK scaling search, bridge vs routed")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.analyzer:
