@@ -293,3 +293,53 @@ def test_a_fresh_seeded_passkey_sample_at_every_step(tiny_gqa):
     given = [_random_sample(model, seed=s) for s in range(2)]
     cycled = duo.train_gates(model, config, samples=given)
     assert cycled.sample_digests[:2] == cycled.sample_digests[2:] and cycled.sample_digests[0] != cycled.sample_digests[1]
+
+
+# ---- docs numbers against the committed result file ---------------------------------------------
+
+RESULT = "docs/results/duo_smollm2_quick.json"
+# (text in docs/duo.md, key path into the result file, how the doc renders it)
+DOC_NUMBERS = [
+    ("**10 of 20 steps**", "result.steps_done", lambda v: f"**{v} of 20 steps**"),
+    ("loss\n  0.0500 → 0.0449", "result.losses", lambda v: f"loss\n  {v[0]:.4f} → {v[-1]:.4f}"),
+    ("distillation 0 → 0.0013", "result.distill", lambda v: f"distillation {v[0]:.0f} → {v[-1]:.4f}"),
+    ("[0.83, 1.00], mean 0.859", "result.gates", lambda v: "[{:.2f}, {:.2f}], mean {:.3f}".format(
+        min(map(min, v)), max(map(max, v)), sum(map(sum, v)) / sum(map(len, v)))),
+    ("full attention **0.451**, Duo **0.473**", "result.niah",
+     lambda v: f"full attention **{v['full_mean']:.3f}**, Duo **{v['duo_mean']:.3f}**"),
+    ("**0.270 ± 0.077** (4 draws: 0.383, 0.223, 0.258, 0.216", "result.niah",
+     lambda v: f"**{v['random_mean']:.3f} ± {v['random_std']:.3f}** ({len(v['random_means'])} draws: "
+               + ", ".join(f"{m:.3f}" for m in v["random_means"])),
+    ("per KV group by max) **0.655**", "result.retrieval_spearman", lambda v: f"per KV group by max) **{v:.3f}**"),
+    ("profiling baseline) 0.144", "result.profiling_spearman", lambda v: f"profiling baseline) {v:.3f}"),
+    ("512 tokens 22.5 → 13.0 MiB (42 % saved)", "result.memory.0",
+     lambda v: f"{v['context']} tokens {v['full_bytes'] / 2**20:.1f} → {v['duo_bytes'] / 2**20:.1f} MiB ({v['saving']:.0%} saved)"
+     .replace("%", " %")),
+    ("8,192 tokens 360 → 182 MiB (50 %)", "result.memory.2",
+     lambda v: f"{v['context']:,} tokens {v['full_bytes'] / 2**20:.0f} → {v['duo_bytes'] / 2**20:.0f} MiB ({v['saving']:.0%})"
+     .replace("%", " %")),
+]
+
+
+def _at(document, path: str):
+    for part in path.split("."):
+        document = document[int(part)] if isinstance(document, list) else document[part]
+    return document
+
+
+@pytest.mark.parametrize("text,path,render", DOC_NUMBERS, ids=[t[:24] for t, _, _ in DOC_NUMBERS])
+def test_docs_numbers_come_from_the_committed_result(text, path, render):
+    """Each measured SmolLM2 number of docs/duo.md is rendered from the committed result at its key path;
+    the result was made by the reference objective (version 2, teacher branch) with the config's settings."""
+    import json
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parent.parent
+    document = json.loads((root / RESULT).read_text())
+    assert render(_at(document, path)) == text
+    assert text in (root / "docs" / "duo.md").read_text()
+    assert document["version"] == duo.VERSION and document["config"]["full_branch"] == "teacher"
+    settings = yaml.safe_load((root / "configs" / "duo_smollm2_quick.yaml").read_text())["duo"]
+    assert {k: document["config"][k] for k in settings} == settings
