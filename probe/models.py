@@ -313,12 +313,25 @@ class LoadedModel:
             def enable() -> None:
                 hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
             disable = hf.gradient_checkpointing_disable
+        # training mode switches dropout on (GPT-2: p = 0.1): held at 0 for the block, restored after
+        dropouts = [m for m in hf.modules() if isinstance(m, torch.nn.Dropout)]
+        rates = [m.p for m in dropouts]
+        attention = [m for m in hf.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+        attention_rates = [m.attention_dropout for m in attention]
         with self.lock:
             enable()
             hf.train()  # HF recomputes only in training mode; the weights stay frozen
+            for module in dropouts:
+                module.p = 0.0
+            for module in attention:
+                module.attention_dropout = 0.0
             try:
                 yield
             finally:
+                for module, rate in zip(dropouts, rates):
+                    module.p = rate
+                for module, rate in zip(attention, attention_rates):
+                    module.attention_dropout = rate
                 disable()
                 hf.train(was_training)
 

@@ -98,3 +98,21 @@ def test_registered_extra_spec_loads_through_the_core(monkeypatch):
                                                                   "run `probe organism refusal`"))
     with pytest.raises(UnknownModelError, match="probe organism refusal"):
         load_model("y")
+
+
+def test_recomputing_layers_keeps_dropout_off(tmp_path):
+    """`recompute_layers_in_backward` puts the HF model in training mode (HF recomputes only there); dropout
+    must stay off in it (the GPT-2 family has p = 0.1), and come back as it was after the block."""
+    from families import build_folder  # tests/ is on sys.path
+
+    model = load_model(f"hf:{build_folder('gpt2', tmp_path)}", device="cpu")
+    rates = [m.p for m in model.hf_model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert max(rates) > 0
+    ids = model.encode("the capital of mary is the book of john")
+    outside = model.hf_model(ids).logits
+    with model.recompute_layers_in_backward():
+        assert model.hf_model.training
+        inside = model.hf_model(ids).logits
+    torch.testing.assert_close(inside, outside, atol=1e-6, rtol=1e-6)
+    assert [m.p for m in model.hf_model.modules() if isinstance(m, torch.nn.Dropout)] == rates
+    assert not model.hf_model.training
