@@ -361,7 +361,7 @@ def fused_generate(model: Any, ids: torch.Tensor, max_new_tokens: int = 16,
                    interventions: Sequence[Intervention] = (), stop_ids: Sequence[int] | None = None) -> torch.Tensor:
     """Greedy continuation `[1, n_new]` on the fused path, as `LoadedModel.generate` does on the bridge (full
     `DynamicCache`, stop after an EOS/stop token, not included); interventions' positions are absolute."""
-    from transformers import DynamicCache
+    from probe.generation import greedy_decode
 
     if ids.dim() == 1:
         ids = ids[None]
@@ -371,15 +371,5 @@ def fused_generate(model: Any, ids: torch.Tensor, max_new_tokens: int = 16,
     stops = set(stop_ids or ())
     if model.tokenizer.eos_token_id is not None:
         stops.add(model.tokenizer.eos_token_id)
-    new: list[int] = []
     with fused(model, interventions):
-        cache = DynamicCache()
-        logits = model.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            if token in stops:
-                break
-            new.append(token)
-            step = torch.tensor([[token]], device=ids.device)
-            logits = model.hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    return torch.tensor([new], dtype=torch.long, device=ids.device)
+        return greedy_decode(model.hf_model, ids, max_new_tokens, stops)

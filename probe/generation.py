@@ -88,3 +88,25 @@ def greedy_generate(model: Any, texts: Sequence[str], max_new_tokens: int, batch
     with model.lock:
         return greedy_continuations(model.hf_model, model.tokenizer, texts, max_new_tokens, batch_size,
                                     add_special_tokens, stop_ids)
+
+
+@torch.no_grad()
+def greedy_decode(hf_model: Any, ids: torch.Tensor, max_new_tokens: int, stops: Collection[int]) -> torch.Tensor:
+    """Greedy continuation `[1, n_new]` of one prompt with a full `DynamicCache`, stopping before a stop id.
+
+    The one decode loop behind `LoadedModel.generate` on either path (bridge or fused): a full cache keeps
+    every key in every layer, so interventions' absolute positions (KV length - query length) stay right on
+    sliding-window layers."""
+    from transformers import DynamicCache
+
+    new: list[int] = []
+    cache = DynamicCache()
+    logits = hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    for _ in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        if token in stops:
+            break
+        new.append(token)
+        step = torch.tensor([[token]], device=ids.device)
+        logits = hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return torch.tensor([new], dtype=torch.long, device=ids.device)

@@ -352,7 +352,7 @@ class LoadedModel:
         full `DynamicCache`: unlike a sliding-window cache it keeps every key in every layer, so the
         interventions' absolute positions (KV length - query length) stay right on Gemma's windowed layers.
         """
-        from transformers import DynamicCache
+        from probe.generation import greedy_decode
 
         if ids.shape[0] != 1:
             raise ProbeError("generate() takes one prompt; loop over prompts (or batch with equal lengths).")
@@ -360,7 +360,6 @@ class LoadedModel:
         stops = set(stop_ids or ())
         if self.tokenizer.eos_token_id is not None:
             stops.add(self.tokenizer.eos_token_id)
-        new: list[int] = []
         with self.lock:
             if self.fused_reason() is None:
                 from probe.fused import FusedPathError, fused_generate
@@ -370,16 +369,7 @@ class LoadedModel:
                         return fused_generate(self, ids, max_new_tokens, self._open_interventions(), stop_ids)
                 except FusedPathError:  # a structural mismatch found on entry: everything is restored
                     pass
-            cache = DynamicCache()
-            logits = self.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            for _ in range(max_new_tokens):
-                token = int(logits[0, -1].argmax())
-                if token in stops:
-                    break
-                new.append(token)
-                step = torch.tensor([[token]], device=ids.device)
-                logits = self.hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-        return torch.tensor([new], dtype=torch.long, device=ids.device)
+            return greedy_decode(self.hf_model, ids, max_new_tokens, stops)
 
 
 def _pick_positions(logits: torch.Tensor, positions: Positions) -> torch.Tensor:

@@ -21,6 +21,12 @@ from probe import assets  # noqa: E402
 from probe.models import LoadedModel, load_model  # noqa: E402
 
 
+def _family_names() -> list[str]:
+    from families import FAMILIES
+
+    return list(FAMILIES)
+
+
 def _embedded(spec: str, asset: str) -> LoadedModel:
     if not assets.is_available(asset):
         pytest.fail(f"asset {asset} missing: run `make fetch` (or `probe fetch {asset}`) before the tests")
@@ -61,3 +67,19 @@ def tiny_gqa() -> LoadedModel:
 @pytest.fixture()
 def tiny_gpt2() -> LoadedModel:
     return load_model("tiny-gpt2", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory):
+    """A folder for the tiny family models of tests/families.py that a module builds."""
+    return tmp_path_factory.mktemp("families")
+
+
+@pytest.fixture(params=_family_names())
+def family(request: pytest.FixtureRequest, root):
+    """(name, model loaded as `hf:<folder>`) for every family of tests/families.py, built once per process
+    (tests/matrix.py); modules that need the independent copy too define their own `family`."""
+    from matrix import loaded_family
+
+    model, _, _ = loaded_family(request.param, root)
+    return request.param, model

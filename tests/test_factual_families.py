@@ -19,12 +19,10 @@ Cells go to the proof matrix (tests/matrix.py): "factual DLA sum", "factual stee
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from families import FAMILIES
-from matrix import loaded_family, record
+from matrix import record
 
 from analyses import factual as F
 from probe import readout
@@ -40,15 +38,6 @@ TUNING = (("mary", "key", "book"), ("john", "park", "store"))
 HELDOUT = (("city", "book", "key"), ("country", "store", "park"))
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("families")
-
-
-@pytest.fixture(params=list(FAMILIES))
-def family(request: pytest.FixtureRequest, root: Path):
-    model, _, _ = loaded_family(request.param, root)
-    return request.param, model
 
 
 def _prompts(model, rows) -> list[F.CounterfactualPrompt]:

@@ -3,12 +3,10 @@ cached residual equals the full forward's final-norm output, and hooks / interve
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
-from families import FAMILIES
 from matrix import loaded_family, record
 from probe.forward import ForwardError, layer_calls, run_from_layer
 from probe.heads import Head
@@ -18,15 +16,6 @@ TEXT = "the capital city of the country is a secret number 12 and the key to the
 TOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("families")
-
-
-@pytest.fixture(params=list(FAMILIES))
-def family(request: pytest.FixtureRequest, root: Path):
-    model, _, _ = loaded_family(request.param, root)
-    return request.param, model
 
 
 def _full(model, ids):

@@ -5,14 +5,12 @@ what the UA / SC hooks do (sliding windows included). Cells go to the proof matr
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from analyses import safety as S
-from families import FAMILIES
-from matrix import loaded_family, record
+from matrix import record
 from probe.architecture import architecture
 from probe.heads import Head
 from probe.interventions import intervene
@@ -23,15 +21,6 @@ ATOL = 1e-4
 ANGLE_TOL = 1e-3  # degrees
 
 
-@pytest.fixture(scope="module")
-def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("families")
-
-
-@pytest.fixture(params=list(FAMILIES))
-def family(request: pytest.FixtureRequest, root: Path):
-    model, _, _ = loaded_family(request.param, root)
-    return request.param, model
 
 
 def test_dataset_states_from_the_partial_forward_equal_full_passes(family):
