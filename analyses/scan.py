@@ -88,7 +88,12 @@ class ScanSettings:
 
 
 def analysis_key(model: LoadedModel, entry: AnalyzerEntry, config: Any, seed: int) -> str:
-    return stable_hash({"model": model.fingerprint, "analyzer": entry.name, "version": entry.version(),
+    return key_for(model.fingerprint, entry, config, seed)
+
+
+def key_for(fingerprint: str, entry: AnalyzerEntry, config: Any, seed: int) -> str:
+    """The key of one analysis from the model's weight fingerprint alone (a Ray driver has no model)."""
+    return stable_hash({"model": fingerprint, "analyzer": entry.name, "version": entry.version(),
                         "config": to_jsonable(config), "seed": seed})
 
 
@@ -199,9 +204,8 @@ def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: Sca
     for entry in entries:
         config = make_config(entry, settings.preset, settings.overrides.get(entry.name), settings.seed)
         key = analysis_key(model, entry, config, settings.seed)
-        path = out / "results" / f"{entry.name}.json"
-        saved = None if settings.force else read_json_or_set_aside(path, _corrupt_event(emit, entry.name), _check_record)
-        if saved is not None and saved.get("key") == key:
+        saved = None if settings.force else finished_record(out, entry.name, key, emit)
+        if saved is not None:
             records[entry.name] = saved
             emit("skip", entry.name, {"seconds": saved["seconds"]})
             continue
@@ -218,19 +222,51 @@ def run_scan(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: Sca
             errors[entry.name] = f"{type(error).__name__}: {error}"
             emit("error", entry.name, {"error": errors[entry.name]})
             continue
-        write_json_atomic(path, record)
-        np.savez(out / "arrays" / f"{entry.name}.npz", scores=result.scores.scores.double().numpy())
+        store_record(out, record, result.scores.scores.double().numpy())
         records[entry.name] = record
         del result
         release_free_memory()  # the next analysis starts from an unfragmented heap
         emit("done", entry.name, {"seconds": record["seconds"]})
+    return finish_scan(facts(model), [entry.name for entry in entries], settings, out, records, errors, emit)
+
+
+def finished_record(out: Path, name: str, key: str, emit: ScanEvents | None = None) -> dict[str, Any] | None:
+    """The record in `<out>/results/<name>.json` if it carries `key` (the analysis is done), else None.
+
+    A file that cannot be read is set aside and reported (`emit`'s "corrupt" event), then None.
+    """
+    emit = emit or (lambda kind, name, payload: None)
+    saved = read_json_or_set_aside(out / "results" / f"{name}.json", _corrupt_event(emit, name), _check_record)
+    return saved if saved is not None and saved.get("key") == key else None
+
+
+def store_record(out: Path, record: dict[str, Any], scores: np.ndarray) -> None:
+    """Write one finished analysis into the scan folder: `results/<name>.json` (atomic) and `arrays/<name>.npz`.
+
+    The scan and the Ray driver (analyses.cluster, which gets records back from workers) both write here.
+    """
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    (out / "arrays").mkdir(exist_ok=True)
+    write_json_atomic(out / "results" / f"{record['name']}.json", record)
+    np.savez(out / "arrays" / f"{record['name']}.npz", scores=np.asarray(scores, dtype=np.float64))
+
+
+def finish_scan(model_facts: dict[str, Any], names: Sequence[str], settings: ScanSettings, out: Path,
+                records: dict[str, dict[str, Any]], errors: dict[str, str],
+                on_event: ScanEvents | None = None) -> dict[str, Any]:
+    """Rebuild `<out>/results.json` under the folder lock from this scan's outcomes and the folder's records.
+
+    `model_facts` is `probe.models.facts(model)`: the driver of a Ray scan has it from a worker and
+    never loads the model itself.
+    """
+    emit = on_event or (lambda kind, name, payload: None)
     with scan_lock(out):
-        document = _gather(model, entries, settings, out, records, errors, emit)
+        document = _gather(model_facts, names, settings, out, records, errors, emit)
         write_json_atomic(out / "results.json", document)
     return document
 
 
-def _gather(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: ScanSettings, out: Path,
+def _gather(model_facts: dict[str, Any], names: Sequence[str], settings: ScanSettings, out: Path,
             records: dict[str, dict[str, Any]], errors: dict[str, str], emit: ScanEvents) -> dict[str, Any]:
     """The folder's results document: this scan's outcomes plus every other analysis of this model in it.
 
@@ -238,26 +274,27 @@ def _gather(model: LoadedModel, entries: Sequence[AnalyzerEntry], settings: Scan
     this one started; their records are read back from `<out>/results/`, their errors from the
     previous results.json, so no writer's analyses are dropped.
     """
-    ran = {entry.name for entry in entries}
+    fingerprint = model_facts["fingerprint"]
+    ran = set(names)
     previous = read_json_or_set_aside(out / "results.json", _corrupt_event(emit, "results.json"), _check_document)
-    if previous is not None and previous["model"].get("fingerprint") != model.fingerprint:
+    if previous is not None and previous["model"].get("fingerprint") != fingerprint:
         previous = None  # another model's scan: nothing of it belongs here
     gathered: dict[str, dict[str, Any]] = {}
     for path in sorted((out / "results").glob("*.json")):
         if path.stem in ran:
             continue
         record = read_json_or_set_aside(path, _corrupt_event(emit, path.stem), _check_record)
-        if record is not None and record.get("model") == model.fingerprint:
+        if record is not None and record.get("model") == fingerprint:
             gathered[path.stem] = record
     gathered.update(records)
     carried_errors = {name: error for name, error in (previous or {}).get("errors", {}).items()
                       if name not in ran and name not in gathered}
     old_settings = (previous or {}).get("settings", {})
-    names = [*old_settings.get("analyses", []), *(e.name for e in entries)]
+    listed = [*old_settings.get("analyses", []), *names]
     commands = [*(previous or {}).get("command", "").splitlines(), settings.command]
-    return {"schema": SCHEMA, "model": facts(model),
+    return {"schema": SCHEMA, "model": model_facts,
             "command": "\n".join(dict.fromkeys(c for c in commands if c)),
-            "settings": {"analyses": [n for n in dict.fromkeys(names) if n in gathered or n in errors
+            "settings": {"analyses": [n for n in dict.fromkeys(listed) if n in gathered or n in errors
                                       or n in carried_errors or n in ran],
                          "preset": settings.preset, "seed": settings.seed,
                          "overrides": {**{n: o for n, o in old_settings.get("overrides", {}).items() if n not in ran},
