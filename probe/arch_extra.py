@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from probe.architecture import Architecture, MissingComponentError, hf_module
+from probe.models import resident
 
 Tensor = torch.Tensor
 
@@ -56,9 +57,8 @@ class MoeWeights:
 
 def _as_in_out(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """(weight `[d_in, d_out]`, bias) of a Linear (stores `[out, in]`) or GPT-2's Conv1D (stores `[in, out]`)."""
-    weight = module.weight.detach()
-    bias = getattr(module, "bias", None)
-    bias = None if bias is None else bias.detach()
+    weight = resident(module, "weight")  # offloaded weights (accelerate) are read one module at a time
+    bias = resident(module, "bias")
     if isinstance(module, nn.Linear):
         return weight.T, bias
     if type(module).__name__ == "Conv1D":
@@ -114,8 +114,8 @@ def moe_weights(arch: Architecture, layer: int) -> MoeWeights:
     parts = arch.blocks[layer].mlp._modules
     router = hf_module(parts["gate"]) if "gate" in parts else None
     experts = getattr(module, "experts", None)
-    gate_up = getattr(experts, "gate_up_proj", None)
-    down = getattr(experts, "down_proj", None)
+    gate_up = resident(experts, "gate_up_proj") if experts is not None else None
+    down = resident(experts, "down_proj") if experts is not None else None
     if router is None or not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
         raise MissingComponentError(arch.name, f"blocks.{layer}.mlp router and stacked expert weights")
     if getattr(experts, "has_bias", False) or getattr(experts, "gate_up_proj_bias", None) is not None:
@@ -165,7 +165,7 @@ def rotary_tables(arch: Architecture, key: str, length: int) -> tuple[Tensor, Te
     """cos, sin `[length, rotary_dims]` exactly as the model's rotary module returns them (scaling,
     attention factor and partial rotary included), float32."""
     module = _rotary_module(arch)
-    positions = torch.arange(length, device=arch.W_E.device)[None]
+    positions = torch.arange(length, device=torch.device(arch.model.device))[None]
     probe_x = torch.zeros(1, dtype=torch.float32, device=positions.device)
     takes_type = "layer_type" in inspect.signature(module.forward).parameters
     with torch.no_grad():
@@ -177,7 +177,7 @@ def learned_positions(arch: Architecture) -> Tensor | None:
     """The learned positional embedding `[n_ctx, d_model]` (GPT-2), None for rotary families."""
     if not arch.has_learned_positions:
         return None
-    return hf_module(arch.model.bridge.pos_embed).weight.detach()
+    return resident(hf_module(arch.model.bridge.pos_embed), "weight")
 
 
 @torch.no_grad()

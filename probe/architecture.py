@@ -162,11 +162,36 @@ class Architecture:
         return int(self.kv_index[head])
 
     def _stacked(self, name: str) -> torch.Tensor | None:
+        """The bridge's stack of one per-head weight over the layers (on the input device)."""
+        if getattr(self.model, "offloaded", False):
+            return self._stacked_offloaded(name)
         try:
             value = getattr(self.model.bridge, name)
         except AttributeError:  # the bridge raises for a bias-free checkpoint
             return None
         return None if value is None else value.detach()
+
+    def _stacked_offloaded(self, name: str) -> torch.Tensor | None:
+        """`_stacked` for a model whose weights accelerate offloaded (`meta` outside a forward): the
+        bridge's own per-block reading, one block materialised at a time (never the whole model),
+        each copy gathered onto the input device."""
+        from probe.models import materialised
+
+        bridge = self.model.bridge
+        reshape = {"W_Q": "_reshape_qkv", "W_K": "_reshape_qkv", "W_V": "_reshape_qkv", "W_O": "_reshape_o"}.get(name)
+        reshape_fn = getattr(bridge, reshape) if reshape else (lambda w: w)
+        home = torch.device(self.model.device)
+        parts = []
+        for block in self.blocks:
+            with materialised(hf_module(block)):
+                try:
+                    value = getattr(block.attn, name)
+                except AttributeError:
+                    return None
+                if value is None:
+                    return None
+                parts.append(reshape_fn(value.detach()).to(home, copy=True))
+        return torch.stack(parts)
 
     @functools.cached_property
     def W_Q(self) -> torch.Tensor:
@@ -342,12 +367,12 @@ class Architecture:
     @property
     def W_E(self) -> torch.Tensor:
         """`[vocab, d_model]` token embedding (no scale; see `embed_scale`)."""
-        return self._embedding.weight.detach()
+        return _resident(self._embedding, "weight")
 
     @functools.cached_property
     def embed_scale(self) -> float:
         """The factor the model multiplies token embeddings by (Gemma: sqrt(d_model)); 1 elsewhere."""
-        scale = getattr(self._embedding, "embed_scale", None)
+        scale = _resident(self._embedding, "embed_scale")
         if scale is None:
             return 1.0
         return float(torch.as_tensor(scale).to(self._embedding.weight.dtype))
@@ -358,7 +383,9 @@ class Architecture:
 
     def embed(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Token embeddings as the model adds them to the residual stream (scale included, no positions)."""
-        ids = torch.as_tensor(ids, dtype=torch.long, device=self._embedding.weight.device)
+        weight = self._embedding.weight
+        device = weight.device if weight.device.type != "meta" else torch.device(self.model.device)
+        ids = torch.as_tensor(ids, dtype=torch.long, device=device)
         return self._embedding(ids)
 
     @functools.cached_property
@@ -367,18 +394,18 @@ class Architecture:
 
     def W_U_columns(self, ids: Sequence[int]) -> torch.Tensor:
         """Unembedding columns `[d_model, n]` of `ids` only, float32."""
-        weight = self._unembedding.weight
+        weight = _resident(self._unembedding, "weight")
         return weight[torch.as_tensor(list(ids), device=weight.device)].T.float()
 
     @property
     def unembed_weight(self) -> torch.Tensor:
         """The unembedding matrix as stored, `[vocab, d_model]` (rows are W_U's columns)."""
-        return self._unembedding.weight.detach()
+        return _resident(self._unembedding, "weight")
 
     @property
     def b_U(self) -> torch.Tensor | None:
-        bias = getattr(self._unembedding, "bias", None)
-        return None if bias is None else bias.detach().float()
+        bias = _resident(self._unembedding, "bias")
+        return None if bias is None else bias.float()
 
     # ---- paths ----------------------------------------------------------------------------------
     def path(self, component: str, layer: int | None = None) -> str:
@@ -419,10 +446,17 @@ def _config_value(config: Any, name: str) -> Any:
     return value
 
 
+def _resident(module: nn.Module, name: str) -> Any:
+    """`module.<name>` as a real tensor even when accelerate offloaded it (`probe.models.resident`)."""
+    from probe.models import resident
+
+    return resident(module, name)
+
+
 def _read_norm(module: nn.Module, path: str) -> Norm:
     """Kind, eps, effective weight and offset of a norm module, checked against the module's output."""
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
+    weight = _resident(module, "weight")
+    bias = _resident(module, "bias")
     if isinstance(module, nn.LayerNorm) or (bias is not None and isinstance(bias, torch.Tensor)):
         eps = float(getattr(module, "eps", 1e-5))
         return Norm("layer", weight.detach(), None if bias is None else bias.detach(), eps, 0.0, path, module)

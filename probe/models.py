@@ -170,6 +170,23 @@ class LoadedModel:
     def __post_init__(self) -> None:
         _serialise(self)
 
+    # ---- placement ----------------------------------------------------------------------------
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """Where accelerate put each module (`hf_device_map`: a device index, "cpu" or "disk"); None
+        for a model on one device."""
+        placed = getattr(self.hf_model, "hf_device_map", None)
+        return dict(placed) if placed else None
+
+    @property
+    def offloaded(self) -> bool:
+        """Whether some weights sit on the `meta` device until used (CPU/disk offload): readers must
+        go through `probe.models.materialised` / `resident` (the architecture layer does)."""
+        cached = self.extra.get("_offloaded")
+        if cached is None:
+            cached = self.extra["_offloaded"] = any(_has_offload_hook(m) for m in self.hf_model.modules())
+        return bool(cached)
+
     # ---- heads ------------------------------------------------------------------------------
     @property
     def group_size(self) -> int:
@@ -237,6 +254,8 @@ class LoadedModel:
         attention), routing not switched off (`fused_routing`, `PROBE_FUSED=0`)."""
         if not self.fused_routing:
             return "fused_routing is off on this model"
+        if self.offloaded:
+            return "weights offloaded to CPU/disk (device_map): the bridge's forward materialises them per module"
         if os.environ.get(FUSED_ENV, "1").strip().lower() in ("0", "off", "false", "no"):
             return f"{FUSED_ENV}={os.environ[FUSED_ENV]}"
         from probe.fused import unserved_reason
@@ -460,16 +479,75 @@ def _serialise(model: LoadedModel) -> None:
 
 # ---- loading -------------------------------------------------------------------------------------
 
-def _fingerprint(spec: str, model: PreTrainedModel) -> str:
-    """A short hash of the config and a sample of every weight: results are cached under it."""
+def _fingerprint(spec: str, model: PreTrainedModel, dtype: torch.dtype | None = None) -> str:
+    """A short hash of the config and a sample of every weight: results are cached under it.
+
+    Where the weights are does not enter it (a model split over devices or offloaded to disk has the
+    fingerprint of the same weights on one device: offloaded tensors are read through accelerate, one
+    module at a time); a dtype other than float32 does (bf16 results are not fp32 results, even where
+    the sampled weights round to the same values)."""
     digest = hashlib.sha256(spec.encode())
     digest.update(model.config.to_json_string(use_diff=False).encode())
+    if dtype is not None and dtype != torch.float32:
+        digest.update(f"dtype={dtype}".encode())
     for name, param in model.state_dict().items():
+        if param.device.type == "meta":
+            param = _offloaded_tensor(model, name)
         flat = param.detach().flatten()
         sample = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float64).cpu()
         digest.update(name.encode())
         digest.update(sample.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+# ---- weights offloaded by accelerate (device_map with "cpu"/"disk") --------------------------------
+
+def _has_offload_hook(module: torch.nn.Module) -> bool:
+    try:
+        from accelerate.utils import has_offloaded_params
+    except ImportError:  # accelerate absent: nothing can be offloaded
+        return False
+    return has_offloaded_params(module)
+
+
+@contextlib.contextmanager
+def materialised(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Every accelerate-offloaded parameter under `module` loaded onto its execution device for the
+    block (accelerate's `align_module_device` on each hooked descendant: hooks sit on the leaves
+    that own parameters), back on `meta` after. A no-op for a module without offloaded weights.
+    Materialise one layer at a time, not the whole model: that is what offloading saves."""
+    hooked = [m for m in module.modules() if _has_offload_hook(m)]
+    if not hooked:
+        yield module
+        return
+    from accelerate.utils import align_module_device
+
+    with contextlib.ExitStack() as stack:
+        for sub in hooked:
+            stack.enter_context(align_module_device(sub))
+        yield module
+
+
+def resident(module: torch.nn.Module, name: str = "weight") -> Any:
+    """`module.<name>` (a parameter or buffer) as a real tensor, detached: as is when it is resident,
+    else a copy loaded through accelerate (an offloaded weight is `meta` outside a forward)."""
+    value = getattr(module, name, None)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.device.type != "meta":
+        return value.detach()
+    with materialised(module):
+        value = getattr(module, name)
+        if value.device.type == "meta":
+            raise ProbeError(f"{type(module).__name__}.{name} is on the meta device and accelerate holds no "
+                             "offloaded copy of it (a model built empty, never loaded).")
+        return value.detach().clone()
+
+
+def _offloaded_tensor(model: torch.nn.Module, name: str) -> torch.Tensor:
+    """The state-dict entry `name` of a dispatched model, loaded from accelerate's offload store."""
+    owner, _, leaf = name.rpartition(".")
+    return resident(model.get_submodule(owner) if owner else model, leaf)
 
 
 @contextlib.contextmanager
@@ -496,15 +574,21 @@ def wrap_hf_model(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Boot a TransformerBridge around an already-built Hugging Face model (tiny or planted models too)."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    device = device or default_device()
     torch_dtype = DTYPES[dtype]
-    hf_model = hf_model.to(device=device, dtype=torch_dtype).eval()
+    placed = getattr(hf_model, "hf_device_map", None)
+    if placed:  # dispatched by accelerate: its hooks move weights and activations; never `.to()` it
+        _check_placed_dtype(hf_model, torch_dtype, spec)
+        device = str(_input_device(hf_model))
+        hf_model = hf_model.eval()
+    else:
+        device = device or default_device()
+        hf_model = hf_model.to(device=device, dtype=torch_dtype).eval()
     if not getattr(hf_model.config, "architectures", None):
         hf_model.config.architectures = [type(hf_model).__name__]  # GGUF loads leave it empty
     with _quiet():
         try:
-            bridge = TransformerBridge.boot_transformers(hub_name or spec, hf_model=hf_model,
-                                                         tokenizer=tokenizer, device=device)
+            bridge = TransformerBridge.boot_transformers(hub_name or spec, hf_model=hf_model, tokenizer=tokenizer,
+                                                         device=None if placed else device)
         except (ValueError, NotImplementedError, KeyError) as error:
             raise UnknownModelError(
                 f"TransformerLens cannot bridge {spec} ({hf_model.config.architectures[0]}): {error}"
@@ -516,15 +600,221 @@ def wrap_hf_model(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                 or getattr(hf_model.config, "n_positions", None) or cfg.n_ctx)
     for param in hf_model.parameters():
         param.requires_grad_(False)
-    return LoadedModel(
+    model = LoadedModel(
         spec=spec, bridge=bridge, hf_model=hf_model, tokenizer=tokenizer, device=device,
         dtype=torch_dtype, n_layers=int(cfg.n_layers), n_heads=n_heads, n_kv_heads=n_kv,
         d_head=int(cfg.d_head), d_model=int(cfg.d_model), d_vocab=int(cfg.d_vocab), n_ctx=n_ctx,
-        architecture=hf_model.config.architectures[0], fingerprint=_fingerprint(spec, hf_model),
+        architecture=hf_model.config.architectures[0], fingerprint=_fingerprint(spec, hf_model, torch_dtype),
     )
+    model.extra["hub_name"] = hub_name or spec
+    return model
 
 
-def _load_tiny(name: str, device: str | None, dtype: str) -> LoadedModel:
+# ---- models over several devices (accelerate) --------------------------------------------------------
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, int | str]
+
+
+def _input_device(hf_model: PreTrainedModel) -> torch.device:
+    """The device token ids go to: the input embedding's execution device (accelerate's hook) or its weight's."""
+    embedding = hf_model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    weight = embedding.weight
+    return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+
+def _check_placed_dtype(hf_model: PreTrainedModel, dtype: torch.dtype, spec: str) -> None:
+    found = {p.dtype for p in hf_model.parameters() if p.is_floating_point() and p.device.type != "meta"}
+    if found and found != {dtype}:
+        raise ProbeError(f"{spec}: the dispatched model holds {sorted(map(str, found))} weights, not {dtype}; "
+                         "cast it before dispatching (`load_model(..., dtype=..., device_map=...)` does).")
+
+
+def _check_map_device(value: Any, where: str) -> int | str:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ProbeError(f"{where}: a device is an index (0), 'cuda:N', 'cpu', 'mps' or 'disk', not {value!r}.")
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if isinstance(value, int):
+        check_device(f"cuda:{value}")
+        return value
+    if value not in ("cpu", "disk"):
+        check_device(value)
+    return value
+
+
+def parse_device_map(text: str | None) -> DeviceMap | None:
+    """`--device-map`: a strategy (auto, balanced, balanced_low_0, sequential), a JSON file, or inline
+    JSON `{module path: device}` (devices: an index, 'cuda:N', 'cpu', 'disk'); None stays None."""
+    if text is None or not text.strip():
+        return None
+    text = text.strip()
+    if text in DEVICE_MAP_STRATEGIES:
+        return text
+    path = Path(text).expanduser()
+    source = f"--device-map {text!r}"
+    if not text.startswith("{"):
+        if not path.is_file():
+            raise ProbeError(f"{source}: not one of {', '.join(DEVICE_MAP_STRATEGIES)}, no such file, and not a "
+                             "JSON object {module: device}.")
+        text, source = path.read_text(encoding="utf-8"), f"device map {path}"
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ProbeError(f"{source} is not valid JSON: {error.msg} at line {error.lineno}.") from error
+    if not isinstance(mapping, dict) or not mapping:
+        raise ProbeError(f"{source} must be a JSON object mapping module paths to devices, e.g. "
+                         '{"model.embed_tokens": 0, "model.layers.0": 0, "model.layers.1": "disk", ...}.')
+    return {str(key): _check_map_device(value, f"{source} entry {key!r}") for key, value in mapping.items()}
+
+
+_MEMORY = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B)?\s*$", re.IGNORECASE)
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """`--max-memory '0=20GiB,1=20GiB,cpu=60GiB'` -> `{0: '20GiB', 1: '20GiB', 'cpu': '60GiB'}`
+    (accelerate's per-device budget for a device map strategy); None stays None."""
+    if text is None or not text.strip():
+        return None
+    limits: dict[int | str, str] = {}
+    for part in (p for p in text.split(",") if p.strip()):
+        key, sep, amount = part.partition("=")
+        key, amount = key.strip(), amount.strip()
+        if not sep or not key or not _MEMORY.match(amount):
+            raise ProbeError(f"--max-memory {text!r}: each entry is DEVICE=AMOUNT, e.g. 0=20GiB or cpu=60GiB "
+                             f"(not {part.strip()!r}).")
+        device: int | str = int(key) if key.isdigit() else key
+        if device not in ("cpu", "disk", "mps") and not isinstance(device, int):
+            raise ProbeError(f"--max-memory {text!r}: {key!r} is not a device (0, 1, ..., cpu, mps).")
+        limits[device] = amount if any(c.isalpha() for c in amount) else int(float(amount))
+    return limits
+
+
+def place(hf_model: PreTrainedModel, device_map: DeviceMap, max_memory: dict[int | str, Any] | None = None,
+          offload_folder: str | Path | None = None) -> PreTrainedModel:
+    """Dispatch an in-memory (not yet bridged) Hugging Face model over devices with accelerate: a
+    strategy is turned into a map by `infer_auto_device_map` (whole decoder layers, tied weights kept
+    together), an explicit map must cover every module. Weights mapped to "disk" are written to
+    `offload_folder` (default: a temporary folder, removed with the process) and sit on `meta`."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+        from accelerate.utils import get_balanced_memory
+    except ImportError as error:
+        raise ProbeError("--device-map needs accelerate: pip install accelerate.") from error
+    no_split = list(getattr(hf_model, "_no_split_modules", None) or [])
+    dtype = next(hf_model.parameters()).dtype
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ProbeError(f"Unknown device map {device_map!r}; use {', '.join(DEVICE_MAP_STRATEGIES)} or a dict.")
+        if device_map != "sequential":
+            max_memory = get_balanced_memory(hf_model, max_memory=max_memory, no_split_module_classes=no_split,
+                                             dtype=dtype, low_zero=device_map == "balanced_low_0")
+        device_map = infer_auto_device_map(hf_model, max_memory=max_memory, no_split_module_classes=no_split,
+                                           dtype=dtype)
+    else:
+        device_map = {key: _check_map_device(value, f"device map entry {key!r}") for key, value in device_map.items()}
+    folder = offload_folder
+    if "disk" in device_map.values() and folder is None:
+        import tempfile
+
+        holder = tempfile.TemporaryDirectory(prefix="probe-offload-")
+        folder = holder.name
+        hf_model.__dict__["_probe_offload_dir"] = holder  # removed when the model is
+    try:
+        dispatched = dispatch_model(hf_model, device_map=dict(device_map),
+                                    offload_dir=str(folder) if folder is not None else None)
+    except (ValueError, KeyError, RuntimeError) as error:
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ProbeError(f"Cannot place the model with device map {device_map}: {first[:300]}") from error
+    return dispatched
+
+
+def plain_copy(model: LoadedModel) -> PreTrainedModel:
+    """A fresh, un-bridged Hugging Face model with a copy of `model`'s weights (the bridge rewires the
+    model it wraps, so a bridged model cannot be re-dispatched or re-cast in place)."""
+    if model.device_map:
+        raise ProbeError(f"{model.spec} is dispatched over devices already; load it again to place it differently.")
+    hf = model.hf_model
+    with torch.random.fork_rng():
+        fresh = type(hf)(hf.config)
+    bridged = {key.replace("._original_component", ""): value for key, value in hf.state_dict().items()}
+    state = {}
+    for key in fresh.state_dict():
+        if key not in bridged:
+            raise ProbeError(f"{model.spec}: no weight {key} in the bridged model; cannot copy it.")
+        state[key] = bridged[key].detach().clone()
+    fresh.load_state_dict(state, strict=True)
+    if getattr(hf.config, "architectures", None):
+        fresh.config.architectures = list(hf.config.architectures)
+    return fresh.eval()
+
+
+def converted(model: LoadedModel, dtype: str | None = None, device: str | None = None,
+              device_map: DeviceMap | None = None, max_memory: dict[int | str, Any] | None = None,
+              offload_folder: str | Path | None = None) -> LoadedModel:
+    """The same weights as a new `LoadedModel` in another dtype, on another device or dispatched over
+    devices (planted and organism models are built in memory, so this is how they run in bf16 or
+    offloaded); `model` itself is left as it is. Public `extra` entries are carried over."""
+    dtype = dtype or _dtype_name(model.dtype)
+    _check_placement(device, dtype, device_map, max_memory, offload_folder)
+    hf = plain_copy(model).to(DTYPES[dtype])
+    if device_map is not None:
+        hf = place(hf, device_map, max_memory, offload_folder)
+    copy = wrap_hf_model(hf, model.tokenizer, model.spec, hub_name=model.extra.get("hub_name", model.spec),
+                         device=None if device_map is not None else (device or model.device), dtype=dtype)
+    copy.extra.update({k: v for k, v in model.extra.items() if not k.startswith("_") and k != "hub_name"})
+    return copy
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((name for name, value in DTYPES.items() if value == dtype), "float32")
+
+
+def _check_placement(device: str | None, dtype: str, device_map: DeviceMap | None,
+                     max_memory: dict[int | str, Any] | None, offload_folder: str | Path | None) -> None:
+    check_device(device)
+    if dtype not in DTYPES:
+        raise ProbeError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+    if device_map is not None and device is not None:
+        raise ProbeError("--device and --device-map exclude each other: the map says where every layer goes.")
+    if device_map is None and (max_memory is not None or offload_folder is not None):
+        raise ProbeError("--max-memory and --offload-folder only apply with --device-map.")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where `load_model` puts the weights when they span devices (None: one device)."""
+
+    device_map: DeviceMap | None = None
+    max_memory: dict[int | str, Any] | None = None
+    offload_folder: str | Path | None = None
+
+    def hf_kwargs(self) -> dict[str, Any]:
+        """`from_pretrained` keywords (accelerate places the weights while loading them)."""
+        if self.device_map is None:
+            return {}
+        kwargs: dict[str, Any] = {"device_map": self.device_map}
+        if self.max_memory is not None:
+            kwargs["max_memory"] = self.max_memory
+        if self.offload_folder is not None:
+            kwargs["offload_folder"] = str(self.offload_folder)
+        return kwargs
+
+
+def _wrap_placed(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: str, hub_name: str,
+                 device: str | None, dtype: str, placement: Placement) -> LoadedModel:
+    """An in-memory model wrapped on one device, or cast and dispatched first."""
+    if placement.device_map is not None:
+        hf_model = place(hf_model.to(DTYPES[dtype]), placement.device_map, placement.max_memory,
+                         placement.offload_folder)
+    return wrap_hf_model(hf_model, tokenizer, spec, hub_name=hub_name, device=device, dtype=dtype)
+
+
+def _load_tiny(name: str, device: str | None, dtype: str, placement: Placement = Placement()) -> LoadedModel:
     from probe import tiny
 
     tokenizer = tiny.word_tokenizer(name=f"probe/{name}")
@@ -535,16 +825,17 @@ def _load_tiny(name: str, device: str | None, dtype: str) -> LoadedModel:
         model = tiny.tiny_llama(vocab, n_heads=4, n_kv_heads=2, seed=1)
     else:
         model = tiny.tiny_gpt2(vocab)
-    return wrap_hf_model(model, tokenizer, name, hub_name=f"probe/{name}", device=device, dtype=dtype)
+    return _wrap_placed(model, tokenizer, name, f"probe/{name}", device, dtype, placement)
 
 
 def _load_pretrained(source: str, spec: str, gguf_file: str | None, hub_name: str,
-                     device: str | None, dtype: str) -> LoadedModel:
+                     device: str | None, dtype: str, placement: Placement = Placement()) -> LoadedModel:
     kwargs: dict[str, Any] = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         with _quiet():
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], **kwargs,
+                                                         **placement.hf_kwargs())
     except (OSError, ValueError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         first = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]  # a cut-off "one of:" line
@@ -591,36 +882,45 @@ def _check_hf_source(source: str) -> None:
 
 
 def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str = "float32",
-               progress: Callable[[str], None] | None = None) -> LoadedModel:
-    """Load a model by spec (see module docstring). Raises `ProbeError` subclasses with the fix."""
-    check_device(device)
-    if dtype not in DTYPES:
-        raise ProbeError(f"Unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}.")
+               progress: Callable[[str], None] | None = None, device_map: DeviceMap | None = None,
+               max_memory: dict[int | str, Any] | None = None,
+               offload_folder: str | Path | None = None) -> LoadedModel:
+    """Load a model by spec (see module docstring). Raises `ProbeError` subclasses with the fix.
+
+    `device_map` (accelerate: "auto", "balanced", "sequential" or `{module path: device}` with
+    devices an index, "cpu" or "disk"), `max_memory` (`{0: "20GiB", "cpu": "60GiB"}`) and
+    `offload_folder` spread a model larger than one device over several, CPU and disk; they exclude
+    `device`. See docs/SCALE.md."""
+    _check_placement(device, dtype, device_map, max_memory, offload_folder)
+    placement = Placement(device_map, max_memory, offload_folder)
     say = progress or (lambda message: None)
     if spec in SPECS:
         named = SPECS[spec]
         if named.asset is None:
-            return _load_tiny(spec, device, dtype)
+            return _load_tiny(spec, device, dtype, placement)
         path = assets.asset_file(named.asset)
         say(f"loading {spec} from {path} (de-quantising GGUF; ~15-40 s on CPU)")
-        return _load_pretrained(str(path.parent), spec, named.gguf_file, named.hub_name, device, dtype)
+        return _load_pretrained(str(path.parent), spec, named.gguf_file, named.hub_name, device, dtype, placement)
     if spec in EXTRA_SPECS:
         extra = EXTRA_SPECS[spec]
         if not extra.available():
             raise UnknownModelError(f"{spec} is not built yet: {extra.missing_hint or extra.description}")
         say(f"loading {spec}")
-        return extra.loader(device, dtype)
+        if device_map is None:
+            return extra.loader(device, dtype)
+        return converted(extra.loader("cpu", dtype), device_map=device_map, max_memory=max_memory,
+                         offload_folder=offload_folder)
     if spec.startswith("hf:"):
         source = spec[3:]
         _check_hf_source(source)
         say(f"loading {source} with transformers")
-        return _load_pretrained(source, spec, None, "", device, dtype)
+        return _load_pretrained(source, spec, None, "", device, dtype, placement)
     if spec.startswith("gguf:"):
         path = Path(spec[5:]).expanduser()
         if not path.is_file():
             raise UnknownModelError(f"GGUF file {path} does not exist.")
         say(f"loading {path} (de-quantising GGUF)")
-        return _load_pretrained(str(path.parent), spec, path.name, "", device, dtype)
+        return _load_pretrained(str(path.parent), spec, path.name, "", device, dtype, placement)
     raise UnknownModelError(
         f"Unknown model spec {spec!r}. Valid specs: {', '.join([*SPECS, *EXTRA_SPECS])}, "
         "or hf:<local dir or hub id>, or gguf:<path to .gguf>."
@@ -653,8 +953,19 @@ def facts(model: LoadedModel) -> dict[str, Any]:
         "n_heads": model.n_heads, "n_kv_heads": model.n_kv_heads, "group_size": model.group_size,
         "d_head": model.d_head, "d_model": model.d_model, "d_vocab": model.d_vocab,
         "n_ctx": model.n_ctx, "device": model.device, "dtype": str(model.dtype).replace("torch.", ""),
+        "device_map": _map_summary(model.device_map),
         "chat_template": bool(model.chat_template), "fingerprint": model.fingerprint,
     }
+
+
+def _map_summary(device_map: dict[str, Any] | None) -> dict[str, list[str]] | None:
+    """`{device: [module paths]}` of a dispatched model (JSON keys are strings), None on one device."""
+    if not device_map:
+        return None
+    summary: dict[str, list[str]] = {}
+    for module, device in device_map.items():
+        summary.setdefault(str(device), []).append(module)
+    return summary
 
 
 def facts_json(model: LoadedModel) -> str:
