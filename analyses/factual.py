@@ -44,6 +44,7 @@ from analyses.data.counterfactual import (
     default_pool,
     split_countries,
 )
+from probe import batching
 from probe.architecture import Norm, architecture
 from probe.errors import ProbeError
 from probe.generation import greedy_generate
@@ -277,9 +278,10 @@ def _groups(prompts: Sequence[CounterfactualPrompt], model: LoadedModel,
         model.check_fits(ids.shape[-1])
         by_length.setdefault(ids.shape[-1], []).append((index, ids[0]))
     batches = []
-    for _, rows in sorted(by_length.items()):
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+    for length, rows in sorted(by_length.items()):
+        size = batching.choose(model, length, batch_size)  # what fits in the device's free memory, <= batch_size
+        for start in range(0, len(rows), size):
+            chunk = rows[start:start + size]
             batches.append(([i for i, _ in chunk], torch.stack([ids for _, ids in chunk])))
     return batches
 
@@ -301,15 +303,16 @@ def generate_answers(model: LoadedModel, prompts: Sequence[CounterfactualPrompt]
     answers = [""] * len(prompts)
     eos = model.tokenizer.eos_token_id
     stops = None if eos is None else [eos]
-    for indices, ids in _groups(prompts, model, batch_size):
-        model.check_fits(ids.shape[-1] + max_new_tokens)
+    def one(indices: list[int], ids: torch.Tensor) -> None:  # out-of-memory: batching halves the batch
         with intervene(model, _as_list(interventions)):
             rows = greedy_generate(model, [prompts[i].text for i in indices], max_new_tokens,
                                    batch_size=len(indices), add_special_tokens=True, stop_ids=stops or ())
         for index, new in zip(indices, rows):
-            if eos is not None and eos in new:
-                new = new[:new.index(eos)]
-            answers[index] = model.decode(new)
+            answers[index] = model.decode(new[:new.index(eos)] if eos is not None and eos in new else new)
+
+    for indices, ids in _groups(prompts, model, batch_size):
+        model.check_fits(ids.shape[-1] + max_new_tokens)
+        batching.split_on_oom(one, indices, ids, what="factual generation")
     return answers
 
 
@@ -327,7 +330,7 @@ def first_token_logits(model: LoadedModel, prompts: Sequence[CounterfactualPromp
     """Per prompt: (logit of in-context first token, logit of memorised first token) `[n, 2]`, and argmax `[n]`."""
     pair = torch.zeros(len(prompts), 2, dtype=torch.float64)
     argmax = torch.zeros(len(prompts), dtype=torch.long)
-    for indices, ids in _groups(prompts, model, batch_size):
+    def one(indices: list[int], ids: torch.Tensor) -> None:  # out-of-memory: batching halves the batch
         with intervene(model, _as_list(interventions)):
             last = model.logits(ids)[:, -1].to(torch.float64)
         for row, index in enumerate(indices):
@@ -335,6 +338,9 @@ def first_token_logits(model: LoadedModel, prompts: Sequence[CounterfactualPromp
             pair[index, 0] = last[row, p.in_context_token] if p.in_context_token >= 0 else float("nan")
             pair[index, 1] = last[row, p.memorised_token]
         argmax[indices] = last.argmax(-1).cpu()
+
+    for indices, ids in _groups(prompts, model, batch_size):
+        batching.split_on_oom(one, indices, ids, what="factual first-token logits")
     return pair, argmax
 
 
