@@ -154,7 +154,7 @@ def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int,
         saved: dict[str, torch.Tensor] = {}
 
         def alpha_of(layer: int, like: torch.Tensor) -> torch.Tensor:
-            return gates[layer].clamp(0, 1)[kv_index].to(like.dtype)  # [H]
+            return gates[layer].clamp(0, 1)[kv_index].to(like.device, like.dtype)  # [H], on the layer's device
 
         def stream_scores(scores: torch.Tensor) -> torch.Tensor:
             q_len, k_len = scores.shape[-2], scores.shape[-1]
@@ -167,7 +167,7 @@ def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int,
 
             def mix_z(z: torch.Tensor, hook: Any, layer=layer) -> torch.Tensor:
                 alpha = alpha_of(layer, z).view(1, 1, -1, 1)
-                return alpha * teacher_z[layer].to(z.dtype) + (1 - alpha) * z
+                return alpha * teacher_z[layer].to(z.device, z.dtype) + (1 - alpha) * z
 
             hooks += [(f"blocks.{layer}.attn.hook_attn_scores", restrict), (f"blocks.{layer}.attn.hook_z", mix_z)]
             continue
@@ -177,7 +177,7 @@ def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int,
             return scores
 
         def blend(pattern: torch.Tensor, hook: Any, saved=saved, layer=layer) -> torch.Tensor:
-            stream = torch.softmax(stream_scores(saved.pop("scores")), dim=-1)
+            stream = torch.softmax(stream_scores(saved.pop("scores")), dim=-1, dtype=torch.float32).to(pattern.dtype)
             alpha = alpha_of(layer, pattern).view(1, -1, 1, 1)
             return alpha * pattern + (1 - alpha) * stream
 

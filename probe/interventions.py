@@ -394,8 +394,8 @@ def head_means(model: Any, prompts: Sequence[torch.Tensor], heads: Sequence[Head
     for ids in prompts:
         ids = ids if ids.dim() == 2 else ids.unsqueeze(0)
         z = capture_z(model, ids, heads)
-        for head, value in z.items():
-            part = value.sum(0) if per_position else value.sum((0, 1))
-            sums[head] = sums[head] + part if head in sums else part
+        for head, value in z.items():  # summed in float32 (a bf16 sum over many positions loses digits)
+            part = value.float().sum(0) if per_position else value.float().sum((0, 1))
+            sums[head] = sums[head] + part.to(sums[head].device) if head in sums else part
         count += ids.shape[0] if per_position else ids.shape[0] * ids.shape[1]
-    return {head: total / count for head, total in sums.items()}
+    return {head: total / count for head, total in sums.items()}  # applied in the hooked tensor's dtype/device

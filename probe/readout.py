@@ -12,7 +12,8 @@ Two uses, two functions:
   no soft-cap here either: neither is linear in a contribution.
 
 Everything is read through `probe.architecture`; the full-vocabulary unembedding is used as stored
-(no float copy) unless `ids` restricts a read-out to a few tokens.
+(no float copy) unless `ids` restricts a read-out to a few tokens. Logits and log-probabilities come out
+in float32 whatever the model's dtype (softmax and KL are not run in bf16).
 """
 
 from __future__ import annotations
@@ -53,10 +54,11 @@ def frozen_final_norm(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 def unembed(model: Any, normalized: torch.Tensor) -> torch.Tensor:
-    """Logits from normalised residual directions, full vocabulary (no unembedding bias: it belongs to
-    no component; no soft-cap: it is not linear)."""
+    """Logits (float32) from normalised residual directions, full vocabulary (no unembedding bias: it
+    belongs to no component; no soft-cap: it is not linear). The product runs in the model's dtype, as
+    the model's own unembedding does; the result is float32, so a softmax over it is (bf16 models)."""
     weight = architecture(model).unembed_weight
-    return torch.nn.functional.linear(normalized.to(weight.dtype), weight)
+    return torch.nn.functional.linear(normalized.to(weight.device, weight.dtype), weight).float()
 
 
 def direction_logits(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -135,13 +135,28 @@ def planted_rank(scores: torch.Tensor, head: Any) -> float:
     return _ranks(flat)[head.layer * scores.shape[1] + head.head]
 
 
+RESOLUTION = 1e-6  # scores below this fraction of the largest |reference score| are zero at float32 precision
+
+
+def resolved(values: list[float], scale: float) -> list[float]:
+    """`values` with everything below RESOLUTION x `scale` in magnitude set to 0 (a tie): such scores are
+    float32 rounding (e.g. Ships KL of ~1e-11 nats for a head that writes nothing the read-out sees),
+    and their order is noise in either dtype."""
+    return [0.0 if abs(v) < RESOLUTION * scale else v for v in values]
+
+
 def compare(reference: torch.Tensor, other: torch.Tensor, head: Any) -> dict[str, Any]:
-    """Max |difference|, Spearman over the heads both score (NaN = not scored), planted ranks."""
+    """Max |difference|, Spearman over the heads both score (NaN = not scored) raw and with scores under
+    float32 resolution tied at 0 (`spearman_resolved`), planted head ranks."""
     ref, oth = reference.double().cpu(), other.double().cpu()
     both = torch.isfinite(ref) & torch.isfinite(oth)
     a, b = ref[both].tolist(), oth[both].tolist()
+    scale = max((abs(v) for v in a), default=0.0)
     return {"max_abs_diff": float((ref[both] - oth[both]).abs().max()) if a else 0.0,
+            "max_abs_reference": scale,
             "spearman": round(spearman(a, b), 6), "heads_compared": len(a),
+            "spearman_resolved": round(spearman(resolved(a, scale), resolved(b, scale)), 6),
+            "heads_below_resolution": sum(1 for v in a if abs(v) < RESOLUTION * scale),
             "planted_head": str(head),
             "planted_rank_reference": planted_rank(torch.nan_to_num(ref, nan=-math.inf), head),
             "planted_rank": planted_rank(torch.nan_to_num(oth, nan=-math.inf), head)}
@@ -202,7 +217,8 @@ def run_case(case: Case, say: Callable[[str], None] = print) -> dict[str, dict[s
         out["offload"] = {**compare(reference, case.scores(offloaded), case.planted), "settings": case.settings,
                           "on_disk": sorted(k for k, v in mapping.items() if v == "disk"),
                           "seconds_offload": round(time.perf_counter() - start, 2)}
-    say(f"{case.name}: bf16 max diff {out['bf16']['max_abs_diff']:.3g}, spearman {out['bf16']['spearman']:.3f}, "
+    say(f"{case.name}: bf16 max diff {out['bf16']['max_abs_diff']:.3g}, spearman {out['bf16']['spearman']:.3f} "
+        f"(resolved {out['bf16']['spearman_resolved']:.3f}), "
         f"rank {out['bf16']['planted_rank_reference']:g}->{out['bf16']['planted_rank']:g}; "
         f"offload max diff {out['offload']['max_abs_diff']:.3g}")
     return out
