@@ -2,6 +2,7 @@
 
     OMP_NUM_THREADS=1 .venv/bin/python -m tools.scale_agreement            # both files
     OMP_NUM_THREADS=1 .venv/bin/python -m tools.scale_agreement --only retrieval,duo --no-write
+    .venv/bin/python -m tools.scale_agreement --table                      # docs/SCALE.md's tables
 
 Each analyzer runs end to end (its `run`, settings sized for a 2-core CPU) on the planted model of
 analyses/planted.py three times: fp32 on one device (the reference), the same weights in bfloat16
@@ -224,11 +225,32 @@ def run_case(case: Case, say: Callable[[str], None] = print) -> dict[str, dict[s
     return out
 
 
+def tables() -> str:
+    """The two markdown tables of docs/SCALE.md, from the committed result files (`--table`)."""
+    bf16 = json.loads(BF16_FILE.read_text())["analyzers"]
+    offload = json.loads(OFFLOAD_FILE.read_text())["analyzers"]
+    lines = ["| analyzer | max abs diff | max abs score | Spearman | Spearman (resolved) | planted rank fp32 / bf16 | planted head |",
+             "|---|---|---|---|---|---|---|"]
+    for name, e in bf16.items():
+        lines.append(f"| {name} | {e['max_abs_diff']:.3g} | {e['max_abs_reference']:.3g} | {e['spearman']:.3f} | "
+                     f"{e['spearman_resolved']:.3f} | {e['planted_rank_reference']:g} / {e['planted_rank']:g} | "
+                     f"{e['planted_head']} |")
+    lines += ["", "| analyzer | max abs diff | planted rank one device / offloaded | on disk |", "|---|---|---|---|"]
+    for name, e in offload.items():
+        lines.append(f"| {name} | {e['max_abs_diff']:.2g} | {e['planted_rank_reference']:g} / {e['planted_rank']:g} | "
+                     f"{', '.join(e['on_disk'])} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated analyzers (default: all)")
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--table", action="store_true", help="print docs/SCALE.md's tables from the result files")
     args = parser.parse_args(argv)
+    if args.table:
+        print(tables())
+        return 0
     cases = _cases()
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(cases)
     results = {name: run_case(cases[name]) for name in names}
