@@ -37,6 +37,7 @@ import torch
 
 from analyses.common import Progress, no_progress, provenance, random_head_sets
 from analyses.data.harmless import REFUSAL_PHRASES
+from probe import batching
 from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.forward import run_from_layer
@@ -241,8 +242,7 @@ def ablated_readouts(model: LoadedModel, clean: CleanRun, groups: Sequence[Seque
     order = sorted(range(len(groups)), key=lambda g: min(h.layer for h in groups[g]))
     finals = torch.empty((len(groups), model.d_model), dtype=torch.float32)
     log_probs = torch.empty((len(groups), model.d_vocab), dtype=torch.float32) if want_log_probs else None
-    for begin in range(0, len(order), batch_rows):
-        chunk = order[begin:begin + batch_rows]
+    def one(chunk: list[int]) -> None:  # out-of-memory: batching halves the chunk, finished rows kept
         interventions = [ablate(groups[g], ablation, epsilon, rows=[row]) for row, g in enumerate(chunk)]
         with intervene(model, interventions):
             if use_fast:
@@ -256,6 +256,10 @@ def ablated_readouts(model: LoadedModel, clean: CleanRun, groups: Sequence[Seque
         finals[chunk] = final.float().cpu()
         if log_probs is not None:
             log_probs[chunk] = log_probs_from_normalized(model, final).cpu()
+
+    size = batching.choose(model, clean.ids.shape[-1], batch_rows)  # what fits in free memory, <= batch_rows
+    for begin in range(0, len(order), size):
+        batching.split_on_oom(one, order[begin:begin + size], what="Ships ablated read-outs")
     return finals, log_probs
 
 

@@ -92,3 +92,23 @@ def test_map_batched_keeps_finished_chunks_and_halves_for_the_rest():
         batching.map_batched(lambda chunk: (_ for _ in ()).throw(OOM("injected")), [1, 2], 2)
     with pytest.raises(RuntimeError, match="not memory"):  # other errors pass through untouched
         batching.map_batched(lambda chunk: (_ for _ in ()).throw(RuntimeError("not memory")), [1], 1)
+
+
+def test_ships_readouts_survive_an_injected_oom_with_the_same_scores(monkeypatch):
+    from analyses import planted, safety
+
+    model = planted.safety_model()
+    ids = model.encode(planted.SAFETY_HARMFUL_PROMPTS[0])
+    clean = safety.ships_query(model, ids, "query", 0.0)
+    real, sizes = safety.run_from_layer, []
+
+    def run_from_layer(model, resid, start, *args, **kwargs):
+        sizes.append(resid.shape[0])
+        if resid.shape[0] > 3:
+            raise OOM("CUDA out of memory (injected)")
+        return real(model, resid, start, *args, **kwargs)
+
+    monkeypatch.setattr(safety, "run_from_layer", run_from_layer)
+    again = safety.ships_query(model, ids, "query", 0.0)
+    assert max(sizes) > 3 and min(sizes) <= 3
+    torch.testing.assert_close(again, clean, rtol=0, atol=1e-5)  # other batch shapes: float32 rounding only
