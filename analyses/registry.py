@@ -207,60 +207,75 @@ def read_config(path: str | Path) -> dict[str, dict[str, Any]]:
     level that is not a mapping of analysis names to mappings; an unknown section (with the closest
     valid name). Setting names and types are checked by `make_config`, per analysis.
     """
-    import yaml
-
+    data = load_yaml(path, "Config")
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise ProbeError(f"Config {path} is {size:,} bytes; a settings file is at most {MAX_CONFIG_BYTES:,}.")
-        raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
-    except OSError as error:
-        raise ProbeError(f"Cannot read config {path}: {error.strerror or error}.") from error
-    if len(raw) > MAX_CONFIG_BYTES:  # grew after stat, or a pipe/device that reports size 0
-        raise ProbeError(f"Config {path} is over {MAX_CONFIG_BYTES:,} bytes; a settings file is smaller.")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ProbeError(f"Config {path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}).") from error
-    loader = yaml.SafeLoader(text)
-    try:
-        _check_events(path, text)
-        node = loader.get_single_node()
-        if node is not None:
-            _check_expansion(path, node)
-        data = loader.construct_document(node) if node is not None else None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
-        raise ProbeError(f"Config {path} is not valid YAML{where}: {problem}.") from error
-    finally:
-        loader.dispose()
     if data is None:
         return {}
     example = "e.g. `retrieval: {lengths: [512, 1024]}`"
     if not isinstance(data, dict):
         raise ProbeError(f"Config {path} must map analysis names to settings, {example}; "
                          f"its top level is {_short(data)} ({type(data).__name__}).")
+    return check_sections(data, f"Config {path}")
+
+
+def check_sections(data: dict[Any, Any], where: str) -> dict[str, dict[str, Any]]:
+    """`{analysis: {setting: value}}` with known analysis sections and string setting names (else a
+    one-line `ProbeError` starting with `where`); a null section becomes `{}`."""
+    example = "e.g. `retrieval: {lengths: [512, 1024]}`"
     for section, settings in data.items():
         if section not in ANALYZERS:
             close = difflib.get_close_matches(str(section), ANALYZERS, 1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ProbeError(f"Config {path}: unknown section {_short(section)}{hint} "
+            raise ProbeError(f"{where}: unknown section {_short(section)}{hint} "
                              f"(sections: {', '.join(ANALYZERS)}).")
         if settings is None:
             data[section] = settings = {}
         if not isinstance(settings, dict):
-            raise ProbeError(f"Config {path}: section {section!r} must map setting names to values, {example}; "
+            raise ProbeError(f"{where}: section {section!r} must map setting names to values, {example}; "
                              f"it is {_short(settings)} ({type(settings).__name__}).")
         for key in settings:
             if not isinstance(key, str):
-                raise ProbeError(f"Config {path}: setting names in {section!r} are strings, not {_short(key)}.")
+                raise ProbeError(f"{where}: setting names in {section!r} are strings, not {_short(key)}.")
     return data
 
 
-def _check_events(path: Path, text: str) -> None:
+def load_yaml(path: str | Path, what: str = "Config") -> Any:
+    """A small YAML file parsed with the bounds of `read_config` (size, UTF-8, aliases, expansion, depth);
+    `what` ("Config", "Plan") starts each one-line `ProbeError`."""
+    import yaml
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ProbeError(f"{what} {path} is {size:,} bytes; a settings file is at most {MAX_CONFIG_BYTES:,}.")
+        raw = path.read_bytes()[: MAX_CONFIG_BYTES + 1]
+    except OSError as error:
+        raise ProbeError(f"Cannot read {what.lower()} {path}: {error.strerror or error}.") from error
+    if len(raw) > MAX_CONFIG_BYTES:  # grew after stat, or a pipe/device that reports size 0
+        raise ProbeError(f"{what} {path} is over {MAX_CONFIG_BYTES:,} bytes; a settings file is smaller.")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ProbeError(f"{what} {path} is not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}).") from error
+    loader = yaml.SafeLoader(text)
+    try:
+        _check_events(path, text, what)
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(path, node, what)
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ProbeError(f"{what} {path} is not valid YAML{where}: {problem}.") from error
+    finally:
+        loader.dispose()
+    return data
+
+
+def _check_events(path: Path, text: str, what: str = "Config") -> None:
     """Nesting and alias count from the parser's event stream (no recursion, nothing built yet)."""
     import yaml
 
@@ -269,18 +284,18 @@ def _check_events(path: Path, text: str) -> None:
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_CONFIG_DEPTH:
-                raise ProbeError(f"Config {path} nests deeper than {MAX_CONFIG_DEPTH} levels; settings are "
+                raise ProbeError(f"{what} {path} nests deeper than {MAX_CONFIG_DEPTH} levels; settings are "
                                  "at most a few levels deep.")
         elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
             depth -= 1
         elif isinstance(event, yaml.AliasEvent):
             aliases += 1
             if aliases > MAX_CONFIG_ALIASES:
-                raise ProbeError(f"Config {path} uses over {MAX_CONFIG_ALIASES} YAML aliases; "
+                raise ProbeError(f"{what} {path} uses over {MAX_CONFIG_ALIASES} YAML aliases; "
                                  "write the settings out.")
 
 
-def _check_expansion(path: Path, root: Any) -> None:
+def _check_expansion(path: Path, root: Any, what: str = "Config") -> None:
     """The number of values and the depth `root` stands for with aliases expanded, without expanding.
 
     Each distinct node is measured once (an alias shares its anchor's node) and memoised, so a bomb
@@ -304,14 +319,14 @@ def _check_expansion(path: Path, root: Any) -> None:
             values = 1 + sum(measured[id(c)][0] for c in children)
             depth = 1 + max((measured[id(c)][1] for c in children), default=0)
             if values > MAX_CONFIG_NODES:
-                raise ProbeError(f"Config {path} expands to over {MAX_CONFIG_NODES:,} values through YAML "
+                raise ProbeError(f"{what} {path} expands to over {MAX_CONFIG_NODES:,} values through YAML "
                                  "aliases; a settings file is far smaller.")
             if depth > MAX_CONFIG_DEPTH:
-                raise ProbeError(f"Config {path} nests deeper than {MAX_CONFIG_DEPTH} levels through YAML "
+                raise ProbeError(f"{what} {path} nests deeper than {MAX_CONFIG_DEPTH} levels through YAML "
                                  "aliases; settings are at most a few levels deep.")
             measured[key] = (values, depth)
         elif key in on_path:
-            raise ProbeError(f"Config {path} has a recursive YAML alias (a value that contains itself).")
+            raise ProbeError(f"{what} {path} has a recursive YAML alias (a value that contains itself).")
         elif key not in measured:
             on_path.add(key)
             stack.append((node, True))
