@@ -18,7 +18,8 @@ How to tie a doc number (the convention; docs stay readable, an HTML comment ren
 
    Key path: dot-separated keys, list indices (negative too), `*` for every item and `a:b` for a slice
    (a list results). After a path, `|op` (no spaces) applies len, sum, min, max, mean, sd (sample), pstd,
-   flat, abs, first, last, means (each row's mean), count>X (items above X, nested lists flattened). Operands (paths or numbers) may be joined by
+   flat, abs, first, last, means (each row's mean), count>X (items above X) and pctN (numpy's linear
+   percentile; both flatten nested lists), median. Operands (paths or numbers) may be joined by
    + - * / ( ) with spaces around each. Format: any Python
    format spec (`.3f`, `,.0f`, `.0%`, `.1e`, `d`, `,d`) or `str`; optional before it, `file#` to read another
    file (`bench/results/x.json#rows.0.fast_s .1f`).
@@ -57,7 +58,7 @@ NUMBER = re.compile(r"(?P<num>(?:(?<![\w.)])[−-])?(?:\d[\d,]*)?\.?\d+(?:[eE][�
 WORD = re.compile(r"(?P<num>[^\s*`(|]+)[*`]*$")
 OPS = {
     "len": len, "sum": sum, "min": min, "max": max, "mean": statistics.fmean, "sd": statistics.stdev,
-    "pstd": statistics.pstdev, "abs": abs, "first": lambda v: v[0], "last": lambda v: v[-1],
+    "pstd": statistics.pstdev, "median": statistics.median, "abs": abs, "first": lambda v: v[0], "last": lambda v: v[-1],
     "flat": lambda v: [x for row in v for x in row], "means": lambda v: [statistics.fmean(row) for row in v],
 }
 
@@ -110,6 +111,10 @@ def operand(token: str, default_file: str | None) -> Any:
         raise DocNumberError(f"{token!r}: no `<!-- results: ... -->` directive before it and no file#")
     value = at(load(file), path)
     for op in ops:
+        quantile = re.fullmatch(r"pct(\d+(?:\.\d+)?)", op)
+        if quantile:  # numpy's default (linear) percentile of the items, nested lists flattened
+            value = _percentile(sorted(_leaves(value)), float(quantile.group(1)))
+            continue
         above = re.fullmatch(r"count>(-?[\d.e-]+)", op)
         if above:  # how many items (nested lists flattened) exceed the number
             value = sum(1 for x in _leaves(value) if x > float(above.group(1)))
@@ -118,6 +123,13 @@ def operand(token: str, default_file: str | None) -> Any:
             raise DocNumberError(f"unknown op {op!r} (known: {', '.join(OPS)})")
         value = OPS[op](value)
     return value
+
+
+def _percentile(items: list[float], q: float) -> float:
+    position = (len(items) - 1) * q / 100
+    low = math.floor(position)
+    high = min(low + 1, len(items) - 1)
+    return items[low] + (items[high] - items[low]) * (position - low)
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -191,6 +203,7 @@ def markers(doc: Path) -> list[dict[str, Any]]:
 ALL = [m for doc in DOCS for m in markers(doc)]
 
 
+@functools.lru_cache(maxsize=None)
 def _committed() -> set[str]:
     try:
         out = subprocess.run(["git", "ls-files", *RESULT_DIRS], cwd=ROOT, capture_output=True, text=True, check=True)
@@ -202,6 +215,10 @@ def _committed() -> set[str]:
 @pytest.mark.parametrize("marker", ALL, ids=[f"{m['doc']}:{m['line']}" for m in ALL])
 def test_doc_number_equals_its_result_file(marker):
     assert marker["written"] is not None, f"no number right before the marker <!--= {marker['spec']} -->"
+    for named in re.findall(r"(\S+?)#", marker["expression"]):  # another file than the directive's
+        assert named.startswith(RESULT_DIRS) and named in _committed(), f"{named}: not a committed result file"
+        assert named in re.sub(r"<!--.*?-->", "", (ROOT / "docs" / marker["doc"]).read_text(), flags=re.S), (
+            f"{marker['doc']} does not name {named} in its text")
     value = evaluate(marker["expression"], marker["file"])
     if isinstance(value, float) and math.isnan(value):
         pytest.fail(f"{marker['spec']} is NaN in the result file")
@@ -245,7 +262,8 @@ def test_markers_read_and_fail_as_they_should(tmp_path):
     assert evaluate(f"{rel}#rows.*.s|sum / {rel}#rows.*.t|sum", None) == 0.2
     assert evaluate(f"{rel}#a.b|mean * 100", None) == pytest.approx(250.0)
     assert evaluate(f"( {rel}#a.b.0 + {rel}#a.b.1 ) / 2", None) == 1.5 and at(data, "a.b.1:") == [2.0, 4.5]
-    assert evaluate(f"{rel}#rows.0:2.s|sum", None) == 4 and evaluate(f"{rel}#a.b|count>1.5", None) == 2 and operand(f"{rel}#a.b|pstd", None) > 0
+    assert evaluate(f"{rel}#rows.0:2.s|sum", None) == 4 and evaluate(f"{rel}#a.b|count>1.5", None) == 2
+    assert evaluate(f"{rel}#a.b|pct50", None) == 2.0 and evaluate(f"{rel}#a.b|pct75", None) == 3.25 and operand(f"{rel}#a.b|pstd", None) > 0
     assert render(0.06428, ".3f") == "0.064" and render(42.0, "d") == "42" and render(0.42, ".0%") == "42%"
     assert normal("−0.60") == normal("-.60") and normal("1,963") == normal("1963") and normal("42 %") == "42%"
     assert normal("4.3e-05") == normal("4.3e-5") and normal("10.5") != normal("1.5")
@@ -259,7 +277,7 @@ def test_markers_read_and_fail_as_they_should(tmp_path):
     with pytest.raises(DocNumberError, match="no key"):
         evaluate("a.c", rel)
     with pytest.raises(DocNumberError, match="unknown op"):
-        evaluate("a.b|median", rel)
+        evaluate("a.b|mode", rel)
     load.cache_clear()
 
 
