@@ -40,8 +40,11 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
+import threading
+import weakref
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,11 +54,22 @@ from torch import nn
 from probe.architecture import architecture
 from probe.errors import InterventionError, ProbeError
 from probe.heads import Head, validate_heads
-from probe.interventions import Intervention, Kind, apply_z_ops, streaming_keep
+from probe.interventions import (
+    Intervention,
+    Kind,
+    _position_window,
+    _row_index,
+    apply_z_ops,
+    streaming_keep,
+)
 
-SERVED = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT, Kind.STREAMING})
 ON_OUTPUT = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT})
-NEEDS_PATTERN = frozenset(set(Kind) - SERVED)  # UNIFORM, SCALE_QUERY: they rewrite the scores
+# uniform attention and query scaling act on the query the kernel receives (after the family's norms and
+# rotary): a zero query gives every visible key the score 0 (exact uniform attention, the running mean of
+# the visible values); a query scaled by s scales every score by s (before a soft-cap, as the bridge's)
+ON_QUERY = frozenset({Kind.UNIFORM, Kind.SCALE_QUERY})
+SERVED = frozenset(ON_OUTPUT | ON_QUERY | {Kind.STREAMING})
+NEEDS_PATTERN = frozenset(set(Kind) - SERVED)  # empty: every kind is served
 
 Positions = str | slice | Sequence[int] | None
 
@@ -68,24 +82,33 @@ class FusedPathError(ProbeError):
 
 def unserved_reason(model: Any, interventions: Sequence[Intervention] = ()) -> str | None:
     """Why the fused path cannot run these interventions on `model` now (None: it can). Callers that pick
-    a path ask this instead of catching `FusedPathError`."""
+    a path ask this instead of catching `FusedPathError`. Cheap (no walk over the model's modules: the
+    structure it checks is cached per model, `_structure`), so the core may ask before every forward."""
     for intervention in interventions:
         if intervention.kind in NEEDS_PATTERN:
             return (f"{intervention.describe()} rewrites the attention scores, which the fused path never "
                     "materialises; run it through the bridge (probe.interventions.intervene)")
-    hooked = _hooks_that_would_not_fire(model)
+    structure = _structure(model)
+    if structure.slots is None:
+        return (f"{model.spec}: the bridge's attention components could not be matched to the Hugging Face "
+                "layers' attention slots (one per layer, each with a layer_idx)")
+    hooked = _hooks_that_would_not_fire(model, structure)
     if hooked:
         shown = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
         return f"hooks are attached to {shown}, which the fused path never calls; run the bridge"
-    ordered = _hooks_before_the_head_ops(model, interventions)
+    ordered = _hooks_before_the_head_ops(model, interventions, structure)
     if ordered:
         return (f"hooks on {', '.join(ordered[:3])} would run after the head-output interventions on the fused "
                 "path (the bridge runs them in the order they were attached); run the bridge")
-    if _swap_slots(model) is None:
-        return (f"{model.spec}: the bridge's attention components could not be matched to the Hugging Face "
-                "layers' attention slots (one per layer, each with a layer_idx)")
-    if any(getattr(config, "output_attentions", False) for config in _configs(model)):
+    if any(getattr(config, "output_attentions", False) for config in structure.configs):
         return "output_attentions is on: the attention weights need the eager bridge"
+    if any(i.kind in ON_QUERY for i in interventions) and structure.kernel == "eager":
+        missing = sorted({type(original).__module__ for *_, original in structure.slots
+                          if not callable(getattr(sys.modules.get(type(original).__module__), "eager_attention_forward",
+                                                  None))})
+        if missing:
+            return (f"query-level interventions on the eager kernel need the family's eager_attention_forward, "
+                    f"which {', '.join(missing)} lacks; run the bridge")
     return None
 
 
@@ -130,45 +153,98 @@ def _n_hooks(module: nn.Module) -> int:
     return len(module._forward_hooks) + len(module._forward_pre_hooks)
 
 
-def _hooks_that_would_not_fire(model: Any) -> list[str]:
-    """Modules inside the bridge's attention components, outside the HF attention module they wrap, that
-    have a hook attached (hook points, or plain torch hooks on the component's own modules): the fused
-    path skips the component, so these would not fire. Handed-over `intervene()` hooks do not count."""
+Slot = tuple[nn.Module, str, nn.Module, nn.Module]  # HF parent, slot name, bridge attention, HF attention
+
+
+@dataclass
+class _Structure:
+    """What the checks read from the model's module tree, found once per model (walking SmolLM2's ~3,000
+    modules took ~20 ms, and `LoadedModel.logits` asks before every forward). Valid while `key` (the
+    bridge's attention components and the HF modules they wrap) is unchanged and every slot still holds
+    its bridge component; `_structure` checks both (O(layers)) on each use and rebuilds otherwise."""
+
+    key: tuple[int, ...]
+    slots: list[Slot] | None
+    watched: list[tuple[nn.Module, str]]  # modules the fused path skips (hook points ...), with their names
+    hook_z: list[nn.Module | None]  # blocks.{l}.attn.hook_z per layer
+    configs: list[Any]
+    kernel: str
+
+
+_STRUCTURES: weakref.WeakKeyDictionary[nn.Module, _Structure] = weakref.WeakKeyDictionary()
+
+
+def _structure_key(model: Any) -> tuple[int, ...]:
+    attns = _attention_bridges(model)
+    return (id(model.hf_model), *(id(a) for a in attns), *(id(_original(a)) for a in attns))
+
+
+def _in_place(slots: list[Slot] | None) -> bool:
+    return slots is not None and all(parent._modules.get(name) is attn for parent, name, attn, _ in slots)
+
+
+def _structure(model: Any) -> _Structure:
+    """The cached structure of `model` (rebuilt when it no longer matches the model, see `_Structure`)."""
+    key = _structure_key(model)
+    cached = _STRUCTURES.get(model.bridge)
+    if cached is not None and cached.key == key and _in_place(cached.slots):
+        return cached
+    built = _build_structure(model, key)
+    if built.slots is not None:  # a model whose slots do not match (or are swapped out right now) is re-read
+        _STRUCTURES[model.bridge] = built
+    return built
+
+
+def _build_structure(model: Any, key: tuple[int, ...]) -> _Structure:
     from transformer_lens.hook_points import HookPoint
 
     names = {id(point): name for name, point in model.bridge.hook_dict.items()}
-    allowed = handed_over_points(model)
-    found: list[str] = []
+    watched: list[tuple[nn.Module, str]] = []
     for attn in _attention_bridges(model):
         original = _original(attn)
         inside = {id(m) for m in original.modules()} if original is not None else set()
         for name, module in attn.named_modules():
-            if id(module) in inside or _n_hooks(module) <= allowed.get(id(module), 0):
+            if id(module) in inside:
                 continue
             if isinstance(module, HookPoint):
-                found.append(names.get(id(module), f"{attn.name}.{name}"))
+                watched.append((module, names.get(id(module), f"{attn.name}.{name}")))
             else:
-                found.append(f"{attn.name}.{name}".rstrip(".") + f" (a torch hook on {type(module).__name__})")
-    return found
+                watched.append((module, f"{attn.name}.{name}".rstrip(".") + f" (a torch hook on {type(module).__name__})"))
+    hook_z = [model.bridge.hook_dict.get(f"blocks.{layer}.attn.hook_z") for layer in range(model.n_layers)]
+    return _Structure(key, _scan_slots(model), watched, hook_z, _scan_configs(model), implementation(model))
 
 
-def _hooks_before_the_head_ops(model: Any, interventions: Sequence[Intervention]) -> list[str]:
+def _hooks_that_would_not_fire(model: Any, structure: _Structure | None = None) -> list[str]:
+    """Modules inside the bridge's attention components, outside the HF attention module they wrap, that
+    have a hook attached (hook points, or plain torch hooks on the component's own modules): the fused
+    path skips the component, so these would not fire. Handed-over `intervene()` hooks do not count."""
+    structure = structure or _structure(model)
+    allowed = handed_over_points(model)
+    return [name for module, name in structure.watched if _n_hooks(module) > allowed.get(id(module), 0)]
+
+
+def _hooks_before_the_head_ops(model: Any, interventions: Sequence[Intervention],
+                               structure: _Structure | None = None) -> list[str]:
     """`hook_z` points of layers with head-output interventions that carry other hooks: on the bridge those
     hooks run in registration order with the interventions' own (a hook attached before `intervene` sees
     the z before the intervention); here the interventions run first, at the output projection's input."""
+    structure = structure or _structure(model)
     layers = sorted({h.layer for i in interventions if i.kind in ON_OUTPUT for h in i.heads})
     allowed = handed_over_points(model)
     found = []
     for layer in layers:
-        name = f"blocks.{layer}.attn.hook_z"
-        point = model.bridge.hook_dict.get(name)
+        point = structure.hook_z[layer] if 0 <= layer < len(structure.hook_z) else None
         if point is not None and _n_hooks(point) > allowed.get(id(point), 0):
-            found.append(name)
+            found.append(f"blocks.{layer}.attn.hook_z")
     return found
 
 
-def _swap_slots(model: Any) -> list[tuple[nn.Module, str, nn.Module, nn.Module]] | None:
+def _swap_slots(model: Any) -> list[Slot] | None:
     """(HF parent, slot name, bridge attention, HF attention) for every layer; None where not one per layer."""
+    return _structure(model).slots
+
+
+def _scan_slots(model: Any) -> list[Slot] | None:
     bridges = {id(attn): attn for attn in _attention_bridges(model)}
     slots = [(parent, name, child, _original(child)) for parent in model.hf_model.modules()
              if not type(parent).__module__.startswith("transformer_lens")
@@ -181,6 +257,10 @@ def _swap_slots(model: Any) -> list[tuple[nn.Module, str, nn.Module, nn.Module]]
 
 
 def _configs(model: Any) -> list[Any]:
+    return _structure(model).configs
+
+
+def _scan_configs(model: Any) -> list[Any]:
     found = [model.hf_model.config] + [getattr(_original(a), "config", None) for a in _attention_bridges(model)]
     return list({id(c): c for c in found if c is not None}.values())
 
@@ -193,15 +273,135 @@ class _State:
     full_cache: bool = True  # False when the cache truncates keys to a sliding window
 
 
-def _group(interventions: Sequence[Intervention]) -> tuple[dict[int, list[tuple[Intervention, Head]]],
-                                                         dict[int, list[tuple[Intervention, Head]]]]:
-    on_output: dict[int, list[tuple[Intervention, Head]]] = defaultdict(list)
-    on_mask: dict[int, list[tuple[Intervention, Head]]] = defaultdict(list)
+Ops = dict[int, list[tuple[Intervention, Head]]]
+
+
+def _group(interventions: Sequence[Intervention]) -> tuple[Ops, Ops, Ops]:
+    """Per layer: head-output ops (output projection's input), streaming masks, query ops (kernel's query)."""
+    on_output: Ops = defaultdict(list)
+    on_mask: Ops = defaultdict(list)
+    on_query: Ops = defaultdict(list)
     for intervention in interventions:
-        target = on_output if intervention.kind in ON_OUTPUT else on_mask
+        if intervention.kind in ON_OUTPUT:
+            target = on_output
+        elif intervention.kind in ON_QUERY:
+            target = on_query
+        else:
+            target = on_mask
         for head in intervention.heads:
             target[head.layer].append((intervention, head))
-    return on_output, on_mask
+    return on_output, on_mask, on_query
+
+
+def apply_query_ops(query: torch.Tensor, ops: Sequence[tuple[Intervention, Head]], offset: int) -> torch.Tensor:
+    """The kernel's query `[batch, n_heads, q_len, d_head]` (after the family's norms and rotary) with
+    uniform attention (query 0: every visible key scores 0, so the head takes the plain mean of the values
+    it sees, through the layer's own causal / padding / sliding-window mask) and query scaling (x s: every
+    score x s, soft-capped after, as the bridge's `cap·tanh(s·atanh(c/cap))`) on their heads, rows and
+    positions; `offset` = positions already in the KV cache. Returns a new tensor."""
+    query = query.clone()
+    for intervention, head in ops:
+        rows = _row_index(intervention, query.shape[0])
+        lo, hi = _position_window(intervention, offset, query.shape[2])
+        if hi <= lo:
+            continue
+        if intervention.kind is Kind.UNIFORM:
+            query[rows, head.head, lo:hi] = 0.0
+        elif intervention.kind is Kind.SCALE_QUERY:
+            query[rows, head.head, lo:hi] = query[rows, head.head, lo:hi] * intervention.factor
+        else:
+            raise InterventionError(f"{intervention.describe()} does not act on a head's query.")
+    return query
+
+
+# Query ops of the HF attention modules inside a fused block: id(module) -> (ops, state). The kernels are
+# looked up by name on every call (`ALL_ATTENTION_FUNCTIONS.get_interface`), so while any block has query
+# ops, the kernel's name maps to `_with_query_ops`, which rewrites the query of registered modules and
+# hands every call (any module, any thread) to the kernel it replaced.
+@dataclass
+class _QueryEntry:
+    ops: list[tuple[Intervention, Head]]
+    state: _State
+    seen: bool = False  # the kernel wrapper ran for the module's current call
+
+
+_QUERY_OPS: dict[int, _QueryEntry] = {}
+_KERNEL_LOCK = threading.Lock()
+_KERNEL_USERS: dict[str, int] = {}
+_REPLACED: dict[str, Callable[..., Any] | None] = {}  # a local override the wrapper replaced (None: there was none)
+
+
+def _kernel_for(name: str, module: nn.Module) -> Callable[..., Any]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    replaced = _REPLACED.get(name)
+    if replaced is not None:
+        return replaced
+    if name == "eager":  # each family's own eager kernel (the default its attention passes to get_interface)
+        kernel = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if kernel is None:
+            raise FusedPathError(f"{type(module).__module__} has no eager_attention_forward for query-level "
+                                 "interventions on the fused path.")
+        return kernel
+    return ALL_ATTENTION_FUNCTIONS._global_mapping[name]
+
+
+def _query_kernel(name: str) -> Callable[..., Any]:
+    def attention(module: nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        entry = _QUERY_OPS.get(id(module))
+        if entry is not None:
+            query = apply_query_ops(query, entry.ops, entry.state.offset)
+            entry.seen = True
+        return _kernel_for(name, module)(module, query, *args, **kwargs)
+    attention._probe_query_kernel = True  # type: ignore[attr-defined]
+    return attention
+
+
+def _query_seen_reset(entry: _QueryEntry) -> Any:
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+        entry.seen = False
+    return hook
+
+
+def _query_seen_check(entry: _QueryEntry, layer: int) -> Any:
+    """After the module's forward: its kernel went through `_query_kernel` (a family that looks its kernel
+    up elsewhere would silently skip the query ops)."""
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if not entry.seen:
+            raise FusedPathError(f"layer {layer}'s attention ({type(module).__name__}) did not call its kernel "
+                                 "through transformers' ALL_ATTENTION_FUNCTIONS: query-level interventions "
+                                 "cannot run on its fused path.")
+    return hook
+
+
+@contextlib.contextmanager
+def _query_ops_installed(kernel: str, registered: dict[int, _QueryEntry]) -> Iterator[None]:
+    """Register `registered` (module id -> ops) and route the kernel's name through `_query_kernel` for the block."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if not registered:
+        yield
+        return
+    mapping = ALL_ATTENTION_FUNCTIONS._local_mapping
+    with _KERNEL_LOCK:
+        if _KERNEL_USERS.get(kernel, 0) == 0:
+            _REPLACED[kernel] = mapping.get(kernel)
+            mapping[kernel] = _query_kernel(kernel)
+        _KERNEL_USERS[kernel] = _KERNEL_USERS.get(kernel, 0) + 1
+        _QUERY_OPS.update(registered)
+    try:
+        yield
+    finally:
+        with _KERNEL_LOCK:
+            for key in registered:
+                _QUERY_OPS.pop(key, None)
+            _KERNEL_USERS[kernel] -= 1
+            if _KERNEL_USERS[kernel] == 0:
+                replaced = _REPLACED.pop(kernel, None)
+                if replaced is None:
+                    mapping.pop(kernel, None)
+                else:
+                    mapping[kernel] = replaced
 
 
 def _output_pre_hook(ops: list[tuple[Intervention, Head]], state: _State, n_heads: int, d_head: int) -> Any:
@@ -281,7 +481,7 @@ def fused(model: Any, interventions: Sequence[Intervention] = ()) -> Iterator[_S
         assert slots is not None  # checked above
         kernel = implementation(model)
         configs = _configs(model)
-        on_output, on_mask = _group(interventions)
+        on_output, on_mask, on_query = _group(interventions)
         state = _State()
         previous = {id(config): config._attn_implementation_internal for config in configs}
         handles: list[Any] = []
@@ -303,7 +503,14 @@ def fused(model: Any, interventions: Sequence[Intervention] = ()) -> Iterator[_S
                 parameters = list(inspect.signature(original.forward).parameters)
                 handles.append(original.register_forward_pre_hook(
                     _mask_pre_hook(ops, state, model.n_heads, parameters), with_kwargs=True))
-            yield state
+            entries = {}
+            for layer, ops in sorted(on_query.items()):
+                original = slots[layer][3]
+                entries[id(original)] = entry = _QueryEntry(ops, state)
+                handles.append(original.register_forward_pre_hook(_query_seen_reset(entry)))
+                handles.append(original.register_forward_hook(_query_seen_check(entry, layer)))
+            with _query_ops_installed(kernel, entries):
+                yield state
         finally:
             for handle in handles:
                 handle.remove()
