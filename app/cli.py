@@ -117,7 +117,12 @@ def _load(args: argparse.Namespace) -> LoadedModel:
     threads = set_threads(getattr(args, "threads", 0))
     start = time.perf_counter()
     with console.status(f"Loading {args.model} ...") as status:
+        from probe.models import parse_device_map, parse_max_memory
+
         model = load_model(args.model, device=args.device, dtype=args.dtype,
+                           device_map=parse_device_map(getattr(args, "device_map", None)),
+                           max_memory=parse_max_memory(getattr(args, "max_memory", None)),
+                           offload_folder=getattr(args, "offload_folder", None),
                            progress=lambda message: status.update(message))
     console.print(f"[dim]{model.shape_text}; loaded in {time.perf_counter() - start:.1f} s on {model.device}"
                   f" ({threads} CPU thread{'s' if threads > 1 else ''})[/dim]")
@@ -427,6 +432,13 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL}; see `probe models`)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), float64, bfloat16, float16")
+    parser.add_argument("--device-map", default=None, metavar="MAP",
+                        help="spread the model over devices with accelerate: auto, balanced, sequential, "
+                             "or a JSON file / inline JSON {module: device} (devices: 0, cuda:1, cpu, disk)")
+    parser.add_argument("--max-memory", default=None, metavar="LIMITS",
+                        help="per-device memory for --device-map, e.g. '0=20GiB,1=20GiB,cpu=60GiB'")
+    parser.add_argument("--offload-folder", default=None, metavar="DIR",
+                        help="folder for weights --device-map puts on 'disk' (default: a temporary folder)")
     parser.add_argument("--threads", type=THREADS, default=0,
                         help=f"torch CPU threads, up to {MAX_THREADS} (default 0: automatic, re-decided while it runs from the CPU other processes use)")
 
