@@ -107,6 +107,7 @@ def _entry_record(model: LoadedModel, entry: AnalyzerEntry, key: str, config: An
     scores = result.scores
     summary = module.summary(result) if hasattr(module, "summary") else ""
     record = {"name": entry.name, "key": key, "version": entry.version(), "model": model.fingerprint,
+              "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
               "config": to_jsonable(config), "seed": seed, "created": time.time(), "seconds": round(seconds, 2),
               "summary": summary, "units": scores.units, "top_heads": [[str(h), s] for h, s in scores.top(10)],
               "scores": scores.to_json(), "result": result.to_json()}
