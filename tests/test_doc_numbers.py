@@ -8,7 +8,8 @@ How to tie a doc number (the convention; docs stay readable, an HTML comment ren
        Command: `probe scan ... --out reports/x`; result: `docs/results/successor_smollm2.json`.
 
    The file must be committed under docs/results/ or bench/results/, and the section (heading to heading)
-   holding the directive must name the file and show a command in backticks (probe/python/pytest/make).
+   holding the directive must name the file and show a command (probe/python/pytest/make) in backticks
+   or in a code block.
 2. Right after the number, with no space, put a marker with the key path and a Python format spec:
 
        top head L23H3 scores 0.202<!--= result.top_heads.0.score .3f -->
@@ -245,7 +246,8 @@ def test_each_result_file_is_committed_and_named_with_its_command(doc, offset, p
     section = next(s for start, s in _sections(doc.read_text()) if start <= offset < start + len(s))
     visible = re.sub(r"<!--.*?-->", "", section, flags=re.S)
     assert path in visible, f"{doc.name}: the section of <!-- results: {path} --> does not name the file in its text"
-    assert re.search(r"`[^`\n]*\b(probe|python|pytest|make)\b[^`\n]*`", visible), (
+    command = r"\b(probe|python|pytest|make)\b"
+    assert re.search(rf"`[^`\n]*{command}[^`\n]*`|^(    |\t)\s*\S*{command}|```[^`]*{command}", visible, re.M), (
         f"{doc.name}: the section of {path} shows no command (in backticks) that reproduces it")
 
 
