@@ -21,6 +21,7 @@ over the cluster; the merge is the serial code, so the result equals the serial 
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import re
 import time
@@ -113,9 +114,9 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> Any:
     if not ray.is_initialized():
         try:
             if address:
-                ray.init(address=address, log_to_driver=False)
+                ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
             else:
-                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+                ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, ValueError) as error:
             raise ProbeError(f"Cannot connect to the Ray cluster at {address or 'a new local cluster'}: "
                              f"{' '.join(str(error).split())[:200]}") from None
