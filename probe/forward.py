@@ -155,7 +155,7 @@ def run_from_layer(model: Any, resid: torch.Tensor, start: int) -> torch.Tensor:
                            f"(start = {model.n_layers} applies the final norm only).")
     arch = architecture(model)
     final_norm = model.hf_model.get_submodule(arch.path("ln_final"))
-    with model.lock:
+    with model.lock, on_fused_path(model):
         calls = layer_calls(model, resid.shape[0], resid.shape[1])
         hidden = resid
         for layer in range(start, model.n_layers):
@@ -163,6 +163,30 @@ def run_from_layer(model: Any, resid: torch.Tensor, start: int) -> torch.Tensor:
             out = arch.blocks[layer](hidden, *args, **kwargs)
             hidden = out[0] if isinstance(out, tuple) else out
         return final_norm(hidden)
+
+
+@contextlib.contextmanager
+def on_fused_path(model: Any) -> Iterator[bool]:
+    """For the block, the model's layers run on the fused path (`probe.fused`: the HF attention modules on
+    SDPA, the open `intervene()` blocks handed over) where `model.fused_reason()` says that is exact, as
+    `LoadedModel.logits` routes a full forward; else nothing changes (the bridge's eager attention, hooks
+    live). Yields which. Hold `model.lock`; `run_from_layer` records the layer arguments (`layer_calls`) inside
+    the block, so the masks are in the fused kernel's format."""
+    reason = model.fused_reason() if hasattr(model, "fused_reason") else "not a LoadedModel"
+    if reason is not None:
+        yield False
+        return
+    from probe.fused import FusedPathError, fused
+
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(model._handed_over())
+            stack.enter_context(fused(model, model._open_interventions()))
+        except FusedPathError:  # a mismatch found on entry (everything restored): the bridge
+            stack.close()
+            yield False
+            return
+        yield True
 
 
 # ==== plain Hugging Face models (training, where no bridge exists) ===================================

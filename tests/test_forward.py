@@ -10,7 +10,7 @@ import torch
 from matrix import loaded_family, record
 from probe.forward import ForwardError, layer_calls, run_from_layer
 from probe.heads import Head
-from probe.interventions import active_hook_count, intervene, scale, zero_ablation
+from probe.interventions import active_hook_count, intervene, scale, uniform_attention, zero_ablation
 
 TEXT = "the capital city of the country is a secret number 12 and the key to the park is 13"
 TOL = 1e-5
@@ -76,6 +76,39 @@ def test_interventions_and_hooks_fire_as_in_a_full_pass(family):
     expected = {n: c for n, c in full_counts.items() if n.startswith(("blocks.1.", "blocks.2.", "ln_final."))}
     assert counts == expected
     assert any(n.startswith("blocks.2.attn") for n in counts) and "ln_final.hook_out" in counts
+    assert active_hook_count(model) == 0
+
+
+def test_run_from_layer_takes_the_fused_path_where_it_is_exact(family, monkeypatch):
+    """Inside an `intervene()` block of per-row head-output, query-scaling and uniform-attention ablations
+    (Ships' ablated copies), the partial forward runs on the fused path (`probe.fused.fused` entered once)
+    and equals the bridge's partial forward (`fused_routing = False`); a hook on hook_pattern keeps it on the
+    bridge."""
+    import probe.fused as module
+
+    name, model = family
+    ids = model.encode(TEXT)
+    entered: list[int] = []
+    real = module.fused
+    monkeypatch.setattr(module, "fused", lambda *a, **k: entered.append(1) or real(*a, **k))
+    ablation = [zero_ablation([Head(2, 1)], rows=(0,)), scale([Head(1, 3)], "query", 1e-5, rows=(1,)),
+                uniform_attention([Head(2, 0)], rows=(2,))]
+    with torch.no_grad():
+        resid = _full(model, ids)["blocks.1.hook_resid_pre"].expand(4, -1, -1)
+        with intervene(model, ablation):
+            fast = run_from_layer(model, resid, 1)
+            assert entered == [1] and not any(r.handed_over for r in model.intervening)
+            model.fused_routing = False
+            try:
+                slow = run_from_layer(model, resid, 1)
+            finally:
+                model.fused_routing = True
+            with model.hooks([("blocks.2.attn.hook_pattern", lambda t, hook: None)]):
+                run_from_layer(model, resid, 1)
+    assert entered == [1]
+    moved = float((slow[:3] - slow[3:]).abs().flatten(1).max(-1).values.min())
+    assert moved > 1e-5  # every ablated row differs from the clean row 3 (GPT-2: near-uniform random heads)
+    assert record(name, "forward from layer k, fused vs bridge", float((fast - slow).abs().max()), tolerance=TOL) <= TOL
     assert active_hook_count(model) == 0
 
 
