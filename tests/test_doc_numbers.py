@@ -158,6 +158,11 @@ def evaluate(expression: str, default_file: str | None) -> Any:
 def render(value: Any, spec: str) -> str:
     if spec == "str":
         return str(value)
+    if isinstance(value, str):  # a number stored as text ("2.00")
+        try:
+            value = float(value)
+        except ValueError as error:
+            raise DocNumberError(f"format {spec!r} for the text {value!r}") from error
     if isinstance(value, float) and spec.endswith("d"):
         if value != int(value):
             raise DocNumberError(f"format {spec!r} for a non-integer {value!r}")
