@@ -17,7 +17,7 @@ How to tie a doc number (the convention; docs stay readable, an HTML comment ren
        111/1726 = 0.064<!--= result.arithmetic.*.successes|sum / result.arithmetic.*.trials|sum .3f -->
        L23H3<!--= result.top_heads.0.head str --> (any value as text: `str`)
 
-   Key path: dot-separated keys, list indices (negative too), `*` for every item and `a:b` for a slice
+   Key path: dot-separated keys (in double quotes when they hold spaces or dots), list indices (negative too), `*` for every item and `a:b` for a slice
    (a list results). After a path, `|op` (no spaces) applies len, sum, min, max, mean, sd (sample), pstd,
    flat, abs, first, last, means (each row's mean), count>X (items above X) and pctN (numpy's linear
    percentile; both flatten nested lists), median. Operands (paths or numbers) may be joined by
@@ -75,7 +75,7 @@ def load(path: str) -> Any:
 
 def at(document: Any, path: str) -> Any:
     """The value at a dot-separated key path; `*` maps the rest of the path over every item."""
-    parts = path.split(".") if path else []
+    parts = [p.strip('"') for p in re.findall(r'"[^"]*"|[^.]+', path)] if path else []
     for i, part in enumerate(parts):
         if part == "*" or (":" in part and isinstance(document, list)):
             items = document if isinstance(document, list) else list(document.values())
@@ -139,7 +139,7 @@ def _leaves(value: Any) -> list[Any]:
 
 def evaluate(expression: str, default_file: str | None) -> Any:
     """Operands joined by + - * / (spaces around the operators), evaluated with Python's precedence."""
-    tokens = expression.split()
+    tokens = re.findall(r'(?:"[^"]*"|\S)+', expression)  # a quoted key may hold spaces
     names: dict[str, Any] = {}
     source = []
     for token in tokens:
@@ -259,7 +259,7 @@ def test_each_result_file_is_committed_and_named_with_its_command(doc, offset, p
 def test_markers_read_and_fail_as_they_should(tmp_path):
     """The convention itself: paths, ops, arithmetic, formats, the loose comparison and a changed number."""
     data = {"a": {"b": [1.0, 2.0, 4.5]}, "rows": [{"s": 3, "t": 10}, {"s": 1, "t": 10}], "name": "L1H2"}
-    assert at(data, "a.b.-1") == 4.5 and at(data, "rows.*.s") == [3, 1]
+    assert at(data, "a.b.-1") == 4.5 and at({"x y.z": [1]}, '"x y.z".0') == 1 and at(data, "rows.*.s") == [3, 1]
     file = tmp_path / "r.json"
     file.write_text(json.dumps(data))
     load.cache_clear()
