@@ -219,7 +219,15 @@ def clean_run(model: LoadedModel, ids: torch.Tensor, keep_residual: bool = True)
     names = {"ln_final.hook_out"}
     if keep_residual:
         names |= {f"blocks.{layer}.hook_resid_pre" for layer in range(model.n_layers)}
-    logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
+    cache: dict[str, torch.Tensor] = {}
+
+    def keep(name: str) -> Any:
+        def grab(value: torch.Tensor, hook: Any) -> None:
+            cache[name] = value.detach()
+        return grab
+
+    with model.hooks([(name, keep(name)) for name in sorted(names)]):  # no attention hook: the fused path (SDPA)
+        logits = model.logits(ids, positions="last")
     resid = [cache[f"blocks.{layer}.hook_resid_pre"] for layer in range(model.n_layers)] if keep_residual else None
     return CleanRun(ids, resid, cache["ln_final.hook_out"][0, -1].float(),
                     torch.log_softmax(logits[0, -1].float(), dim=-1))
@@ -291,11 +299,11 @@ def ships_query_reference(model: LoadedModel, ids: torch.Tensor, ablation: str =
                           heads: Sequence[Head] | None = None) -> torch.Tensor:
     """The paper's loop, kept slow on purpose: one full forward pass per head (reference and bench)."""
     heads = list(heads) if heads is not None else model.all_heads()
-    base = torch.log_softmax(model.logits(ids)[0, -1].float(), dim=-1)
+    base = torch.log_softmax(model.logits(ids, positions="last")[0, -1].float(), dim=-1)
     scores = torch.full((model.n_layers, model.n_heads), float("nan"))
     for head in heads:
         with intervene(model, ablate([head], ablation, epsilon)):
-            ablated = torch.log_softmax(model.logits(ids)[0, -1].float(), dim=-1)
+            ablated = torch.log_softmax(model.logits(ids, positions="last")[0, -1].float(), dim=-1)
         scores[head.layer, head.head] = kl_divergence(base, ablated)
     return scores
 

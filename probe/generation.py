@@ -6,8 +6,10 @@ the model derives positions from it (rotary and learned positions both see each 
 row continues exactly as it would alone (tests/test_generation.py checks this per family).
 
 `greedy_continuations` works on any Hugging Face causal LM (the organism trains a raw one);
-`greedy_generate` runs a `LoadedModel` holding its lock, so the interventions attached to it (hooks on
-the bridge's components, which the bridge swapped into the HF modules) are in effect for every step.
+`greedy_generate` runs a `LoadedModel` holding its lock, so the interventions attached to it are in effect
+for every step: on the fused path (`probe.fused`, the model's SDPA attention, the open `intervene()`
+blocks handed over, positions from the cache length) where `model.fused_reason()` says that is exact,
+else through the hooks on the bridge's components (which the bridge swapped into the HF modules).
 """
 
 from __future__ import annotations
@@ -85,7 +87,9 @@ def greedy_generate(model: Any, texts: Sequence[str], max_new_tokens: int, batch
     attached to the model (`probe.interventions.intervene`) apply, and no other thread's hooks do."""
     if max_new_tokens < 1:
         return [[] for _ in texts]
-    with model.lock:
+    from probe.forward import on_fused_path
+
+    with model.lock, on_fused_path(model):  # the model's SDPA attention where exact (positions: cache length)
         return greedy_continuations(model.hf_model, model.tokenizer, texts, max_new_tokens, batch_size,
                                     add_special_tokens, stop_ids)
 

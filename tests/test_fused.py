@@ -590,3 +590,59 @@ def test_the_served_check_reads_a_cached_structure_that_follows_the_model(root, 
     finally:
         parent._modules[name] = bridge_attn
     assert unserved_reason(model) is None and len(walks) == 1  # re-read while swapped; the cached one holds again
+
+
+# ---- analyzers on the fused path: their results == the bridge's (fused_routing = False) ---------------
+
+@contextlib.contextmanager
+def _entries(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """Counts `probe.fused.fused` blocks entered (every fused forward, routed or partial, enters one)."""
+    import probe.fused as module
+
+    entered: list[int] = []
+    real = module.fused
+    monkeypatch.setattr(module, "fused", lambda *a, **k: entered.append(1) or real(*a, **k))
+    yield entered
+    monkeypatch.setattr(module, "fused", real)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_neox"])
+def test_ships_scores_on_the_fused_path_equal_the_bridges(name, monkeypatch):
+    """Ships (`analyses.safety.ships_query`, both ablations: ε query scaling and output scaling) on the planted
+    refusal model (GQA Llama; GPT-NeoX: fused QKV, parallel block), its clean pass and ablated partial
+    forwards on the fused path, == the bridge's scores, ≤ 1e-4 of the largest."""
+    from analyses import safety
+    from analyses.planted import SAFETY_HARMFUL_PROMPTS, safety_model
+
+    model = safety_model(name)
+    ids = model.encode(SAFETY_HARMFUL_PROMPTS[0])
+    for ablation in ("query", "output"):
+        with _bridge_only(model):
+            bridge = safety.ships_query(model, ids, ablation, 1e-5)
+        with _entries(monkeypatch) as entered:
+            ours = safety.ships_query(model, ids, ablation, 1e-5)
+        assert len(entered) >= 2  # the clean pass and the ablated batches
+        size = float(bridge.nan_to_num().abs().max())
+        assert size > 1e-3
+        worst = float((ours - bridge).nan_to_num().abs().max()) / size
+        assert record(name, f"ships {ablation} fused vs bridge", worst, tolerance=RTOL) <= RTOL
+
+
+def test_batched_generation_runs_on_the_fused_path_inside_intervene(root, monkeypatch):
+    """`probe.generation.greedy_generate` (safety's and factual's generation) in a left-padded batch inside an
+    `intervene()` block (zero, uniform, query scaling) == the bridge's tokens."""
+    from probe.generation import greedy_generate
+
+    model, _, _ = loaded_family("llama", root)
+    texts = list(ROWS)
+    interventions = [zero_ablation([Head(1, 1), Head(0, 2)]), uniform_attention([Head(1, 0)]),
+                     scale([Head(0, 3)], "query", 1e-5)]
+    with intervene(model, interventions):
+        with _bridge_only(model):
+            expected = greedy_generate(model, texts, 6, add_special_tokens=True, stop_ids=())
+        with _entries(monkeypatch) as entered:
+            got = greedy_generate(model, texts, 6, add_special_tokens=True, stop_ids=())
+    assert entered == [1] and got == expected
+    with _bridge_only(model):
+        clean = greedy_generate(model, texts, 6, add_special_tokens=True, stop_ids=())
+    assert clean != expected  # the interventions change the tokens
