@@ -63,6 +63,7 @@ from probe.errors import ProbeError, PromptTooLongError
 from probe.heads import Head
 from probe.interventions import Intervention, intervene, uniform_attention, zero_ablation
 from probe.models import LoadedModel
+from probe.parallel import map_items
 from probe.results import HeadScores, Provenance, to_jsonable
 
 ANALYZER = "retrieval"
@@ -707,6 +708,12 @@ def check_split(detection: Sequence[dict[str, Any]], masking: Sequence[dict[str,
             "in_sample": in_sample, "allow_in_sample": allow_in_sample}
 
 
+def _trace_sample(model: LoadedModel, item: tuple[NiahSample, int, str]) -> SampleTrace:
+    """One detection sample (a shard item of `probe.parallel.map_items`: samples are independent)."""
+    sample, max_new_tokens, match = item
+    return fast_sample(model, sample, max_new_tokens, match)
+
+
 def _mean(tensors: list[torch.Tensor], shape: tuple[int, int]) -> torch.Tensor:
     if not tensors:
         return torch.full(shape, float("nan"), dtype=torch.float64)
@@ -742,15 +749,15 @@ def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress 
         if not mask_grid.samples:
             raise RetrievalError(f"No needle could be located in any masking prompt: {mask_grid.skipped[:3]}")
         split = check_split(records, mask_records, config.allow_in_sample)
-    geometry = attention_geometry(model)
     shape = (model.n_layers, model.n_heads)
     samples: list[dict[str, Any]] = []
     per_events: list[torch.Tensor] = []
     per_unique: list[torch.Tensor] = []
     detect_share = 0.6 if config.mask_ks else 1.0
-    for index, (sample, record) in enumerate(zip(grid.samples, records)):
-        say(detect_share * index / len(grid.samples), f"scoring {sample.label} ({sample.prompt_len} tokens)")
-        trace = fast_sample(model, sample, config.max_new_tokens, config.match, geometry)
+    traces = map_items(model, _trace_sample, [(s, config.max_new_tokens, config.match) for s in grid.samples],
+                       lambda done, total: say(detect_share * done / total, f"scoring sample {done + 1} of {total}"
+                                               if done < total else f"scored {total} samples"))  # shards: probe.parallel
+    for sample, record, trace in zip(grid.samples, records, traces):
         span = sample.answer_tokens[1] - sample.answer_tokens[0]
         stemmed = rouge1(sample.needle.answer, trace.response, stem=True)
         unstemmed = rouge1(sample.needle.answer, trace.response, stem=False)
