@@ -605,7 +605,7 @@ def _answer_probabilities(model: LoadedModel, prompts: list[dict[str, Any]], int
     for _, members in sorted(groups.items()):
         batch = torch.stack([encoded[i] for i in members])
         with intervene(model, interventions):
-            logits = model.logits(batch)[:, -1].float()
+            logits = model.logits(batch, positions="last")[:, -1].float()
         answers = torch.tensor([prompts[i]["answer_id"] for i in members], device=logits.device)
         probs = logits.softmax(-1).gather(1, answers[:, None])[:, 0]
         probabilities[members] = probs.cpu()

@@ -646,3 +646,49 @@ def test_batched_generation_runs_on_the_fused_path_inside_intervene(root, monkey
     with _bridge_only(model):
         clean = greedy_generate(model, texts, 6, add_special_tokens=True, stop_ids=())
     assert clean != expected  # the interventions change the tokens
+
+
+def test_factual_successor_and_cdt_forwards_on_the_fused_path_equal_the_bridges(monkeypatch):
+    """The analyzer forwards that read one position now ask `model.logits(..., positions="last")` inside their
+    `intervene()` blocks (fused path, one unembedded row): factual's first-token logits (planted factual
+    model, value scaling), successor's causal-check probabilities (mean ablation) and CD-T's path patching
+    (every head frozen by resample + one sender mean-ablated per row; planted induction model) and task
+    accuracy == the bridge's, ≤ 1e-4 relative."""
+    from analyses import factual, successor
+    from analyses.cdt import patching, tasks
+    from analyses.cdt.circuits import batch_means
+    from analyses.cdt.planted import induction_batch, planted_induction_model
+    from analyses.data.capitals import Capital
+    from analyses.factual_planted import PLANTED_TABLE, planted_factual_model
+
+    def both(model: Any, run: Any) -> tuple[Any, Any, int]:
+        with _bridge_only(model):
+            bridge = run()
+        with _entries(monkeypatch) as entered:
+            ours = run()
+        return bridge, ours, len(entered)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+        return float((a - b).nan_to_num().abs().max() / b.nan_to_num().abs().max().clamp(min=1e-6))
+
+    model = planted_factual_model()
+    pool = [Capital(country, city) for country, city in PLANTED_TABLE]
+    prompts = factual.build_counterfactuals(model.tokenizer, pool, 6, seed=3).prompts
+    heads = model.all_heads()[:3]
+    (pair_b, arg_b), (pair_f, arg_f), n = both(model, lambda: factual.first_token_logits(
+        model, prompts, [scale(heads, "value", -1.5)]))
+    assert n >= 1 and torch.equal(arg_b, arg_f) and rel(pair_f, pair_b) <= RTOL
+    texts = [{"text": "alice bob", "answer_id": 3}, {"text": "bob alice", "answer_id": 4}]
+    means = head_means(model, [model.encode(t["text"]) for t in texts], heads)
+    probs_b, probs_f, n = both(model, lambda: successor._answer_probabilities(model, texts, [mean_ablation(heads, means)]))
+    assert n >= 1 and rel(probs_f, probs_b) <= RTOL
+
+    induction = planted_induction_model()
+    batch = induction_batch(induction, n=4)
+    mu = [batch_means(induction, batch)]
+    scores_b, scores_f, n = both(induction, lambda: patching.path_patching_scores(induction, [batch], None, mu))
+    assert n >= 2 and float(scores_b.nan_to_num().abs().max()) > 1e-3 and rel(scores_f, scores_b) <= RTOL
+    acc_b, acc_f, n = both(induction, lambda: tasks.accuracy(induction, [batch]))
+    assert n >= 1 and acc_b.keys() == acc_f.keys()
+    assert all(abs(acc_f[k] - acc_b[k]) <= RTOL * max(1.0, abs(acc_b[k])) for k in acc_b)

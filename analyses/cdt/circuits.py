@@ -171,7 +171,7 @@ def sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers: Sequ
         ref = reference(model, batch, engine.dtype)
         P = batch.n_prompts
         weight = P / total_prompts
-        logits = model.logits(batch.ids)[:, -1]
+        logits = model.logits(batch.ids, positions="last")[:, -1]
         rows = torch.arange(P)
         clean += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum()) / total_prompts
         for layer in layers:
@@ -358,9 +358,9 @@ def metric_with_circuit(model, batches: Sequence[LogitDiffBatch], means: Sequenc
         rows = torch.arange(batch.n_prompts)
         if ablated:
             with intervene(model, mean_ablation(ablated, mu)):
-                logits = model.logits(batch.ids)[:, -1]
+                logits = model.logits(batch.ids, positions="last")[:, -1]
         else:
-            logits = model.logits(batch.ids)[:, -1]
+            logits = model.logits(batch.ids, positions="last")[:, -1]
         total += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum())
         count += batch.n_prompts
     return total / count
@@ -401,7 +401,7 @@ def metrics_with_circuits(model, batches: Sequence[LogitDiffBatch], means: Seque
                 bad.append(batch.bad)
                 start += batch.n_prompts
             with intervene(model, ops):
-                logits = model.logits(torch.cat(ids))[:, -1]
+                logits = model.logits(torch.cat(ids), positions="last")[:, -1]
             rows = torch.arange(start)
             diff = (logits[rows, torch.cat(good)] - logits[rows, torch.cat(bad)]).tolist()
             offset = 0

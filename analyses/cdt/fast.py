@@ -402,7 +402,7 @@ def fast_sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers:
         z_means.append({Head(l, h): ref.z_mean[l][:, h] for l in range(L) for h in range(H)})
         weight = batch.n_prompts / total_prompts
         rows = torch.arange(batch.n_prompts)
-        logits = model.logits(batch.ids)[:, -1]
+        logits = model.logits(batch.ids, positions="last")[:, -1]
         clean += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum()) / total_prompts
         for layer in layers:
             hooks = _SweepHooks(layer, ref, H)

@@ -55,11 +55,11 @@ def token_relevance(model, text: str, good: str, bad: str, engine: Engine | None
         relevant[row, span] = True
     (beta, _), _ = engine.decompose(rows, relevant_positions=relevant, columns=torch.tensor([good_id, bad_id]))
     cdt = (beta[:, -1, 0] - beta[:, -1, 1]).tolist()
-    full_logits = model.logits(ids[None])[0, -1]
+    full_logits = model.logits(ids[None], positions="last")[0, -1]
     full = float(full_logits[good_id] - full_logits[bad_id])
     occlusion = []
     for index in range(len(words)):
         rest = " ".join(w for i, w in enumerate(words) if i != index)
-        logits = model.logits(model.encode(rest))[0, -1]
+        logits = model.logits(model.encode(rest), positions="last")[0, -1]
         occlusion.append(full - float(logits[good_id] - logits[bad_id]))
     return TokenRelevance(words, cdt, occlusion, full)

@@ -49,7 +49,7 @@ def path_patching_scores(model, batches: Sequence[LogitDiffBatch], receivers: li
     for batch, mu in zip(batches, means):
         P = batch.n_prompts
         clean_z = capture_z(model, batch.ids, heads)  # {head: [P, T, d_head]}
-        clean_metric = _metric(model.logits(batch.ids), batch.good, batch.bad).double().cpu()  # [P]
+        clean_metric = _metric(model.logits(batch.ids, positions="last"), batch.good, batch.bad).double().cpu()  # [P]
         per_forward = max(1, chunk_rows // P)
         for start in range(0, len(senders), per_forward):
             group = senders[start: start + per_forward]
@@ -60,11 +60,11 @@ def path_patching_scores(model, batches: Sequence[LogitDiffBatch], receivers: li
             patches = [mean_ablation([s], mu, rows=tuple(range(i * P, (i + 1) * P))) for i, s in enumerate(group)]
             if receivers is None:
                 with intervene(model, frozen + patches):
-                    value = _metric(model.logits(ids), good, bad)
+                    value = _metric(model.logits(ids, positions="last"), good, bad)
             else:
                 captured = _capture_receivers(model, ids, receivers, frozen + patches)
                 with intervene(model, resample_ablation(receivers, captured)):
-                    value = _metric(model.logits(ids), good, bad)
+                    value = _metric(model.logits(ids, positions="last"), good, bad)
             delta = value.double().cpu().reshape(G, P) - clean_metric[None]
             totals[start: start + G] += delta.sum(1)
         count += P

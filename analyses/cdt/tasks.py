@@ -193,7 +193,7 @@ def accuracy(model, batches: list[LogitDiffBatch]) -> dict[str, float]:
     correct = total = 0
     diffs = []
     for batch in batches:
-        logits = model.logits(batch.ids)[:, -1]
+        logits = model.logits(batch.ids, positions="last")[:, -1]
         correct += int((logits.argmax(-1) == batch.good).sum())
         total += batch.n_prompts
         rows = torch.arange(batch.n_prompts)
