@@ -332,7 +332,7 @@ def first_token_logits(model: LoadedModel, prompts: Sequence[CounterfactualPromp
     argmax = torch.zeros(len(prompts), dtype=torch.long)
     def one(indices: list[int], ids: torch.Tensor) -> None:  # out-of-memory: batching halves the batch
         with intervene(model, _as_list(interventions)):
-            last = model.logits(ids)[:, -1].to(torch.float64)
+            last = model.logits(ids, positions="last")[:, -1].to(torch.float64)
         for row, index in enumerate(indices):
             p = prompts[index]
             pair[index, 0] = last[row, p.in_context_token] if p.in_context_token >= 0 else float("nan")
