@@ -112,3 +112,12 @@ def test_ships_readouts_survive_an_injected_oom_with_the_same_scores(monkeypatch
     again = safety.ships_query(model, ids, "query", 0.0)
     assert max(sizes) > 3 and min(sizes) <= 3
     torch.testing.assert_close(again, clean, rtol=0, atol=1e-5)  # other batch shapes: float32 rounding only
+
+
+def test_factual_batches_follow_the_free_memory(setup, monkeypatch):
+    model, prompts = setup
+    length = max(model.encode(p.text).shape[-1] for p in prompts)
+    monkeypatch.setattr(batching, "free_bytes", lambda device: int(2 * batching.row_bytes(model, length)
+                                                                    / batching.MEMORY_FRACTION))
+    sizes = [len(indices) for indices, _ in factual._groups(prompts, model, 8)]
+    assert max(sizes) == 2 and sum(sizes) == len(prompts)

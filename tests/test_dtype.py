@@ -27,6 +27,8 @@ def test_bf16_model_says_its_dtype_and_reads_out_in_float32():
     fp32, bf16 = load_model("tiny-llama", device="cpu"), load_model("tiny-llama", device="cpu", dtype="bfloat16")
     assert (facts(bf16)["dtype"], facts(bf16)["device"]) == ("bfloat16", "cpu")
     assert bf16.fingerprint != fp32.fingerprint  # bf16 results are never served as fp32 ones
+    widened = converted(bf16, dtype="float32")  # the same (bf16-exact) values in float32: still another key
+    assert widened.fingerprint != bf16.fingerprint and converted(widened, dtype="bfloat16").fingerprint == bf16.fingerprint
     assert next(bf16.hf_model.parameters()).dtype == torch.bfloat16
     ids = bf16.encode("the capital city of the country is")
     logits = bf16.logits(ids)
