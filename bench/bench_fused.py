@@ -12,7 +12,11 @@ per length, one torch thread, best of `--repeats` per cell:
 - fused, no hooks / + 3 head interventions: `probe.fused.fused_logits(..., positions="last")`, and the
   clean fused forward with every position's logits;
 - plain HF SDPA, last logit: an independent HF copy of the same GGUF (`attn_implementation="sdpa"`,
-  `logits_to_keep=1`): the floor.
+  `logits_to_keep=1`): the floor; the same copy with every position's logits, and a third copy on HF's
+  eager attention with every position's logits (the issue's last column).
+
+Each cell records wall seconds and, under `cpu_s`, the process's CPU seconds (best of the repeats each):
+the development machine is shared, and CPU time of one thread moves less with the other jobs' load.
 
 The 3 interventions: zero ablation of L5H3, value x0.5 on L12H1, output x2 on L20H4 (head outputs only:
 what the fused path serves). Each row also records the fused path's agreement with the bridge at that
@@ -73,8 +77,21 @@ def best_of(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return best, out
 
 
-def plain_sdpa_copy() -> Any:
-    """An HF copy of the same GGUF, never bridged, on SDPA."""
+def best_of_both(fn: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
+    """(best wall seconds, best CPU seconds of this process, the last output): CPU time is what one
+    thread spends, less sensitive than wall time to other jobs on a shared machine."""
+    wall = cpu = float("inf")
+    out = None
+    for _ in range(repeats):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        out = fn()
+        wall = min(wall, time.perf_counter() - start)
+        cpu = min(cpu, time.process_time() - start_cpu)
+    return wall, cpu, out
+
+
+def plain_sdpa_copy(implementation: str = "sdpa") -> Any:
+    """An HF copy of the same GGUF, never bridged, on SDPA (or `implementation`, e.g. "eager")."""
     from transformers import AutoModelForCausalLM
 
     from probe import assets
@@ -84,7 +101,7 @@ def plain_sdpa_copy() -> Any:
     path = assets.asset_file(spec.asset)
     with _quiet():
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=spec.gguf_file,
-                                                     dtype=torch.float32, attn_implementation="sdpa")
+                                                     dtype=torch.float32, attn_implementation=implementation)
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
@@ -181,6 +198,7 @@ def main() -> None:
     started = time.perf_counter()
     model = load_model(SPEC, device="cpu")
     plain = plain_sdpa_copy()
+    plain_eager = plain_sdpa_copy("eager")
     interventions = [zero_ablation([Head(5, 3)]), scale([Head(12, 1)], "value", 0.5),
                      scale([Head(20, 4)], "output", 2.0)]
     print(f"loaded in {time.perf_counter() - started:.0f} s; fused kernel: {implementation(model)}; "
@@ -207,6 +225,14 @@ def main() -> None:
             with torch.no_grad():
                 return plain(ids, logits_to_keep=1).logits
 
+        def plain_all() -> torch.Tensor:
+            with torch.no_grad():
+                return plain(ids).logits
+
+        def eager_all() -> torch.Tensor:
+            with torch.no_grad():
+                return plain_eager(ids).logits
+
         cells: dict[str, Callable[[], torch.Tensor]] = {
             "bridge_s": bridge,
             "bridge_3_heads_s": bridge_hooked,
@@ -215,13 +241,18 @@ def main() -> None:
             "routed_3_heads_s": routed_hooked,
             "fused_all_logits_s": lambda: fused_logits(model, ids),
             "plain_sdpa_last_s": plain_last,
+            "plain_sdpa_all_logits_s": plain_all,
+            "plain_eager_all_logits_s": eager_all,
         }
         row: dict[str, Any] = {"tokens": n}
+        cpu: dict[str, float] = {}
         outputs: dict[str, torch.Tensor] = {}
         for key, fn in cells.items():
-            row[key], out = best_of(fn, args.repeats)
+            row[key], cpu[key], out = best_of_both(fn, args.repeats)
             outputs[key] = out[:, -1].float()
-            print(f"{n:6d} tokens  {key:20s} {row[key]:7.2f} s", flush=True)
+            print(f"{n:6d} tokens  {key:24s} {row[key]:7.2f} s wall {cpu[key]:7.2f} s CPU  load "
+                  f"{' '.join(_loadavg())}", flush=True)
+        row["cpu_s"] = {key: round(value, 3) for key, value in cpu.items()}
         effect = outputs["bridge_3_heads_s"] - outputs["bridge_s"]
         ours = outputs["fused_3_heads_s"] - outputs["fused_s"]
         row["fused_vs_bridge_last_logit_abs"] = float((outputs["fused_s"] - outputs["bridge_s"]).abs().max())
@@ -235,6 +266,11 @@ def main() -> None:
         row["fused_over_plain"] = row["fused_s"] / row["plain_sdpa_last_s"]
         row["fused_3_heads_over_plain"] = row["fused_3_heads_s"] / row["plain_sdpa_last_s"]
         row["bridge_3_heads_over_routed_3_heads"] = row["bridge_3_heads_s"] / row["routed_3_heads_s"]
+        row["plain_eager_vs_sdpa_last_logit_abs"] = float(
+            (outputs["plain_eager_all_logits_s"] - outputs["plain_sdpa_all_logits_s"]).abs().max())
+        row["fused_3_heads_over_plain_cpu"] = cpu["fused_3_heads_s"] / cpu["plain_sdpa_last_s"]
+        row["bridge_over_fused_cpu"] = cpu["bridge_s"] / cpu["fused_s"]
+        row["load_average_after"] = _loadavg()
         rows.append(row)
         print(json.dumps(row), flush=True)
 
