@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -101,7 +102,8 @@ def run_job(job: Job) -> dict[str, Any]:
         else:
             result, record, _ = run_cached(model, entry, config, job.seed, force=job.force)
     except Exception as error:  # noqa: BLE001 - reported like a scan's failing analysis
-        return {"error": f"{type(error).__name__}: {error}", "node": os.uname().nodename}
+        return {"error": f"{type(error).__name__}: {error}", "node": os.uname().nodename,
+                "traceback": traceback.format_exc()}
     return {"record": record, "scores": result.scores.scores.double().numpy(), "node": os.uname().nodename}
 
 
@@ -190,7 +192,7 @@ def run_jobs(jobs: Sequence[Job], out: Path, address: str | None = None, force: 
                 outcome = {"error": f"{type(cause).__name__}: {' '.join(str(cause).split())[:300]}"}
             if "error" in outcome:
                 errors[job.folder][job.analysis] = outcome["error"]
-                emit("error", job.name, {"error": outcome["error"]})
+                emit("error", job.name, {"error": outcome["error"], "traceback": outcome.get("traceback", "")})
                 continue
             record = outcome["record"]
             if record["model"] != facts[job.source]["fingerprint"]:

@@ -154,6 +154,7 @@ class RayMapper:
         self.max_restarts, self.chunks_per_actor = max_restarts, max(1, chunks_per_actor)
         self._actors: list[Any] = []
         self._checked: set[str] = set()
+        self.items_per_actor: list[int] = [0] * self.n_actors  # what each actor was sent (logs, tests)
 
     def _start(self) -> list[Any]:
         if not self._actors:
@@ -178,7 +179,10 @@ class RayMapper:
                                  f"model {model.fingerprint} ({model.spec}); shards must run on the same weights.")
             self._checked.add(model.fingerprint)
         parts = chunks(items, len(actors) * self.chunks_per_actor)
-        pending = {actors[i % len(actors)].run.remote(fn, part): i for i, part in enumerate(parts)}
+        pending = {}
+        for i, part in enumerate(parts):
+            pending[actors[i % len(actors)].run.remote(fn, part)] = i
+            self.items_per_actor[i % len(actors)] += len(part)
         results: list[list[R] | None] = [None] * len(parts)
         done = 0
         if progress is not None:
