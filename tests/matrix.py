@@ -16,8 +16,11 @@ Where the cells go: when the environment variable `PROBE_MATRIX_OUT` names a fil
 written there as JSON when the test process exits (merged into what the file already holds: a cell
 this run measured replaces the file's). Without it nothing is written. To rebuild the docs tables:
 
-    PROBE_MATRIX_OUT=/tmp/matrix.json pytest tests/test_architectures.py [other family files]
-    python tools/architectures_table.py /tmp/matrix.json        # rewrites docs/ARCHITECTURES.md's tables
+    PROBE_MATRIX_OUT=docs/results/architectures_matrix.json pytest tests/test_architectures.py [other family files]
+    python tools/architectures_table.py docs/results/architectures_matrix.json   # rewrites docs/ARCHITECTURES.md's tables
+
+(the committed docs/results/architectures_matrix.json is the run the committed tables come from; remove it
+first for a fresh run, since cells merge into what the file holds).
 
 JSON layout: `{"version": 1, "checks": {check: {"kind": "deviation" | "effect", "bound": float}},
 "cells": {family: {check: value}}, "bounds": {family: {check: bound}}, "facts": {family: {...}}}`

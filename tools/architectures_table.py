@@ -1,8 +1,11 @@
 """Write docs/ARCHITECTURES.md's matrix tables from a proof-matrix run, so they cannot drift from the code.
 
-    PROBE_MATRIX_OUT=/tmp/matrix.json pytest tests/test_architectures.py [tests/test_*_families.py ...]
-    python tools/architectures_table.py /tmp/matrix.json              # rewrite the tables in place
-    python tools/architectures_table.py /tmp/matrix.json --check      # exit 1 if the docs differ
+    PROBE_MATRIX_OUT=docs/results/architectures_matrix.json pytest tests/test_architectures.py [tests/test_*_families.py ...]
+    python tools/architectures_table.py docs/results/architectures_matrix.json           # rewrite the tables in place
+    python tools/architectures_table.py docs/results/architectures_matrix.json --check   # exit 1 if the docs differ
+
+The matrix the committed tables come from is committed as docs/results/architectures_matrix.json (the full
+command is in docs/ARCHITECTURES.md); tests/test_doc_numbers.py checks that `render` on it leaves the doc unchanged.
 
 The JSON is tests/matrix.py's (`checks`, `cells`, `bounds`, `facts`). Four tables are replaced, each between
 `<!-- matrix:NAME:begin -->` and `<!-- matrix:NAME:end -->` (the prose around them stays):
