@@ -7,7 +7,8 @@ How to tie a doc number (the convention; docs stay readable, an HTML comment ren
        <!-- results: docs/results/successor_smollm2.json -->
        Command: `probe scan ... --out reports/x`; result: `docs/results/successor_smollm2.json`.
 
-   The file must be committed under docs/results/ or bench/results/, and the section (heading to heading)
+   Add ` config=configs/x.yaml` inside the directive when a committed config made the file: its settings must
+   equal the ones the file records. The file must be committed under docs/results/ or bench/results/, and the section (heading to heading)
    holding the directive must name the file and show a command (probe/python/pytest/make) in backticks
    or in a code block.
 2. Right after the number, with no space, put a marker with the key path and a Python format spec:
@@ -51,7 +52,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 RESULT_DIRS = ("docs/results/", "bench/results/")
 
-DIRECTIVE = re.compile(r"<!--\s*results:\s*(?P<path>\S+)\s*-->")
+DIRECTIVE = re.compile(r"<!--\s*results:\s*(?P<path>\S+)(?:\s+config=(?P<config>\S+))?\s*-->")
 MARKER = re.compile(r"<!--=\s*(?P<spec>.*?)\s*-->", re.S)
 # the number right before a marker: optional emphasis/backticks after it and an optional unit
 NUMBER = re.compile(r"(?P<num>(?:(?<![\w.)])[−-])?(?:\d[\d,]*)?\.?\d+(?:[eE][−+-]?\d+)?)"
@@ -241,6 +242,25 @@ def _sections(text: str) -> list[tuple[int, str]]:
 
 
 DIRECTIVES = [(doc, m.start(), m["path"]) for doc in DOCS for m in DIRECTIVE.finditer(doc.read_text())]
+CONFIGS = [(doc, m["path"], m["config"]) for doc in DOCS for m in DIRECTIVE.finditer(doc.read_text()) if m["config"]]
+
+
+@pytest.mark.parametrize("doc,path,config", CONFIGS, ids=[f"{d.name}:{c}" for d, _, c in CONFIGS])
+def test_result_file_was_made_with_its_committed_config(doc, path, config):
+    """`config=configs/x.yaml` in a directive: every setting of the YAML's analyzer section equals the one
+    the result file records (its `config`, else `provenance.config`)."""
+    import yaml
+
+    assert config in subprocess.run(["git", "ls-files", config], cwd=ROOT, capture_output=True, text=True).stdout, (
+        f"{config} is not committed")
+    sections = yaml.safe_load((ROOT / config).read_text())
+    assert isinstance(sections, dict) and len(sections) == 1, f"{config}: one analyzer section expected"
+    settings = json.loads(json.dumps(next(iter(sections.values()))))  # tuples/lists and numbers as JSON has them
+    document = load(path)
+    recorded = document.get("config") or document.get("provenance", {}).get("config")
+    assert isinstance(recorded, dict), f"{path} records no config"
+    differ = {k: (v, recorded.get(k, "<absent>")) for k, v in settings.items() if recorded.get(k, "<absent>") != v}
+    assert not differ, f"{path} was not made with {config}: {differ}"
 
 
 @pytest.mark.parametrize("doc,offset,path", DIRECTIVES, ids=[f"{d.name}:{p}" for d, _, p in DIRECTIVES])
