@@ -861,7 +861,10 @@ def masked_answers(model: LoadedModel, sample: NiahSample, conditions: Sequence[
     model.check_fits(n + max_new_tokens)
     stops = _stop_ids(model)
     prefill = _new_cache(model)
-    model.hf_model(ids[:, :-1], past_key_values=prefill, use_cache=True, logits_to_keep=1)
+    from probe.forward import on_fused_path
+
+    with model.lock, on_fused_path(model):  # unmasked prefill on the model's SDPA attention
+        model.hf_model(ids[:, :-1], past_key_values=prefill, use_cache=True, logits_to_keep=1)
     answers: list[str] = []
     for first in range(0, len(conditions), batch):
         chunk = conditions[first: first + batch]
@@ -873,7 +876,8 @@ def masked_answers(model: LoadedModel, sample: NiahSample, conditions: Sequence[
         while active and steps < max_new_tokens:
             interventions = [i for row, slot in enumerate(active)
                              if (i := _condition_intervention(chunk[slot], n - 1, row)) is not None]
-            with intervene(model, interventions):
+            # fused path (uniform = a zero query, zero = z ablation; positions from the cache length) where exact
+            with intervene(model, interventions), on_fused_path(model):
                 while steps < max_new_tokens:
                     out = model.hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
                     steps += 1
