@@ -692,3 +692,23 @@ def test_factual_successor_and_cdt_forwards_on_the_fused_path_equal_the_bridges(
     acc_b, acc_f, n = both(induction, lambda: tasks.accuracy(induction, [batch]))
     assert n >= 1 and acc_b.keys() == acc_f.keys()
     assert all(abs(acc_f[k] - acc_b[k]) <= RTOL * max(1.0, abs(acc_b[k])) for k in acc_b)
+
+
+def test_retrieval_masking_runs_on_the_fused_path_and_equals_the_bridges(monkeypatch):
+    """Retrieval's masking (`masked_answers`: one prefill, then every condition decodes as a batch row with its
+    own heads masked from the answer on, uniform attention and zero ablation) on the fused path == the
+    bridge's answers on the planted retrieval head; masking it uniformly breaks the answer."""
+    from analyses import retrieval
+    from analyses.planted import RETRIEVAL_HEAD, retrieval_model, retrieval_samples
+
+    model = retrieval_model()
+    sample = retrieval_samples(model)[0]
+    others = [h for h in model.all_heads() if h != RETRIEVAL_HEAD][:2]
+    conditions = retrieval.masking_conditions(model, [RETRIEVAL_HEAD, *others], [1], ("uniform", "zero"), 2, 0)
+    with _bridge_only(model):
+        expected = retrieval.masked_answers(model, sample, conditions, 6, batch=4)
+    with _entries(monkeypatch) as entered:
+        got = retrieval.masked_answers(model, sample, conditions, 6, batch=4)
+    assert len(entered) >= 3 and got == expected
+    top = [i for i, c in enumerate(conditions) if c["selection"] == "top" and c["kind"] == "uniform"]
+    assert got[top[0]] != got[0]  # the planted head masked: the needle is not copied
