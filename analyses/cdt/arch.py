@@ -230,9 +230,12 @@ def read_weights(model, dtype: torch.dtype = torch.float32) -> ArchWeights:
         reason = arch_extra.unsupported_attention(arch)
         if reason:
             raise _unsupported(model, reason)
-        layers = [_layer(arch, index, dtype) for index in range(arch.n_layers)]
+        # `Tensor.to(like)` takes like's dtype and device: every table lands on the input device, also the
+        # layers of a model dispatched over several devices (a no-op view on a single-device model)
+        like = torch.empty((), dtype=dtype, device=torch.device(model.device))
+        layers = [_layer(arch, index, like) for index in range(arch.n_layers)]  # type: ignore[arg-type]
         W_pos = arch_extra.learned_positions(arch)
-        ln_final = _norm(arch.final_norm, dtype)
+        ln_final = _norm(arch.final_norm, like)  # type: ignore[arg-type]
     except ArchitectureError as error:
         raise _unsupported(model, str(error)) from error
 
@@ -242,7 +245,7 @@ def read_weights(model, dtype: torch.dtype = torch.float32) -> ArchWeights:
     return ArchWeights(
         family=family, n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,
         d_head=arch.d_head, d_model=arch.d_model, W_E=arch.W_E, embed_scale=arch.embed_scale,
-        W_pos=_t(W_pos, dtype), layers=layers, ln_final=ln_final,  # type: ignore[arg-type]
-        W_U=arch.unembed_weight.T, b_U=_t(arch.b_U, dtype), logit_softcap=arch.softcap_logits,
+        W_pos=_t(W_pos, like), layers=layers, ln_final=ln_final,  # type: ignore[arg-type]
+        W_U=arch.unembed_weight.T.to(like.device), b_U=_t(arch.b_U, like), logit_softcap=arch.softcap_logits,  # type: ignore[arg-type]
         rotary=rotary if any(layer.rope_kind for layer in layers) else None, dtype=dtype,
     )
