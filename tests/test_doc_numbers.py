@@ -326,3 +326,13 @@ def test_architectures_tables_are_what_the_committed_matrix_gives():
     text = (ROOT / "docs" / "ARCHITECTURES.md").read_text()
     assert tool.render(text, load(MATRIX)) == text
     assert MATRIX in text
+
+
+@pytest.mark.parametrize("doc", [d for d in DOCS if "<!--=" in d.read_text()], ids=lambda d: d.name)
+def test_markers_stay_invisible_when_the_doc_renders(doc):
+    """Rendered as GFM tables + CommonMark, no marker text leaks into the page (a bare `|` in a table row's
+    comment would split the cell and show the comment's pieces)."""
+    markdown_it = pytest.importorskip("markdown_it")
+    html = markdown_it.MarkdownIt("commonmark").enable("table").render(doc.read_text())
+    visible = re.sub(r"<!--.*?-->", "", html, flags=re.S)
+    assert "&lt;!--" not in visible and "--&gt;" not in visible
