@@ -63,7 +63,7 @@ class Comparison:
 
 
 def _side(model: LoadedModel, ids: torch.Tensor, top_k: int, generate: int) -> Side:
-    probs = torch.softmax(model.logits(ids)[0, -1].float(), dim=-1).cpu()
+    probs = torch.softmax(model.logits(ids, positions="last")[0, -1].float(), dim=-1).cpu()
     values, indices = probs.topk(top_k)
     top = [TokenProb(int(i), model.decode([int(i)]), float(v)) for v, i in zip(values, indices)]
     text = model.decode(model.generate(ids, max_new_tokens=generate)) if generate > 0 else None
