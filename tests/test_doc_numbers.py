@@ -4,13 +4,13 @@ How to tie a doc number (the convention; docs stay readable, an HTML comment ren
 
 1. Once per section, name the result file in a directive, and say it (and the command) in the prose:
 
-       <!-- results: docs/results/successor_smollm2.json -->
+       <!-- results: docs/results/successor_smollm2.json config=configs/successor_smollm2.yaml -->
        Command: `probe scan ... --out reports/x`; result: `docs/results/successor_smollm2.json`.
 
-   Add ` config=configs/x.yaml` inside the directive when a committed config made the file: its settings must
-   equal the ones the file records. The file must be committed under docs/results/ or bench/results/, and the section (heading to heading)
+   The file must be committed under docs/results/ or bench/results/; the section (heading to heading)
    holding the directive must name the file and show a command (probe/python/pytest/make) in backticks
-   or in a code block.
+   or in a code block. `config=` (optional): a committed YAML whose analyzer settings must equal the
+   ones the file records (`config` or `provenance.config`).
 2. Right after the number, with no space, put a marker with the key path and a Python format spec:
 
        top head L23H3 scores 0.202<!--= result.top_heads.0.score .3f -->
@@ -18,20 +18,22 @@ How to tie a doc number (the convention; docs stay readable, an HTML comment ren
        111/1726 = 0.064<!--= result.arithmetic.*.successes|sum / result.arithmetic.*.trials|sum .3f -->
        L23H3<!--= result.top_heads.0.head str --> (any value as text: `str`)
 
-   Key path: dot-separated keys (in double quotes when they hold spaces or dots), list indices (negative too), `*` for every item and `a:b` for a slice
-   (a list results). After a path, `|op` (no spaces; `\\|op` in a table row, where a bare `|` splits cells) applies len, sum, min, max, mean, sd (sample), pstd,
-   flat, abs, first, last, means (each row's mean), count>X (items above X) and pctN (numpy's linear
-   percentile; both flatten nested lists), median. Operands (paths or numbers) may be joined by
-   + - * / ( ) with spaces around each. Format: any Python
-   format spec (`.3f`, `,.0f`, `.0%`, `.1e`, `d`, `,d`) or `str`; optional before it, `file#` to read another
-   file (`bench/results/x.json#rows.0.fast_s .1f`).
+   Key path: dot-separated keys (in double quotes when they hold spaces or dots), list indices
+   (negative too), `*` for every item and `a:b` for a slice (a list results). After a path, `|op`
+   (no spaces; write `\\|op` in a table row, where a bare `|` splits the cells) applies len, sum, min,
+   max, mean, median, sd (sample), pstd, flat, abs, first, last, means (each row's mean), count>X
+   (items above X) or pctN (numpy's linear percentile); the last two flatten nested lists. Operands
+   (paths or numbers) may be joined by + - * / ( ) with spaces around each. Format: a Python format
+   spec (`.3f`, `,.0f`, `.0%`, `.1e`, `d`, `,d`) or `str`. `file#path` reads another committed file
+   (`bench/results/x.json#rows.0.fast_s .1f`), which the doc must name.
 3. The number compared is the one right before the marker (markdown `**`/backticks around it are fine;
-   a unit after it such as `s`, `x`, `%`, `MiB` may stand between number and marker). Compared
-   loosely only in form: `−` = `-`, `.60` = `0.60`, `1,963` = `1963`, `42 %` = `42%`, `4.3e-05` = `4.3e-5`.
+   a unit such as `s`, `x`, `%`, `MiB` may stand between number and marker). Compared loosely only in
+   form: `−` = `-`, `.60` = `0.60`, `1,963` = `1963`, `42 %` = `42%`, `4.3e-05` = `4.3e-5`.
 
-A number with no committed result file says so in the doc ("not from a committed result file"). Run
-time: reads JSON only (< 1 s). Tables written by tools/architectures_table.py are compared whole against
-docs/results/architectures_matrix.json.
+A number with no committed result file says so in the doc ("not from a committed result file").
+Rendered docs must not show marker text (checked with markdown-it when installed). Tables written by
+tools/architectures_table.py are compared whole against docs/results/architectures_matrix.json.
+Run time: reads JSON only (about 2 s with pytest's start-up on an idle 2-core machine).
 """
 
 from __future__ import annotations
