@@ -42,6 +42,7 @@ import functools
 import importlib.util
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -62,7 +63,8 @@ NUMBER = re.compile(r"(?P<num>(?:(?<![\w.)])[−-])?(?:\d[\d,]*)?\.?\d+(?:[eE][�
 WORD = re.compile(r"(?P<num>[^\s*`(|]+)[*`]*$")
 OPS = {
     "len": len, "sum": sum, "min": min, "max": max, "mean": statistics.fmean, "sd": statistics.stdev,
-    "pstd": statistics.pstdev, "median": statistics.median, "abs": abs, "first": lambda v: v[0], "last": lambda v: v[-1],
+    "pstd": statistics.pstdev, "median": statistics.median, "abs": abs, "first": lambda v: v[0],
+    "last": lambda v: v[-1],
     "flat": lambda v: [x for row in v for x in row], "means": lambda v: [statistics.fmean(row) for row in v],
 }
 
@@ -288,20 +290,20 @@ def test_markers_read_and_fail_as_they_should(tmp_path):
     file = tmp_path / "r.json"
     file.write_text(json.dumps(data))
     load.cache_clear()
-    import os
-
     rel = os.path.relpath(file, ROOT)
     assert evaluate(f"{rel}#rows.*.s|sum / {rel}#rows.*.t|sum", None) == 0.2
     assert evaluate(f"{rel}#a.b|mean * 100", None) == pytest.approx(250.0)
     assert evaluate(f"( {rel}#a.b.0 + {rel}#a.b.1 ) / 2", None) == 1.5 and at(data, "a.b.1:") == [2.0, 4.5]
     assert evaluate(f"{rel}#rows.0:2.s|sum", None) == 4 and evaluate(f"{rel}#a.b|count>1.5", None) == 2
-    assert evaluate(f"{rel}#a.b|pct50", None) == 2.0 and evaluate(f"{rel}#a.b|pct75", None) == 3.25 and operand(f"{rel}#a.b|pstd", None) > 0
+    assert evaluate(f"{rel}#a.b|pct50", None) == 2.0 and evaluate(f"{rel}#a.b|pct75", None) == 3.25
+    assert operand(f"{rel}#a.b|pstd", None) > 0 and evaluate(f"{rel}#a.b\\|max", None) == 4.5
     assert render(0.06428, ".3f") == "0.064" and render(42.0, "d") == "42" and render(0.42, ".0%") == "42%"
     assert normal("−0.60") == normal("-.60") and normal("1,963") == normal("1963") and normal("42 %") == "42%"
     assert normal("4.3e-05") == normal("4.3e-5") and normal("10.5") != normal("1.5")
     doc = tmp_path / "d.md"
     doc.write_text(f"<!-- results: {rel} -->\nmean **2.50**<!--= a.b|mean .2f --> and 20 %<!--= rows.0.s / "
-                   f"rows.0.t .0% -->? no: 30 %<!--= rows.0.s / rows.0.t .0% -->, head L1H2<!--= name str -->, 18.0x<!--= a.b.1 * 9 .1f -->\n")
+                   f"rows.0.t .0% -->? no: 30 %<!--= rows.0.s / rows.0.t .0% -->, head L1H2<!--= name str -->, "
+                   f"18.0x<!--= a.b.1 * 9 .1f -->\n")
     found = markers(doc)
     assert [m["written"] for m in found] == ["2.50", "20%", "30%", "L1H2", "18.0"]
     results = [normal(m["written"]) == normal(render(evaluate(m["expression"], m["file"]), m["fmt"])) for m in found]
