@@ -17,6 +17,7 @@ from families import build_folder
 
 from analyses import planted, safety
 from analyses.registry import ANALYZERS
+from probe.arch_extra import mlp_weights
 from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.heads import Head
@@ -56,6 +57,9 @@ def test_disk_offloaded_model_reads_and_runs_as_on_one_device(pair):
     for layer in range(one.n_layers):
         assert torch.equal(a.norm("ln1", layer).weight, b.norm("ln1", layer).weight)
     assert torch.equal(a.final_norm.weight, b.final_norm.weight)
+    for layer in range(one.n_layers):  # CD-T's MLP tables (probe.arch_extra), layer 1 read from disk
+        mine, theirs = mlp_weights(a, layer), mlp_weights(b, layer)
+        assert all(torch.equal(getattr(mine, k), getattr(theirs, k)) for k in ("W_in", "W_gate", "W_out"))
     assert any(p.device.type == "meta" for p in split.hf_model.parameters())  # reading put them back
 
 
