@@ -7,6 +7,7 @@ result can come from a run cache the other side wrote. Both sides run with 1 tor
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -170,7 +171,7 @@ def test_sharded_retrieval_equals_the_serial_run(cluster):
     source = ModelSource("planted-retrieval", factory="analyses.planted:retrieval_model")
     model = source.load()
     config = retrieval.RetrievalConfig(lengths=(80, 160), depths=(0.0, 50.0, 100.0), needles=(0,), template="base",
-                                       max_new_tokens=6, mask_ks=(1,), mask_random_draws=1, haystack_stride=40)
+                                       max_new_tokens=6, haystack_stride=40)
     needles, sentences = (RETRIEVAL_NEEDLE,) * 6, retrieval_sentences(count=260)
     torch.set_num_threads(1)
     with using(SerialMapper()):
@@ -187,6 +188,28 @@ def test_sharded_retrieval_equals_the_serial_run(cluster):
 
 def _echo(model: Any, item: int) -> int:
     return item
+
+
+TINY_SUCCESSOR = "{number_max: 20, run_probe: false, run_arithmetic: false, run_causal: false}"
+
+
+def test_probe_sweep_and_probe_scan_ray_on_the_command_line(cluster, tmp_path, capsys):
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(f"models: [tiny-gpt2]\nanalyses: [successor]\ndevice: cpu\nconfig: {{successor: {TINY_SUCCESSOR}}}\n")
+    assert main(["sweep", str(plan), "--out", str(tmp_path / "sweep")]) == 0
+    index = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert index["cells"] == [{"folder": "tiny-gpt2_seed0_base", "model": "tiny-gpt2", "seed": 0, "variant": "base",
+                               "done": ["successor"], "errors": {}}]
+    assert main(["sweep", str(plan), "--out", str(tmp_path / "sweep")]) == 0
+    assert "successor: already done" in capsys.readouterr().err
+    config = tmp_path / "config.yaml"
+    config.write_text(f"successor: {TINY_SUCCESSOR}\n")
+    out = tmp_path / "scan"
+    assert main(["scan", "--model", "tiny-gpt2", "--device", "cpu", "--analyses", "successor", "--config", str(config),
+                 "--out", str(out), "--ray", "--threads", "1"]) == 0
+    scanned = json.loads((out / "results.json").read_text())["analyses"]["successor"]
+    swept = json.loads((tmp_path / "sweep" / "tiny-gpt2_seed0_base" / "results.json").read_text())
+    assert untimed(scanned) == untimed(swept["analyses"]["successor"]) and (out / "report.html").is_file()
 
 
 # ---- no cluster needed ------------------------------------------------------------------------------
