@@ -107,3 +107,18 @@ def test_bf16_agreement_file_covers_every_analyzer_and_the_doc_shows_it():
                                    f"{entry['spearman']:.3f}", f"{entry['spearman_resolved']:.3f}",
                                    f"{entry['planted_rank_reference']:g} / {entry['planted_rank']:g}"], name
     assert scale_agreement.COMMAND in doc
+
+
+def test_duo_gates_at_zero_are_streaming_attention_exactly_in_bf16():
+    """Duo's blended pattern takes its streaming softmax in float32, as the model's own eager attention does:
+    with every gate at 0 the bf16 model's final states are the streaming intervention's, bit for bit."""
+    from analyses import duo
+    from probe.interventions import streaming_attention
+
+    model = converted(planted.duo_model(), dtype="bfloat16")
+    ids = planted.duo_samples(model, 1)[0].ids
+    zeros = duo.final_states(model, ids, duo.gate_hooks(model, torch.zeros(1, 4), sink=1, recent=4))
+    with intervene(model, streaming_attention(model.all_heads(), sink=1, recent=4)):
+        streaming = duo.final_states(model, ids)
+    assert torch.equal(zeros, streaming)
+    assert not torch.equal(zeros, duo.final_states(model, ids))
