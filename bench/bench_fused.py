@@ -273,6 +273,12 @@ def main() -> None:
         row["load_average_after"] = _loadavg()
         rows.append(row)
         print(json.dumps(row), flush=True)
+        write_rows(args, rows, model, interventions, load_before)  # after each length: a slow run keeps what it measured
+
+
+def write_rows(args: argparse.Namespace, rows: list[dict[str, Any]], model: Any, interventions: list[Any],
+               load_before: list[str]) -> None:
+    from probe.fused import implementation
 
     result = {
         "bench": "issue 19's table: bridge (eager) vs fused path (HF attention on SDPA) vs plain HF SDPA, "
@@ -281,9 +287,11 @@ def main() -> None:
         "interventions": [i.describe() for i in interventions],
         "machine": platform.machine(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "commit": _commit(),
+        "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "load_average_before": load_before, "load_average_after": _loadavg(),
         "busy_machine_note": "other agents ran on the same 2 cores during this run when the load average "
-                             "is above ~1: absolute seconds are slower than idle, ratios less affected",
+                             "is above ~2: wall seconds are slower than idle; cpu_s (this process's CPU time) "
+                             "moves less with the load",
         "rows": rows,
     }
     if args.out.is_file():  # keep the --analyzer entry
