@@ -577,6 +577,7 @@ def wrap_hf_model(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     torch_dtype = DTYPES[dtype]
     placed = getattr(hf_model, "hf_device_map", None)
     if placed:  # dispatched by accelerate: its hooks move weights and activations; never `.to()` it
+        _check_not_mixed(placed.values(), spec)
         _check_placed_dtype(hf_model, torch_dtype, spec)
         device = str(_input_device(hf_model))
         hf_model = hf_model.eval()
@@ -625,6 +626,17 @@ def _input_device(hf_model: PreTrainedModel) -> torch.device:
         return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
     weight = embedding.weight
     return weight.device if weight.device.type != "meta" else torch.device("cpu")
+
+
+def _check_not_mixed(devices: Any, spec: str) -> None:
+    """TransformerLens 4.3 refuses a map that mixes GPUs with CPU/disk offload (verified on CPU-only
+    hardware, it says): say so before a long load, with the two maps that work."""
+    devices = [str(d).lower() for d in devices]
+    gpu = any(d.isdigit() or d.startswith("cuda") for d in devices)
+    if gpu and any(d in ("cpu", "disk") for d in devices):
+        raise ProbeError(f"{spec}: the device map puts some modules on a GPU and some on cpu/disk, which "
+                         "TransformerLens 4.3 does not bridge; map everything to GPUs (e.g. --device-map auto with "
+                         "--max-memory for the GPUs only) or everything to cpu/disk.")
 
 
 def _check_placed_dtype(hf_model: PreTrainedModel, dtype: torch.dtype, spec: str) -> None:
@@ -783,6 +795,10 @@ def _check_placement(device: str | None, dtype: str, device_map: DeviceMap | Non
         raise ProbeError("--device and --device-map exclude each other: the map says where every layer goes.")
     if device_map is None and (max_memory is not None or offload_folder is not None):
         raise ProbeError("--max-memory and --offload-folder only apply with --device-map.")
+    if isinstance(device_map, dict):
+        for key, value in device_map.items():
+            _check_map_device(value, f"device map entry {key!r}")
+        _check_not_mixed(device_map.values(), "--device-map")
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.heads import Head
 from probe.interventions import head_means, intervene, mean_ablation, reference_prompts, zero_ablation
-from probe.models import converted, facts, load_model, parse_device_map, parse_max_memory
+from probe.models import _check_not_mixed, converted, facts, load_model, parse_device_map, parse_max_memory
 from tools import scale_agreement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +109,10 @@ def test_placement_errors_are_one_line_probe_errors(tmp_path):
         load_model("tiny-llama", device_map={"model.embed_tokens": "cpu"})  # most modules unmapped
     with pytest.raises(ProbeError, match="CUDA is not available"):
         load_model("tiny-llama", device_map={"": 0})
+    _check_not_mixed([0, 1], "m")  # GPUs only, or cpu/disk only, bridge; a mix is refused before loading
+    _check_not_mixed(["cpu", "disk"], "m")
+    with pytest.raises(ProbeError, match="some on cpu/disk"):
+        _check_not_mixed([0, "cuda:1", "disk"], "m")
 
 
 def test_device_map_and_max_memory_flags_parse(tmp_path):
