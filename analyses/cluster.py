@@ -265,6 +265,18 @@ class Plan:
                 for analysis in self.analyses]
 
 
+def check_spec(spec: str) -> str:
+    """A model spec the nodes can load by name (`probe models`; hf:/gguf: paths are checked on the node)."""
+    from probe.models import EXTRA_SPECS, PATH_PREFIXES, SPECS
+
+    if spec in SPECS or spec in EXTRA_SPECS or spec.startswith(PATH_PREFIXES):
+        return spec
+    close = difflib.get_close_matches(spec, [*SPECS, *EXTRA_SPECS], 1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ProbeError(f"Unknown model spec {spec!r}{hint}; valid: {', '.join([*SPECS, *EXTRA_SPECS])}, hf:<dir or hub id>, "
+                     "gguf:<file>.")
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
@@ -296,6 +308,11 @@ def read_plan(path: str | Path) -> Plan:
         return tuple(v.strip() for v in value)
 
     models = names("models")
+    for model in models:
+        try:
+            check_spec(model)
+        except ProbeError as error:
+            raise ProbeError(f"{where}: {error}") from None
     analyses = tuple(e.name for e in resolve(",".join(names("analyses"))))
     seeds = data.get("seeds", [0])
     seeds = [seeds] if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds

@@ -308,9 +308,10 @@ def _check_cluster_options(args: argparse.Namespace) -> None:
 
 def _scan_on_ray(args: argparse.Namespace, entries: list, overrides: dict, out: Path) -> int:
     """`probe scan --ray [ADDRESS]`: each analysis a Ray task; the records come back here and land in --out."""
-    from analyses.cluster import SHARDABLE, Job, run_jobs
+    from analyses.cluster import SHARDABLE, Job, check_spec, run_jobs
     from probe.parallel import ModelSource
 
+    check_spec(args.model)
     _check_cluster_options(args)
     source = ModelSource(args.model, args.device, args.dtype)
     threads = args.threads or 1  # a task's threads are its CPU request: explicit, never automatic

@@ -221,6 +221,7 @@ def test_probe_sweep_and_probe_scan_ray_on_the_command_line(cluster, tmp_path, c
     ("models: [tiny-llama]\nanalyses: [successor]\nvariants: {a: {successor: {number_maxx: 3}}}\n",
      "did you mean 'number_max'"),
     ("models: [tiny-llama]\nanalyses: [successor]\nshards: {successor: 2}\n", "only retrieval split"),
+    ("models: [tiny-lama]\nanalyses: [successor]\n", "Unknown model spec 'tiny-lama' (did you mean 'tiny-llama'?)"),
     ("models: [tiny-llama\n", "is not valid YAML"),
     ("- just a list\n", "must be a mapping"),
 ])
