@@ -26,8 +26,8 @@ demo: fetch
 	$(BIN)/python -m app.demo --out reports/demo
 	$(BIN)/probe scan --model smollm2-135m --analyses all --preset quick --out reports/demo/scan
 
-test: fetch
-	$(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=15
+test: fetch   # assets are fetched: a missing one fails its tests instead of skipping them (tests/conftest.py)
+	PROBE_REQUIRE_ASSETS=1 $(BIN)/python -m pytest -q -p no:cacheprovider -m "not slow" --durations=15
 
 test-slow: fetch   # builds the refusal organism (~15 min on a 2-core CPU) and checks its refusal rates
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow

@@ -103,6 +103,7 @@ def untimed(value: Any) -> Any:
     return value
 
 
+@pytest.mark.asset("strongreject")  # safety's prompts
 def test_plan_of_two_models_by_two_analyses_equals_the_serial_scans(cluster, serial, tmp_path):
     plan = _plan()
     events: list[tuple[str, str, dict]] = []
@@ -136,6 +137,7 @@ def _running_tasks(name: str) -> list[int]:
     return found
 
 
+@pytest.mark.asset("strongreject")  # safety's prompts
 def test_a_worker_killed_mid_task_is_retried_and_nothing_is_lost(cluster, serial, tmp_path):
     plan = Plan(models=MODELS[:1], analyses=ANALYSES, device="cpu", threads=1, variants={"base": SMALL})
     jobs = [Job(job.source, job.analysis, job.folder, job.preset, job.seed, job.overrides, job.threads)
