@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gpu_name": torch.cuda.get_device_name() if on_gpu else None,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "transformers": __import__("transformers").__version__, "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "peak_memory": "torch.cuda.max_memory_allocated, reset before each step (GiB)" if on_gpu else
+                       "the process's peak resident set so far (ru_maxrss, GiB): on the CPU it never resets per step",
         "install": installed, "build_s": round(build_s, 2), "build_peak_gib": peak_gib(device),
         "load_average_before": _loadavg(), "steps": [],
     }
