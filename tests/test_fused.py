@@ -712,3 +712,24 @@ def test_retrieval_masking_runs_on_the_fused_path_and_equals_the_bridges(monkeyp
     assert len(entered) >= 3 and got == expected
     top = [i for i, c in enumerate(conditions) if c["selection"] == "top" and c["kind"] == "uniform"]
     assert got[top[0]] != got[0]  # the planted head masked: the needle is not copied
+
+
+def test_duo_niah_with_streaming_heads_runs_on_the_fused_path_and_equals_the_bridges(monkeypatch):
+    """Duo's NIAH (`niah_accuracy`: greedy generation inside a block of streaming masks, sink + recent window
+    as an SDPA mask; both regimes) on the planted retrieval model == the bridge's recall; streaming the planted
+    head from every position on loses the needle."""
+    from analyses import duo
+    from analyses.planted import RETRIEVAL_HEAD, retrieval_model, retrieval_samples
+
+    model = retrieval_model()
+    samples = retrieval_samples(model, lengths=(60,))[:2]
+    for regime in ("decode-only", "all-positions"):
+        config = duo.DuoConfig(sink=1, recent=3, regime=regime, max_new_tokens=6)
+        heads = [RETRIEVAL_HEAD, Head(0, 1)]
+        with _bridge_only(model):
+            expected = duo.niah_accuracy(model, samples, heads, config)
+        with _entries(monkeypatch) as entered:
+            got = duo.niah_accuracy(model, samples, heads, config)
+        assert len(entered) == len(samples) and got == expected
+    full = duo.niah_accuracy(model, samples, [], config)
+    assert min(full) > max(got)  # all-positions streaming of the planted head loses the needle
