@@ -84,8 +84,8 @@ STEPS = ("forward", "retrieval", "ships", "duo", "cdt", "factual", "successor")
 # `datasets` (and its pyarrow, ~40 MB) is imported by TransformerLens only for type hints of helpers probe
 # never calls: without it a stub module stands in (see `stub_datasets`).
 RUNTIME_PACKAGES = ("transformer-lens", "einops", "jaxtyping", "wadler-lindig", "accelerate", "pandas",
-                    "python-dateutil", "six", "pytz", "tzdata", "plotly", "narwhals", "rouge-score", "nltk",
-                    "absl-py", "joblib", "psutil", "filelock")
+                    "python-dateutil", "six", "tzdata", "plotly", "narwhals", "rouge-score", "nltk", "absl-py",
+                    "joblib", "cloudpickle", "defusedxml", "psutil", "filelock")
 
 
 # ---- installing what the GPU machine lacks -------------------------------------------------------------
@@ -109,10 +109,14 @@ def prepare(kit: Path, python_version: str, platforms: list[str]) -> None:
         shutil.copytree(assets.asset_dir(name), kit / "probe_home" / "assets" / name, dirs_exist_ok=True)
     pins = [f"{name}=={metadata.version(name)}" for name in RUNTIME_PACKAGES]
     (kit / "requirements.txt").write_text("\n".join(pins) + "\n")
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest",
-               str(kit / "wheels"), "--python-version", python_version, *[f"--platform={p}" for p in platforms], *pins]
-    print(" ".join(command), flush=True)
-    subprocess.run(command, check=True)
+    wheels = kit / "wheels"
+    for pin in pins:  # binary wheels for the target; a package PyPI has only as source (rouge-score) is built here
+        download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--dest", str(wheels),
+                    "--python-version", python_version, *[f"--platform={p}" for p in platforms], pin]
+        if subprocess.run(download, capture_output=True, text=True).returncode != 0:
+            print(f"{pin}: no wheel on PyPI for the target; building a wheel from its source here", flush=True)
+            subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--wheel-dir", str(wheels), pin],
+                           check=True, capture_output=True)
     size = sum(f.stat().st_size for f in kit.rglob("*") if f.is_file()) / 2**20
     print(f"kit ready in {kit}: {size:.1f} MiB (carry it with the run)")
 
