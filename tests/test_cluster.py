@@ -22,9 +22,9 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is the cluster extra: pip install -e '.[test,cluster]'")
 
-from analyses import retrieval  # noqa: E402
+from analyses import retrieval, safety  # noqa: E402
 from analyses.cluster import Job, Plan, read_plan, run_jobs  # noqa: E402
-from analyses.planted import RETRIEVAL_NEEDLE, retrieval_sentences  # noqa: E402
+from analyses.planted import RETRIEVAL_NEEDLE, SAFETY_HARMFUL_PROMPTS, retrieval_sentences  # noqa: E402
 from analyses.registry import ANALYZERS  # noqa: E402
 from analyses.scan import ScanSettings, run_scan  # noqa: E402
 from app.cli import main  # noqa: E402
@@ -192,6 +192,32 @@ def _echo(model: Any, item: int) -> int:
     return item
 
 
+def _ships_and_sahara(model: Any, prompts: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[Any]]:
+    """Ships of every head per prompt and a 2-step Sahara, in batches of 3 rows: the 8 heads (2 layers) cut
+    into [L0 L0 L0] [L0 L1 L1] [L1 L1], so a batch can start at one layer and hold rows of the next."""
+    ships = [safety.ships_query(model, ids, "query", 1e-5, batch_rows=3) for ids in prompts]
+    return ships, safety.sahara(model, prompts, size=2, ablation="output", batch_rows=3)
+
+
+def test_sharded_ships_and_sahara_equal_the_serial_run(cluster):
+    """Ships' (and Sahara's) planned read-out batches spread over 2 actors merge to the serial bits."""
+    source = ModelSource("tiny-planted-refusal", factory="analyses.planted:safety_model")
+    model = source.load()
+    prompts = [model.encode(p) for p in SAFETY_HARMFUL_PROMPTS[:2]]
+    torch.set_num_threads(1)
+    with using(SerialMapper()):
+        serial_ships, serial_steps = _ships_and_sahara(model, prompts)
+    with RayMapper(source, n_actors=2, threads=1) as mapper, using(mapper):
+        ships, steps = _ships_and_sahara(model, prompts)
+    # per prompt: Ships 3 batches; Sahara step 1 (8 groups) 3, step 2 (7 groups) 3; 2 actors share each map
+    assert sum(mapper.items_per_actor) == 2 * (3 + 3 + 3) and min(mapper.items_per_actor) >= 6
+    for ours, theirs in zip(ships, serial_ships):
+        assert torch.equal(ours, theirs)  # bit for bit (same thread count, same batches)
+    assert [(s.head, s.score, s.candidate_scores) for s in steps] == \
+        [(s.head, s.score, s.candidate_scores) for s in serial_steps]
+    assert serial_ships[0].nan_to_num(-1).argmax() == 1 * model.n_heads + 2  # the planted L1H2 leads
+
+
 TINY_SUCCESSOR = "{number_max: 20, run_probe: false, run_arithmetic: false, run_causal: false}"
 
 
@@ -222,7 +248,7 @@ def test_probe_sweep_and_probe_scan_ray_on_the_command_line(cluster, tmp_path, c
     ("models: [tiny-llama]\nanalyses: [succesor]\n", "Unknown analysis 'succesor'"),
     ("models: [tiny-llama]\nanalyses: [successor]\nvariants: {a: {successor: {number_maxx: 3}}}\n",
      "did you mean 'number_max'"),
-    ("models: [tiny-llama]\nanalyses: [successor]\nshards: {successor: 2}\n", "only retrieval split"),
+    ("models: [tiny-llama]\nanalyses: [successor]\nshards: {successor: 2}\n", "only retrieval, safety split"),
     ("models: [tiny-lama]\nanalyses: [successor]\n", "Unknown model spec 'tiny-lama' (did you mean 'tiny-llama'?)"),
     ("models: [tiny-llama\n", "is not valid YAML"),
     ("- just a list\n", "must be a mapping"),
