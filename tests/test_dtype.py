@@ -106,6 +106,14 @@ def test_bf16_agreement_file_covers_every_analyzer_and_the_doc_shows_it():
         assert rows[name][1:6] == [f"{entry['max_abs_diff']:.3g}", f"{entry['max_abs_reference']:.3g}",
                                    f"{entry['spearman']:.3f}", f"{entry['spearman_resolved']:.3f}",
                                    f"{entry['planted_rank_reference']:g} / {entry['planted_rank']:g}"], name
+    half = _table(doc, "float16 vs float32 on the planted models")
+    assert set(data["float16"]) == set(ANALYZERS) == set(half)
+    for name, entry in data["float16"].items():
+        assert entry["planted_rank"] == entry["planted_rank_reference"] == 1.0, name
+        assert entry["spearman_resolved"] >= 0.95, name
+        assert half[name][1:5] == [f"{entry['max_abs_diff']:.3g}", f"{entry['spearman']:.3f}",
+                                   f"{entry['spearman_resolved']:.3f}",
+                                   f"{entry['planted_rank_reference']:g} / {entry['planted_rank']:g}"], name
     assert scale_agreement.COMMAND in doc
 
 

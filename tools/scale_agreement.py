@@ -6,7 +6,8 @@
 
 Each analyzer runs end to end (its `run`, settings sized for a 2-core CPU) on the planted model of
 analyses/planted.py three times: fp32 on one device (the reference), the same weights in bfloat16
-(`probe.models.converted(model, dtype="bfloat16")`), and the same fp32 weights dispatched by accelerate
+(`probe.models.converted(model, dtype="bfloat16")`; float16 too, recorded beside it under "float16"), and
+the same fp32 weights dispatched by accelerate
 with the last decoder layer and the unembedding on "disk" (an offload folder in a temporary
 directory; `converted(model, device_map=...)`). Per analyzer it records the largest |score
 difference| over all heads, the Spearman rank correlation of the scores over all heads, and the
@@ -210,6 +211,9 @@ def run_case(case: Case, say: Callable[[str], None] = print) -> dict[str, dict[s
     torch.manual_seed(0)
     out["bf16"] = {**compare(reference, case.scores(bf16), case.planted), "settings": case.settings,
                    "seconds_fp32": round(seconds, 2), "seconds_bf16": round(time.perf_counter() - start, 2)}
+    fp16 = converted(reference_model, dtype="float16")
+    torch.manual_seed(0)
+    out["fp16"] = {**compare(reference, case.scores(fp16), case.planted), "settings": case.settings}
     with tempfile.TemporaryDirectory(prefix="probe-offload-") as folder:
         mapping = split_map(reference_model)
         offloaded = converted(reference_model, device_map=mapping, offload_folder=folder)
@@ -235,6 +239,11 @@ def tables() -> str:
         lines.append(f"| {name} | {e['max_abs_diff']:.3g} | {e['max_abs_reference']:.3g} | {e['spearman']:.3f} | "
                      f"{e['spearman_resolved']:.3f} | {e['planted_rank_reference']:g} / {e['planted_rank']:g} | "
                      f"{e['planted_head']} |")
+    lines += ["", "| analyzer | max abs diff | Spearman | Spearman (resolved) | planted rank fp32 / fp16 |",
+              "|---|---|---|---|---|"]
+    for name, e in json.loads(BF16_FILE.read_text()).get("float16", {}).items():
+        lines.append(f"| {name} | {e['max_abs_diff']:.3g} | {e['spearman']:.3f} | {e['spearman_resolved']:.3f} | "
+                     f"{e['planted_rank_reference']:g} / {e['planted_rank']:g} |")
     lines += ["", "| analyzer | max abs diff | planted rank one device / offloaded | on disk |", "|---|---|---|---|"]
     for name, e in offload.items():
         lines.append(f"| {name} | {e['max_abs_diff']:.2g} | {e['planted_rank_reference']:g} / {e['planted_rank']:g} | "
@@ -264,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
         analyzers = {**previous.get("analyzers", {}), **{n: r[kind] for n, r in results.items()}}
         document = {"what": what, "command": COMMAND, "host": machine, "created": time.strftime("%Y-%m-%d"),
                     "analyzers": dict(sorted(analyzers.items()))}
+        if kind == "bf16":  # float16 beside it: the same comparison, the other half-precision dtype
+            float16 = {**previous.get("float16", {}), **{n: r["fp16"] for n, r in results.items()}}
+            document["float16"] = dict(sorted(float16.items()))
         path.write_text(json.dumps(document, indent=2) + "\n")
         print(f"wrote {path.relative_to(ROOT)}")
     return 0
