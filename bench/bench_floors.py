@@ -347,12 +347,11 @@ def _ratio(seconds: float, floor: float) -> float:
 
 
 def measure(model: Any, names: list[str], preset: str, repeats: int, floor: Floor,
-            overrides: dict[str, dict[str, Any]], spec: str) -> list[dict[str, Any]]:
+            overrides: dict[str, dict[str, Any]], spec: str) -> Iterator[dict[str, Any]]:
     """Best of `repeats` runs per analyzer, then the floors of the shapes they used (right after, so under
-    about the same load): one row per analyzer."""
+    about the same load): one row per analyzer, yielded as soon as it is measured."""
     from probe.errors import ProbeError
 
-    rows = []
     for name in names:
         load_before = _loadavg()
         runs: list[Run] = []
@@ -364,8 +363,8 @@ def measure(model: Any, names: list[str], preset: str, repeats: int, floor: Floo
                       flush=True)
         except ProbeError as error:  # recorded, the other analyzers still run
             print(f"{name} {preset}: {error}", flush=True)
-            rows.append({"analyzer": name, "preset": preset, "model": spec, "error": str(error).splitlines()[0],
-                         "overrides": overrides.get(name, {}), "commit": _commit()})
+            yield {"analyzer": name, "preset": preset, "model": spec, "error": str(error).splitlines()[0],
+                   "overrides": overrides.get(name, {}), "commit": _commit()}
             continue
         floor_start = time.perf_counter()
         for run in runs:
@@ -399,11 +398,11 @@ def measure(model: Any, names: list[str], preset: str, repeats: int, floor: Floo
                                         "over_floor": _ratio(run.stage_wall_s.get(stage, 0.0), part["floor_s"]),
                                         "over_floor_cpu": _ratio(run.stage_cpu_s.get(stage, 0.0), part["floor_cpu_s"])}
         print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+        yield row
 
 
-def write(rows: list[dict[str, Any]], out: Path, floor: Floor, meta: dict[str, Any]) -> None:
+def write(rows: list[dict[str, Any]], out: Path, meta: dict[str, Any]) -> None:
+    """Merge `rows` into `out` (a row replaces the one of the same analyzer, preset and model)."""
     data = json.loads(out.read_text()) if out.is_file() else {}
     kept = [r for r in data.get("rows", []) if (r["analyzer"], r["preset"], r.get("model"))
             not in {(n["analyzer"], n["preset"], n.get("model")) for n in rows}]
@@ -428,7 +427,15 @@ def main() -> None:
                         help="a config override, e.g. retrieval.lengths=[512,1024] (sizes a default run down)")
     parser.add_argument("--smoke", action="store_true", help="tiny-llama (random weights): checks the harness")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--merge-log", type=Path, metavar="LOG",
+                        help="merge the rows a run printed to LOG (one JSON row per analyzer) into --out, then stop: "
+                             "keeps what a run that was stopped early had finished")
     args = parser.parse_args()
+    if args.merge_log is not None:
+        rows = [json.loads(line) for line in args.merge_log.read_text().splitlines()
+                if line.startswith('{"analyzer"')]
+        write(rows, args.out, {})
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     overrides: dict[str, dict[str, Any]] = {}
@@ -452,15 +459,16 @@ def main() -> None:
     for param in plain.parameters():
         param.requires_grad_(False)
     floor = Floor(plain, args.floor_repeats, args.decode_bucket)
-    rows = measure(model, names, args.preset, args.repeats, floor, overrides, spec)
     meta = {"bench": "issue 19 point 3: analyzer wall time over plain-HF-SDPA time of the same layer passes",
             "floor": "plain HF SDPA decoder (no bridge), same weights, per layer pass by shape, best of "
                      f"{args.floor_repeats}; decode steps with cache length in buckets of {args.decode_bucket}",
             "machine": f"{platform.machine()}, {os.cpu_count()} cores", "torch": torch.__version__,
             "busy_machine_note": "the 2-core machine was shared with other agents' jobs: see each row's load "
-                                 "averages; absolute seconds are slower than idle, the analyzer and its floor "
-                                 "were measured minutes apart"}
-    write(rows, args.out if not args.smoke or args.out != RESULTS else Path("/tmp/floors_smoke.json"), floor, meta)
+                                 "averages; wall seconds are slower than idle, CPU seconds (this process's, one "
+                                 "thread) much less so; the analyzer and its floor ran minutes apart"}
+    out = args.out if not args.smoke or args.out != RESULTS else Path("/tmp/floors_smoke.json")
+    for row in measure(model, names, args.preset, args.repeats, floor, overrides, spec):
+        write([row], out, meta)  # after each analyzer: a run stopped early keeps what it finished
 
 
 if __name__ == "__main__":
