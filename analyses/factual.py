@@ -408,18 +408,18 @@ def head_attribution(model: LoadedModel, prompts: Sequence[CounterfactualPrompt]
         if norm is not None:
             if norm.kind != "rms":
                 raise FactualError(f"{arch.name}: a {norm.kind} post-attention norm is not supported by the attribution.")
-            post[layer] = norm.weight.to(torch.float64)
+            post[layer] = norm.weight.to(W_O.device, torch.float64)
     names = _hook_names(model)
     per_prompt = torch.zeros(len(prompts), model.n_layers, model.n_heads, dtype=torch.float64)
     clean = torch.zeros(len(prompts), dtype=torch.float64)
     for indices, ids in _groups(prompts, model, batch_size):
         logits, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)
-        z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][:, -1] for l in range(model.n_layers)], 1)
+        z = torch.stack([cache[f"blocks.{l}.attn.hook_z"][:, -1].to(W_O.device) for l in range(model.n_layers)], 1)
         out = torch.einsum("blhd,lhdm->blhm", z.to(torch.float64), W_O)
         for layer, gain in post.items():
-            post_scale = cache[f"blocks.{layer}.ln1_post.hook_scale"][:, -1].to(torch.float64)  # [b, 1]
+            post_scale = cache[f"blocks.{layer}.ln1_post.hook_scale"][:, -1].to(out.device, torch.float64)  # [b, 1]
             out[:, layer] = out[:, layer] * gain / post_scale[:, None, :]
-        final_scale = cache["ln_final.hook_scale"][:, -1].to(torch.float64)  # [b, 1]
+        final_scale = cache["ln_final.hook_scale"][:, -1].to(out.device, torch.float64)  # [b, 1]
         out = frozen_final_norm(model, out, final_scale[:, None, None, :])  # centred for LayerNorm, x gain / scale
         rows = [prompts[i] for i in indices]
         columns = arch.W_U_columns([t for p in rows for t in (p.in_context_token, p.memorised_token)])
