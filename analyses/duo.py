@@ -376,7 +376,7 @@ def profiling_scores(model: LoadedModel, sample: PasskeySample, sink: int, recen
     keep = streaming_mask(sample.loss_positions, k_len, sink, recent)
     for l in range(model.n_layers):
         pattern = cache[f"blocks.{l}.attn.hook_pattern"][0][:, sample.loss_positions]  # [H, n, k]
-        outside = (pattern * (~keep).to(pattern.dtype)).sum(-1).mean(-1)  # [H]
+        outside = (pattern * (~keep).to(pattern.device, pattern.dtype)).sum(-1).mean(-1)  # [H], on the layer's device
         kv_index = architecture(model).kv_index.to(outside.device)
         groups = torch.zeros(model.n_kv_heads, dtype=outside.dtype, device=outside.device).index_add_(0, kv_index, outside)
         out[l] = (groups / torch.bincount(kv_index, minlength=model.n_kv_heads).to(groups)).cpu()
