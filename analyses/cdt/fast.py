@@ -29,15 +29,18 @@ result equals `circuits.sweep` (the two-stream reference) up to float rounding; 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from analyses.cdt import rules
 from analyses.cdt.arch import LayerWeights, Norm
 from analyses.cdt.circuits import COMPONENTS, Reference, Sweep
-from analyses.cdt.engine import Engine
+from analyses.cdt.engine import DTYPES, Engine, RuleOptions
 from analyses.cdt.tasks import LogitDiffBatch
 from probe.heads import Head
+from probe.parallel import map_items
 
 Tensor = torch.Tensor
 
@@ -382,19 +385,76 @@ def engine_reference(engine: Engine, clean: BetaPass, batch: LogitDiffBatch) -> 
     )
 
 
+@dataclass
+class SweepItem:
+    """One (batch, source layer) pass of `fast_sweep`, a shard item of `probe.parallel.map_items`.
+
+    In the caller's process it carries the caller's clean pass and reference; pickled for another
+    process it carries what rebuilds them there (the engine's settings and the batch): the same code
+    on the same weights, so the same bits at the same thread count.
+    """
+
+    dtype: str
+    options: RuleOptions
+    batch: LogitDiffBatch
+    layer: int
+    passer: BetaPass | None = None
+    ref: Reference | None = None
+
+    def __getstate__(self) -> dict[str, Any]:  # the clean totals stay behind: rebuilt where the item runs
+        return {**self.__dict__, "passer": None, "ref": None}
+
+
+SweepPart = tuple[Tensor, dict[int, Tensor], dict[str, dict[int, Tensor]]]  # to_output row, to_z, to_input
+_REBUILT: dict[tuple, tuple[BetaPass, Reference]] = {}  # a shard's last batch: its consecutive layers reuse it
+
+
+def _rebuilt(model: Any, item: SweepItem) -> tuple[BetaPass, Reference]:
+    batch = item.batch
+    key = (model.fingerprint, item.dtype, item.options, tuple(batch.ids.flatten().tolist()),
+           tuple(batch.ref_ids.flatten().tolist()))
+    if key not in _REBUILT:
+        _REBUILT.clear()
+        passer = BetaPass(Engine(model, item.dtype, item.options), batch.ids)
+        _REBUILT[key] = passer, engine_reference(passer.engine, passer, batch)
+    return _REBUILT[key]
+
+
+@torch.no_grad()
+def sweep_layer(model: Any, item: SweepItem) -> SweepPart:
+    """Every head of `item.layer` as a source on `item.batch`: β of the logit difference per head `[H]`
+    and the prompt-mean relevance to each later layer's z and q/k/v (k, v expanded to query heads)."""
+    passer, ref = (item.passer, item.ref) if item.passer is not None and item.ref is not None \
+        else _rebuilt(model, item)
+    H, KV = passer.w.n_heads, passer.w.n_kv_heads
+    hooks = _SweepHooks(item.layer, ref, H)
+    beta = passer.run(item.layer, hooks)
+    out = passer.logit_diff_beta(beta, item.batch.good, item.batch.bad).mean(1).double()  # type: ignore[arg-type]
+    to_z = {target: values.mean(1).double() for target, values in hooks.to_z.items()}
+    to_input: dict[str, dict[int, Tensor]] = {c: {} for c in COMPONENTS}
+    for c in COMPONENTS:
+        for target, values in hooks.to_input[c].items():
+            values = values.mean(1).double()
+            to_input[c][target] = values.repeat_interleave(H // KV, dim=-1) if c != "q" and KV != H else values
+    return out, to_z, to_input
+
+
 @torch.no_grad()
 def fast_sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers: Sequence[int] | None = None,
                progress: Callable[[float, str], None] | None = None) -> Sweep:
     """Same result as `circuits.sweep` (every head as a source, relevance to every later head's
-    q/k/v/z and to the logit difference), with β-only passes over cached clean totals."""
+    q/k/v/z and to the logit difference), with β-only passes over cached clean totals. The source
+    layers of a batch go through `probe.parallel.map_items` (a loop here; Ray actors for a sharded
+    scan) and are summed in the serial order: a sharded sweep equals the serial one bit for bit."""
     model = engine.model
-    L, H, KV = engine.w.n_layers, engine.w.n_heads, engine.w.n_kv_heads
+    L, H = engine.w.n_layers, engine.w.n_heads
     layers = list(range(L)) if source_layers is None else list(source_layers)
     to_output = torch.zeros(L, H, dtype=torch.float64)
     to_z = torch.zeros(L, H, L, H, dtype=torch.float64)
     to_input = {c: torch.zeros(L, H, L, H, dtype=torch.float64) for c in COMPONENTS}
     total_prompts = sum(b.n_prompts for b in batches)
     clean, done, steps = 0.0, 0, len(batches) * len(layers)
+    dtype = next(name for name, value in DTYPES.items() if value == engine.dtype)
     z_means = []
     for batch in batches:
         passer = BetaPass(engine, batch.ids)
@@ -404,19 +464,18 @@ def fast_sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers:
         rows = torch.arange(batch.n_prompts)
         logits = model.logits(batch.ids, positions="last")[:, -1]
         clean += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum()) / total_prompts
-        for layer in layers:
-            hooks = _SweepHooks(layer, ref, H)
-            beta = passer.run(layer, hooks)
-            to_output[layer] += weight * passer.logit_diff_beta(beta, batch.good, batch.bad).mean(1).double()  # type: ignore[arg-type]
-            for target, values in hooks.to_z.items():
-                to_z[layer, :, target] += weight * values.mean(1).double()
+        items = [SweepItem(dtype, engine.options, batch, layer, passer, ref) for layer in layers]
+
+        def step(finished: int, _: int, base: int = done, name: str = batch.name) -> None:
+            if progress and finished:
+                progress((base + finished) / steps, f"CD-T sweep {name}: source layer {layers[finished - 1]}")
+
+        for layer, (out, z_part, input_part) in zip(layers, map_items(model, sweep_layer, items, step)):
+            to_output[layer] += weight * out
+            for target, values in z_part.items():
+                to_z[layer, :, target] += weight * values
             for c in COMPONENTS:
-                for target, values in hooks.to_input[c].items():
-                    values = values.mean(1).double()
-                    if c != "q" and KV != H:
-                        values = values.repeat_interleave(H // KV, dim=-1)
+                for target, values in input_part[c].items():
                     to_input[c][layer, :, target] += weight * values
-            done += 1
-            if progress:
-                progress(done / steps, f"CD-T sweep {batch.name}: source layer {layer}")
+        done += len(layers)
     return Sweep(to_output, to_z, to_input, clean, total_prompts, z_means)
