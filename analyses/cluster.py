@@ -37,7 +37,7 @@ from analyses.scan import ScanSettings, _entry_record, analysis_key, finish_scan
 from probe.errors import ProbeError
 from probe.parallel import ModelSource, RayMapper, import_ray, using
 
-SHARDABLE = ("retrieval", "safety")  # analyzers whose work goes through probe.parallel.map_items
+SHARDABLE = ("retrieval", "safety", "cdt")  # analyzers whose work goes through probe.parallel.map_items
 MAX_RETRIES = 3             # Ray reruns a task whose worker process died this many times
 SWEEP_INDEX = "sweep.json"
 Events = Callable[[str, str, dict[str, Any]], None]  # (kind, "folder/analysis", payload)

@@ -218,6 +218,28 @@ def test_sharded_ships_and_sahara_equal_the_serial_run(cluster):
     assert serial_ships[0].nan_to_num(-1).argmax() == 1 * model.n_heads + 2  # the planted L1H2 leads
 
 
+def test_sharded_cdt_sweep_equals_the_serial_sweep(cluster):
+    """CD-T's source layers over 2 actors (each rebuilds the clean pass of a batch) sum to the serial bits."""
+    from analyses.cdt import fast, planted as cdt_planted
+    from analyses.cdt.engine import Engine
+
+    source = ModelSource("planted-induction", factory="analyses.cdt.planted:planted_induction_model")
+    model = source.load()
+    engine = Engine(model)
+    batches = [cdt_planted.induction_batch(model, n=6, seed=seed) for seed in (0, 1)]
+    torch.set_num_threads(1)
+    with using(SerialMapper()):
+        serial_sweep = fast.fast_sweep(engine, batches)
+    with RayMapper(source, n_actors=2, threads=1) as mapper, using(mapper):
+        sharded = fast.fast_sweep(engine, batches)
+    assert mapper.items_per_actor == [2, 2]  # per batch, one source layer each
+    for name in ("to_output", "to_z"):
+        assert torch.equal(getattr(sharded, name), getattr(serial_sweep, name)), name
+    assert all(torch.equal(sharded.to_input[c], serial_sweep.to_input[c]) for c in serial_sweep.to_input)
+    assert sharded.clean_metric == serial_sweep.clean_metric
+    assert serial_sweep.to_output.abs().argmax() // model.n_heads == 1  # the planted induction head's layer leads
+
+
 TINY_SUCCESSOR = "{number_max: 20, run_probe: false, run_arithmetic: false, run_causal: false}"
 
 
@@ -248,7 +270,7 @@ def test_probe_sweep_and_probe_scan_ray_on_the_command_line(cluster, tmp_path, c
     ("models: [tiny-llama]\nanalyses: [succesor]\n", "Unknown analysis 'succesor'"),
     ("models: [tiny-llama]\nanalyses: [successor]\nvariants: {a: {successor: {number_maxx: 3}}}\n",
      "did you mean 'number_max'"),
-    ("models: [tiny-llama]\nanalyses: [successor]\nshards: {successor: 2}\n", "only retrieval, safety split"),
+    ("models: [tiny-llama]\nanalyses: [successor]\nshards: {successor: 2}\n", "only retrieval, safety, cdt split"),
     ("models: [tiny-lama]\nanalyses: [successor]\n", "Unknown model spec 'tiny-lama' (did you mean 'tiny-llama'?)"),
     ("models: [tiny-llama\n", "is not valid YAML"),
     ("- just a list\n", "must be a mapping"),
