@@ -58,6 +58,7 @@ from analyses.data.haystack import (
     haystack_sentences,
 )
 from analyses.data.needles import NEEDLES, Needle
+from probe import batching
 from probe.architecture import architecture
 from probe.errors import ProbeError, PromptTooLongError
 from probe.heads import Head
@@ -865,9 +866,7 @@ def masked_answers(model: LoadedModel, sample: NiahSample, conditions: Sequence[
 
     with model.lock, on_fused_path(model):  # unmasked prefill on the model's SDPA attention
         model.hf_model(ids[:, :-1], past_key_values=prefill, use_cache=True, logits_to_keep=1)
-    answers: list[str] = []
-    for first in range(0, len(conditions), batch):
-        chunk = conditions[first: first + batch]
+    def decode(chunk: Sequence[dict[str, Any]]) -> list[str]:  # out-of-memory: batching halves the chunk
         cache = _copy_cache(prefill, len(chunk))
         generated: list[list[int]] = [[] for _ in chunk]
         active = list(range(len(chunk)))  # condition of each batch row; finished rows leave the batch
@@ -893,8 +892,10 @@ def masked_answers(model: LoadedModel, sample: NiahSample, conditions: Sequence[
                         if keep:
                             cache.batch_select_indices(torch.tensor(keep, device=model.device))
                         break  # rebuild the per-row interventions for the smaller batch
-        answers.extend(model.decode(g) for g in generated)
-    return answers
+        return [model.decode(g) for g in generated]
+
+    size = batching.choose(model, n + max_new_tokens, batch)  # what fits in free memory, <= batch
+    return batching.map_batched(decode, list(conditions), size, what="retrieval masking decode")
 
 
 def _copy_cache(cache: Any, repeats: int) -> Any:

@@ -121,3 +121,26 @@ def test_factual_batches_follow_the_free_memory(setup, monkeypatch):
                                                                     / batching.MEMORY_FRACTION))
     sizes = [len(indices) for indices, _ in factual._groups(prompts, model, 8)]
     assert max(sizes) == 2 and sum(sizes) == len(prompts)
+
+
+def test_retrieval_masking_decode_survives_an_injected_oom_with_the_same_answers(monkeypatch):
+    from analyses import retrieval
+    from analyses.planted import RETRIEVAL_HEAD, retrieval_model, retrieval_samples
+
+    model = retrieval_model()
+    sample = retrieval_samples(model)[0]
+    others = [h for h in model.all_heads() if h != RETRIEVAL_HEAD][:2]
+    conditions = retrieval.masking_conditions(model, [RETRIEVAL_HEAD, *others], [1], ("uniform", "zero"), 2, 0)
+    expected = retrieval.masked_answers(model, sample, conditions, 6, batch=8)
+    real, sizes = retrieval._copy_cache, []
+
+    def copy_cache(cache, repeats):
+        sizes.append(repeats)
+        if repeats > 2:
+            raise OOM("CUDA out of memory (injected)")
+        return real(cache, repeats)
+
+    monkeypatch.setattr(retrieval, "_copy_cache", copy_cache)
+    assert retrieval.masked_answers(model, sample, conditions, 6, batch=8) == expected
+    assert sizes[:3] == [len(conditions), 4, 2]  # 8 -> 4 -> 2, and 2 for the rest of the list
+    assert sum(s for s in sizes if s <= 2) == len(conditions) == len(expected)  # each condition decoded once
