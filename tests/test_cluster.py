@@ -221,11 +221,11 @@ def test_sharded_ships_and_sahara_equal_the_serial_run(cluster):
 def test_sharded_cdt_sweep_equals_the_serial_sweep(cluster):
     """CD-T's source layers over 2 actors (each rebuilds the clean pass of a batch) sum to the serial bits."""
     from analyses.cdt import fast, planted as cdt_planted
-    from analyses.cdt.engine import Engine
+    from analyses.cdt.engine import Engine, RuleOptions
 
     source = ModelSource("planted-induction", factory="analyses.cdt.planted:planted_induction_model")
     model = source.load()
-    engine = Engine(model)
+    engine = Engine(model, options=RuleOptions(attention="value_only"))  # not the default: actors must use it
     batches = [cdt_planted.induction_batch(model, n=6, seed=seed) for seed in (0, 1)]
     torch.set_num_threads(1)
     with using(SerialMapper()):
