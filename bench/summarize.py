@@ -57,8 +57,24 @@ def _num(value: Any, digits: int = 2) -> str:
 
 def floors_section(data: dict[str, Any]) -> list[str]:
     """Issue 19 point 3: one line per analyzer and preset, safety's stages below it."""
-    parts = [f"Floor: {data.get('floor', '')}. Machine: {data.get('machine', '')}, torch {data.get('torch', '')}; "
-             f"{data.get('busy_machine_note', '')}.", "",
+    presets = sorted({r["preset"] for r in data.get("rows", [])})
+    parts = ["Issue 19 point 3: each analyzer's time over its floor, the time plain Hugging Face SDPA (no bridge, "
+             "the same weights) takes to push the same tokens through the same layers. The work is counted "
+             "from the analyzer's own run: every decoder-layer call (bridge, fused path, partial forwards from "
+             "a layer, cached decoding steps) by its (batch, query length, key length); every layer output "
+             "that takes part in a backward (Duo's gate training: reported against forward + backward of the "
+             "same tokens); every layer step of CD-T's decomposition engine (its rows, sources × prompts, "
+             "reported against one plain forward of as many tokens). Goal: ≤ 1.5× for analyzers whose work is "
+             "forward passes. The CPU ratio is the one to read on this shared machine: the analyzer and its "
+             "floor ran minutes apart under a changing load, which moves wall seconds several-fold and CPU "
+             "seconds far less.",
+             "",
+             f"Floor: {data.get('floor', '')}. Machine: {data.get('machine', '')}, torch {data.get('torch', '')}; "
+             f"{data.get('busy_machine_note', '')}. Presets measured: {', '.join(presets)}"
+             + ("" if "default" in presets else
+                " (the default presets are not measured here: at the load of this session, 8-12 on 2 cores, one "
+                "quick-preset pass of the six analyzers took over an hour of wall time; `--preset default "
+                "--analyses NAME` measures one)") + ".", "",
              "| analyzer | preset | wall s | CPU s | floor wall s | floor CPU s | **over floor (CPU)** | over floor (wall) "
              "| layer passes (fwd / bwd / engine) | token-layers | threads | runs | load before → after | commit |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -105,7 +121,7 @@ def fused_section(data: dict[str, Any]) -> list[str]:
              f"{data.get('fused_kernel')}, interventions: {'; '.join(data.get('interventions', []))}; commit "
              f"{data.get('commit')}, measured {data.get('measured', '')}, load {' '.join(data.get('load_average_before', []))}"
              f" → {' '.join(data.get('load_average_after', []))}.", ""]
-    rows = data.get("rows", [])
+    rows = sorted(data.get("rows", []), key=lambda r: r["tokens"])
     for label, pick in (("wall seconds", lambda r, k: r.get(k)), ("CPU seconds", lambda r, k: (r.get("cpu_s") or {}).get(k))):
         columns = [(k, name) for k, name in FUSED_COLUMNS if any(pick(r, k) is not None for r in rows)]
         if not columns:
@@ -138,6 +154,14 @@ def gpu_section(data: dict[str, Any]) -> list[str]:
              f"{' '.join(data.get('load_average_before', []))} → {' '.join(data.get('load_average_after', []))}; "
              f"measured {data.get('measured', '')}.", "",
              "| step | status | seconds | peak GiB | details |", "|---|---|---|---|---|"]
+    if not on_gpu:
+        parts[1:1] = ["", "On a GPU machine that has torch and transformers but not transformer-lens: make the kit here "
+                      "(SmolLM2's tokenizer, the haystack and StrongREJECT assets, wheels of the 19 runtime packages "
+                      "pinned to this checkout, about 35 MiB; `datasets`/pyarrow are left out and stubbed), carry "
+                      "`bench/gpu_kit` with the working tree, and run there (about 10 minutes; writes "
+                      "`bench/results/gpu.json`):", "", "```",
+                      ".venv/bin/python bench/bench_gpu.py --prepare bench/gpu_kit --python-version <the GPU machine's 3.X>",
+                      "python bench/bench_gpu.py --kit bench/gpu_kit", "```"]
     for step in data.get("steps", []):
         details = {k: v for k, v in step.items() if k not in ("step", "status", "seconds", "peak_gib", "rows")}
         parts.append(f"| {step['step']} | {step['status']} | {_num(step.get('seconds'))} | {_num(step.get('peak_gib'))} "
