@@ -562,7 +562,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run each analysis as a Ray task: on the cluster at ADDRESS (from `ray start --head`), "
                            "or a local cluster when no address is given (needs `pip install probe[cluster]`)")
     scan.add_argument("--shards", type=int_in(1, 1024), default=1, metavar="N",
-                      help="with --ray: split retrieval's samples over N actors (the result equals the serial one)")
+                      help="with --ray: split retrieval / safety / cdt work over N actors (the result equals the serial one)")
     scan.set_defaults(func=cmd_scan)
 
     sweep = sub.add_parser("sweep", help="a plan of models x analyses x seeds x config variants on Ray (resumable)")
