@@ -81,24 +81,12 @@ def test_spearman_and_ranks_of_the_agreement_tool():
     assert found["spearman"] < 0.95 and found["spearman_resolved"] == 1.0 and found["heads_below_resolution"] == 3
 
 
-def _table(doc: str, heading: str) -> dict[str, list[str]]:
-    section = doc.split(heading, 1)[1]
-    rows = {}
-    for line in section.splitlines():
-        if line.startswith("|") and not set(line) <= set("|-: "):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if cells[0] in ANALYZERS:
-                rows[cells[0]] = cells
-        elif rows and not line.startswith("|"):
-            break
-    return rows
-
 
 def test_bf16_agreement_file_covers_every_analyzer_and_the_doc_shows_it():
     data = json.loads((ROOT / "docs/results/bf16_agreement.json").read_text())
     assert data["command"] == scale_agreement.COMMAND
     doc = (ROOT / "docs/SCALE.md").read_text()
-    rows = _table(doc, "## Reduced precision")
+    rows = scale_agreement.doc_rows(doc, "## Reduced precision")
     assert set(data["analyzers"]) == set(ANALYZERS) == set(rows)
     for name, entry in data["analyzers"].items():
         assert entry["planted_rank"] == entry["planted_rank_reference"] == 1.0, name
@@ -106,7 +94,7 @@ def test_bf16_agreement_file_covers_every_analyzer_and_the_doc_shows_it():
         assert rows[name][1:6] == [f"{entry['max_abs_diff']:.3g}", f"{entry['max_abs_reference']:.3g}",
                                    f"{entry['spearman']:.3f}", f"{entry['spearman_resolved']:.3f}",
                                    f"{entry['planted_rank_reference']:g} / {entry['planted_rank']:g}"], name
-    half = _table(doc, "\nfloat16 vs float32 on the planted models")  # not the "bfloat16 vs" line
+    half = scale_agreement.doc_rows(doc, "\nfloat16 vs float32 on the planted models")  # not the "bfloat16 vs" line
     assert set(data["float16"]) == set(ANALYZERS) == set(half)
     for name, entry in data["float16"].items():
         assert entry["planted_rank"] == entry["planted_rank_reference"] == 1.0, name

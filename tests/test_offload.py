@@ -135,24 +135,11 @@ def test_device_map_and_max_memory_flags_parse(tmp_path):
 
 # ---- the committed numbers ---------------------------------------------------------------------------
 
-def _table(doc: str, heading: str) -> dict[str, list[str]]:
-    """Rows `| analyzer | ... |` of the first table after `heading` in docs/SCALE.md."""
-    section = doc.split(heading, 1)[1]
-    rows = {}
-    for line in section.splitlines():
-        if line.startswith("|") and not set(line) <= set("|-: "):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if cells[0] in ANALYZERS:
-                rows[cells[0]] = cells
-        elif rows and not line.startswith("|"):
-            break
-    return rows
-
 
 def test_offload_agreement_file_covers_every_analyzer_and_the_doc_shows_it():
     data = json.loads((ROOT / "docs/results/offload_agreement.json").read_text())
     assert data["command"] == scale_agreement.COMMAND
-    rows = _table((ROOT / "docs/SCALE.md").read_text(), "## Offload")
+    rows = scale_agreement.doc_rows((ROOT / "docs/SCALE.md").read_text(), "## Offload")
     assert set(data["analyzers"]) == set(ANALYZERS) == set(rows)
     for name, entry in data["analyzers"].items():
         assert entry["max_abs_diff"] <= 1e-4 * max(1.0, entry["max_abs_reference"]), name

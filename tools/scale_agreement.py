@@ -229,6 +229,23 @@ def run_case(case: Case, say: Callable[[str], None] = print) -> dict[str, dict[s
     return out
 
 
+def doc_rows(doc: str, heading: str) -> dict[str, list[str]]:
+    """Rows `| analyzer | ... |` of the first table after `heading` in a doc (docs/SCALE.md), by analyzer:
+    what the tests read back to check the doc shows the committed files."""
+    from analyses.registry import ANALYZERS
+
+    section = doc.split(heading, 1)[1]
+    rows: dict[str, list[str]] = {}
+    for line in section.splitlines():
+        if line.startswith("|") and not set(line) <= set("|-: "):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if cells[0] in ANALYZERS:
+                rows[cells[0]] = cells
+        elif rows and not line.startswith("|"):
+            break
+    return rows
+
+
 def tables() -> str:
     """The two markdown tables of docs/SCALE.md, from the committed result files (`--table`)."""
     bf16 = json.loads(BF16_FILE.read_text())["analyzers"]
