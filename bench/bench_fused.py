@@ -183,7 +183,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--analyzer", action="store_true", help="time factual's QUICK scaling search, bridge vs routed")
+    parser.add_argument("--merge-from", type=Path, metavar="FILE",
+                        help="merge the rows of FILE (another run of this script, e.g. one length measured in "
+                             "parallel) into --out by length, then stop")
     args = parser.parse_args()
+    if args.merge_from is not None:
+        other = json.loads(args.merge_from.read_text())
+        data = json.loads(args.out.read_text()) if args.out.is_file() else {k: v for k, v in other.items() if k != "rows"}
+        lengths = {row["tokens"] for row in other["rows"]}
+        data["rows"] = sorted([r for r in data.get("rows", []) if r["tokens"] not in lengths] + other["rows"],
+                              key=lambda r: r["tokens"])
+        args.out.write_text(json.dumps(data, indent=1) + "\n")
+        print(f"merged {sorted(lengths)} from {args.merge_from} into {args.out}")
+        return
     torch.set_num_threads(args.threads)
     if args.analyzer:
         analyzer_routing(args.repeats if args.repeats != 3 else 2, args.out)
@@ -271,6 +283,7 @@ def main() -> None:
         row["fused_3_heads_over_plain_cpu"] = cpu["fused_3_heads_s"] / cpu["plain_sdpa_last_s"]
         row["bridge_over_fused_cpu"] = cpu["bridge_s"] / cpu["fused_s"]
         row["load_average_after"] = _loadavg()
+        row["commit"], row["measured"] = _commit(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         rows.append(row)
         print(json.dumps(row), flush=True)
         write_rows(args, rows, model, interventions, load_before)  # after each length: a slow run keeps what it measured
@@ -294,10 +307,13 @@ def write_rows(args: argparse.Namespace, rows: list[dict[str, Any]], model: Any,
                              "moves less with the load",
         "rows": rows,
     }
-    if args.out.is_file():  # keep the --analyzer entry
-        kept = json.loads(args.out.read_text()).get("analyzer_routing")
-        if kept is not None:
-            result["analyzer_routing"] = kept
+    if args.out.is_file():  # keep the --analyzer entry, and the rows of lengths this run did not measure
+        before = json.loads(args.out.read_text())
+        if before.get("analyzer_routing") is not None:
+            result["analyzer_routing"] = before["analyzer_routing"]
+        measured = {row["tokens"] for row in rows}
+        result["rows"] = sorted([r for r in before.get("rows", []) if r["tokens"] not in measured] + rows,
+                                key=lambda r: r["tokens"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
