@@ -25,8 +25,9 @@ Notes:
   cached generation because each hook reads the position offset from the attention scores (on the
   fused path, `probe.fused`, from the KV cache's length).
 - `intervene()` records its block on the model (`model.intervening`): `model.logits` / `model.generate`
-  hand a block of head-output / streaming interventions to the fused path, which applies the same
-  operations (`apply_z_ops`, `streaming_keep`) with the block's hooks switched off for that call.
+  hand a block of interventions of any kind to the fused path, which applies the same operations
+  (`apply_z_ops`, `streaming_keep`; query scaling and uniform attention on the kernel's query, after
+  norms and rotary) with the block's hooks switched off for that call.
 - `rows` limits it to some batch rows, so several ablated copies of a prompt run in one batch.
 """
 
@@ -318,7 +319,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention]) 
 
     Works for forward passes, `run_with_cache` and cached generation (`model.generate`). The block is
     also recorded on the model (`model.intervening`), so `model.logits` / `model.generate` may serve it
-    on the fused path when every intervention is a head-output or streaming one (see probe/models.py).
+    on the fused path when it serves every intervention and hook in effect (see `LoadedModel.fused_reason`).
     """
     if isinstance(interventions, Intervention):
         interventions = [interventions]

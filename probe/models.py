@@ -250,8 +250,9 @@ class LoadedModel:
         """Why `logits` / `generate` would run the bridge now; None when they take the fused path
         (`probe.fused`: the model's own SDPA attention, no pattern materialised). The fused path is taken
         only where it is exact: no hook on a hook point it would skip (`hook_pattern`, `hook_attn_scores`,
-        ...), every open `intervene()` block a head-output or streaming one (no query scaling / uniform
-        attention), routing not switched off (`fused_routing`, `PROBE_FUSED=0`)."""
+        ...), every open `intervene()` block one it serves (head-output, streaming, and query scaling /
+        uniform attention through the kernel's query), routing not switched off (`fused_routing`,
+        `PROBE_FUSED=0`), the model not offloaded."""
         if not self.fused_routing:
             return "fused_routing is off on this model"
         if self.offloaded:
