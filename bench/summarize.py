@@ -93,7 +93,7 @@ def floors_section(data: dict[str, Any]) -> list[str]:
                      f"| {row['over_floor']:.2f}× | {passes} | {tokens:,} | {row['threads']} | best of {row['repeats']} "
                      f"| {load} | {row['commit']}{dirty} |")
         for stage, part in (row.get("stages") or {}).items():
-            if part["seconds"] or part["floor_s"]:
+            if part["seconds"] >= 0.5 or part["floor_s"]:
                 parts.append(f"| ↳ {stage} | | {_num(part['seconds'], 1)} | {_num(part['cpu_seconds'], 1)} "
                              f"| {_num(part['floor_s'], 1)} | {_num(part['floor_cpu_s'], 1)} "
                              f"| {_ratio_text(part['over_floor_cpu'])} | {_ratio_text(part['over_floor'])} "
