@@ -131,7 +131,8 @@ def fused_section(data: dict[str, Any]) -> list[str]:
         parts += ["| " + f"{r['tokens']:,} | " + " | ".join(_num(pick(r, k)) for k, _ in columns) + " |" for r in rows]
         parts.append("")
     agreement = [k for k in ("fused_vs_bridge_last_logit_abs", "effect_rel_diff", "routed_effect_rel_diff",
-                             "plain_eager_vs_sdpa_last_logit_abs") if any(k in r for r in rows)]
+                             "plain_eager_vs_sdpa_last_logit_abs", "load_average_after", "measured", "commit")
+                 if any(k in r for r in rows)]
     parts += ["| tokens | " + " | ".join(agreement) + " |", "|---|" + "---|" * len(agreement)]
     parts += ["| " + f"{r['tokens']:,} | " + " | ".join(shown(r.get(k, "")) for k in agreement) + " |" for r in rows]
     routing = data.get("analyzer_routing")
