@@ -218,9 +218,11 @@ ALL = [m for doc in DOCS for m in markers(doc)]
 @functools.lru_cache(maxsize=None)
 def _committed() -> set[str]:
     try:
-        out = subprocess.run(["git", "ls-files", *RESULT_DIRS], cwd=ROOT, capture_output=True, text=True, check=True)
+        out = subprocess.run(["git", "ls-files", *RESULT_DIRS, "configs/"], cwd=ROOT, capture_output=True, text=True,
+                             check=True)
     except (OSError, subprocess.CalledProcessError):  # not a git checkout (a source tarball): files on disk
-        return {str(p.relative_to(ROOT)) for d in RESULT_DIRS for p in (ROOT / d).glob("*.json")}
+        return ({str(p.relative_to(ROOT)) for d in RESULT_DIRS for p in (ROOT / d).glob("*.json")}
+                | {str(p.relative_to(ROOT)) for p in (ROOT / "configs").glob("*.yaml")})
     return set(out.stdout.split())
 
 
@@ -258,8 +260,7 @@ def test_result_file_was_made_with_its_committed_config(doc, path, config):
     the result file records (its `config`, else `provenance.config`)."""
     import yaml
 
-    assert config in subprocess.run(["git", "ls-files", config], cwd=ROOT, capture_output=True, text=True).stdout, (
-        f"{config} is not committed")
+    assert config in _committed(), f"{config} is not committed"
     sections = yaml.safe_load((ROOT / config).read_text())
     assert isinstance(sections, dict) and len(sections) == 1, f"{config}: one analyzer section expected"
     settings = json.loads(json.dumps(next(iter(sections.values()))))  # tuples/lists and numbers as JSON has them
