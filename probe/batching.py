@@ -86,14 +86,11 @@ def choose(model: Any, tokens: int, cap: int, grad: bool = False, free: int | No
     return max(1, min(cap, fits))
 
 
-def _release(device: Any = None) -> None:
+def _release() -> None:
+    """Give back what an out-of-memory attempt left allocated before the halves run."""
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _rows(value: Any, part: slice) -> Any:
-    return value[part]
 
 
 def split_on_oom(fn: Callable[..., Any], indices: Sequence[int], *tensors: torch.Tensor,
@@ -116,7 +113,7 @@ def split_on_oom(fn: Callable[..., Any], indices: Sequence[int], *tensors: torch
     half = (len(indices) + 1) // 2
     ran = 0
     for part in (slice(0, half), slice(half, None)):
-        ran = max(ran, split_on_oom(fn, list(indices[part]), *(_rows(t, part) for t in tensors), what=what))
+        ran = max(ran, split_on_oom(fn, list(indices[part]), *(t[part] for t in tensors), what=what))
     return ran
 
 
