@@ -18,6 +18,9 @@ Per family (loaded the user's way, `load_model("hf:<folder>")`, once per process
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,8 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _report() -> Any:
+def _report(request: pytest.FixtureRequest) -> Any:
+    started = (os.getloadavg(), time.time())
     yield
     kinds = [k for k in ("logits", *KINDS, "stream", "pad", "decode") if any(c == k for _, c in WORST)]
     lines = ["family      " + " ".join(f"{k:>9s}" for k in kinds)]
@@ -69,6 +73,44 @@ def _report() -> Any:
         lines.append(f"{family:11s} " + " ".join(f"{'-' if v is None else f'{v:.1e}':>9s}" for v in cells))
     print("\nfused vs bridge, largest deviation (logits/stream/pad/decode: abs; kinds: relative to max(effect, 1e-2))\n"
           + "\n".join(lines))
+    out = os.environ.get("PROBE_FUSED_TABLE_OUT")
+    if out and WORST:  # docs/fused.md's agreement table is tied to this file (tests/test_doc_numbers.py)
+        _write_table(Path(out), kinds, started, request.session.testsfailed)
+
+
+def _write_table(out: Path, kinds: list[str], started: tuple[tuple[float, ...], float], failed: int) -> None:
+    """WORST as a committed result file: the doc's table must show the numbers a run measured, not retyped ones."""
+    import datetime
+    import platform
+    import sys
+
+    families = [f for f in ALL if any(fam == f for fam, _ in WORST)]
+    document = {
+        "what": "fused path vs the bridge, largest deviation per family and check (tests/test_fused.py's WORST): "
+                "logits / stream / pad / decode absolute; intervention kinds relative to max(effect, floor), "
+                "each query head of layer 1 on its own batch row",
+        "command": "OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PROBE_FUSED_TABLE_OUT=" + str(out)
+                   + " python -m pytest -q -p no:cacheprovider tests/test_fused.py -s",
+        "argv": sys.argv,
+        "bounds": {"atol": ATOL, "rtol": RTOL, "effect_floor": FLOOR, "layer": LAYER,
+                   "moves_the_logits": {"query": 1e-5, "uniform": 1e-5, "other kinds": 1e-4},
+                   "query_scale": 0.3},
+        "families": families,
+        "kinds": kinds,
+        "cells": {f: {k: WORST[(f, k)] for k in kinds if (f, k) in WORST} for f in families},
+        "measured": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "load_average_before": [round(x, 2) for x in started[0]],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
+        "seconds": round(time.time() - started[1], 1),
+        "tests_failed": failed,  # of the session when the module finished: 0 = every check above passed
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def _keep(family: str, check: str, value: float) -> float:
