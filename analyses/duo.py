@@ -33,7 +33,8 @@ from analyses.data.needles import NEEDLES, Needle
 from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.heads import Head
-from probe.interventions import intervene, streaming_attention, streaming_mask
+from probe.forward import forward_for_hooks
+from probe.interventions import Intervention, intervene, streaming_attention, streaming_mask
 from probe.models import LoadedModel
 from probe.readout import final_norm
 from probe.results import HeadScores, Provenance, ResultCache, to_jsonable
@@ -138,51 +139,54 @@ def passkey_sample(model: LoadedModel, config: DuoConfig, rng: random.Random, se
 
 # ---- the gated student ---------------------------------------------------------------------------
 
-def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int,
-               teacher_z: Sequence[torch.Tensor] | None = None) -> list[tuple[str, Any]]:
-    """Hooks that blend full and streaming attention per query head with its KV group's gate.
-
-    With `teacher_z` (per layer, the teacher's `hook_z` `[B, T, H, d_head]`, the reference): the
-    student's scores are restricted to sink ∪ recent at `hook_attn_scores` and `hook_z` returns
-    α·z_teacher + (1 − α)·z_stream. Without it (full branch "student"): `hook_pattern` returns
-    α·P_full + (1 − α)·P_stream on the student's own scores (equal to blending z, since z = P·v).
-    `hook_attn_scores` is read after the family's own soft-cap, causal and sliding-window masks; the
-    query head -> KV head map is the architecture layer's (`kv_index`)."""
+def _alpha(model: LoadedModel, gates: torch.Tensor, layer: int, like: torch.Tensor) -> torch.Tensor:
+    """The layer's gate per query head `[H]` (its KV group's, the architecture layer's `kv_index`), on the
+    layer's device and dtype."""
     kv_index = architecture(model).kv_index.to(gates.device)
+    return gates[layer].clamp(0, 1)[kv_index].to(like.device, like.dtype)
+
+
+def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int) -> list[tuple[str, Any]]:
+    """The "student" full branch (`full_branch="student"`): hooks that return α·P_full + (1 − α)·P_stream
+    at `hook_pattern`, on the student's own scores (equal to blending z, since z = P·v). Bridge only (it
+    reads the pattern). `hook_attn_scores` is read after the family's own soft-cap, causal and
+    sliding-window masks."""
     hooks: list[tuple[str, Any]] = []
     for layer in range(model.n_layers):
         saved: dict[str, torch.Tensor] = {}
-
-        def alpha_of(layer: int, like: torch.Tensor) -> torch.Tensor:
-            return gates[layer].clamp(0, 1)[kv_index].to(like.device, like.dtype)  # [H], on the layer's device
-
-        def stream_scores(scores: torch.Tensor) -> torch.Tensor:
-            q_len, k_len = scores.shape[-2], scores.shape[-1]
-            keep = streaming_mask(torch.arange(k_len - q_len, k_len, device=scores.device), k_len, sink, recent)
-            return scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-
-        if teacher_z is not None:
-            def restrict(scores: torch.Tensor, hook: Any) -> torch.Tensor:
-                return stream_scores(scores)
-
-            def mix_z(z: torch.Tensor, hook: Any, layer=layer) -> torch.Tensor:
-                alpha = alpha_of(layer, z).view(1, 1, -1, 1)
-                return alpha * teacher_z[layer].to(z.device, z.dtype) + (1 - alpha) * z
-
-            hooks += [(f"blocks.{layer}.attn.hook_attn_scores", restrict), (f"blocks.{layer}.attn.hook_z", mix_z)]
-            continue
 
         def keep_scores(scores: torch.Tensor, hook: Any, saved=saved) -> torch.Tensor:
             saved["scores"] = scores
             return scores
 
         def blend(pattern: torch.Tensor, hook: Any, saved=saved, layer=layer) -> torch.Tensor:
-            stream = torch.softmax(stream_scores(saved.pop("scores")), dim=-1, dtype=torch.float32).to(pattern.dtype)
-            alpha = alpha_of(layer, pattern).view(1, -1, 1, 1)
+            scores = saved.pop("scores")
+            q_len, k_len = scores.shape[-2], scores.shape[-1]
+            keep = streaming_mask(torch.arange(k_len - q_len, k_len, device=scores.device), k_len, sink, recent)
+            stream = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+            stream = torch.softmax(stream, dim=-1, dtype=torch.float32).to(pattern.dtype)
+            alpha = _alpha(model, gates, layer, pattern).view(1, -1, 1, 1)
             return alpha * pattern + (1 - alpha) * stream
 
         hooks += [(f"blocks.{layer}.attn.hook_attn_scores", keep_scores), (f"blocks.{layer}.attn.hook_pattern", blend)]
     return hooks
+
+
+def teacher_blend(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int,
+                  teacher_z: Sequence[torch.Tensor]) -> tuple[list[tuple[str, Any]], list[Intervention]]:
+    """The reference's gated student (`full_branch="teacher"`): every head's attention restricted to sink ∪
+    recent at every position (a streaming intervention: a mask on the fused path, the scores on the bridge),
+    and `hook_z` returns α·z_teacher + (1 − α)·z_stream with `teacher_z` per layer (the teacher's `hook_z`,
+    `[B, T, H, d_head]`). Attach both together: `model.hooks(hooks)` and `intervene(model, interventions)`.
+    Nothing reads the pattern, so the student runs on the fused path where the model allows it."""
+    def mix(layer: int) -> Any:
+        def mix_z(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            alpha = _alpha(model, gates, layer, z).view(1, 1, -1, 1)
+            return alpha * teacher_z[layer].to(z.device, z.dtype) + (1 - alpha) * z
+        return mix_z
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", mix(layer)) for layer in range(model.n_layers)]
+    return hooks, [streaming_attention(model.all_heads(), sink, recent, start=0)]
 
 
 def _final_residual_hook(captured: dict[str, torch.Tensor]) -> tuple[str, Any]:
@@ -193,11 +197,14 @@ def _final_residual_hook(captured: dict[str, torch.Tensor]) -> tuple[str, Any]:
     return ("ln_final.hook_in", grab)
 
 
+@torch.no_grad()
 def final_states(model: LoadedModel, ids: torch.Tensor, hooks: list[tuple[str, Any]] | None = None) -> torch.Tensor:
     """The hidden states after the final norm, its weight included (`probe.readout.final_norm`, the
-    reference's distillation target), `[T, d_model]`, optionally under hooks."""
+    reference's distillation target), `[T, d_model]`, under `hooks` and the open `intervene()` blocks (on
+    the fused path where they allow it)."""
     captured: dict[str, torch.Tensor] = {}
-    model.run_with_hooks(ids, list(hooks or []) + [_final_residual_hook(captured)])  # holds model.lock
+    with model.hooks(list(hooks or []) + [_final_residual_hook(captured)]), forward_for_hooks(model) as run:
+        run(ids)
     return final_norm(model, captured["resid"])[0]
 
 
@@ -229,17 +236,20 @@ def distillation_loss(model: LoadedModel, gates: torch.Tensor, sample: PasskeySa
                       config: DuoConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """(distillation, total loss) of the gated student on one sample, after its backward into the
     gates (run while the hooks are attached). Call it inside `model.recompute_layers_in_backward()` for
-    the memory bound: the recomputed layers run the gate hooks again."""
+    the memory bound: the recomputed layers run the gate hooks again (and find the same path in place)."""
     captured: dict[str, torch.Tensor] = {}
-    teacher_z = teacher.z if config.full_branch == "teacher" else None
-    hooks = gate_hooks(model, gates, config.sink, config.recent, teacher_z) + [_final_residual_hook(captured)]
-    with model.hooks(hooks) as bridge:
-        bridge(sample.ids, use_cache=False)
+    if config.full_branch == "teacher":
+        hooks, interventions = teacher_blend(model, gates, config.sink, config.recent, teacher.z)
+    else:
+        hooks, interventions = gate_hooks(model, gates, config.sink, config.recent), []
+    hooks = hooks + [_final_residual_hook(captured)]
+    with model.hooks(hooks), intervene(model, interventions), forward_for_hooks(model) as run:
+        run(sample.ids)
         student = final_norm(model, captured["resid"])[0]
         distill = (student[sample.loss_positions] - teacher.states).pow(2).mean(-1).mean()
         loss = distill + config.reg_weight * gates.clamp(0, 1).abs().mean()
         if loss.requires_grad:
-            loss.backward()  # the gate hooks stay attached: recomputed layers run them again
+            loss.backward()  # hooks and path stay in place: recomputed layers run them again
     return distill.detach(), loss.detach()
 
 

@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -187,6 +187,25 @@ def on_fused_path(model: Any) -> Iterator[bool]:
             yield False
             return
         yield True
+
+
+@contextlib.contextmanager
+def forward_for_hooks(model: Any) -> Iterator[Callable[[torch.Tensor], bool]]:
+    """For the block, `run(ids)` is one whole forward whose point is what the attached hooks capture or
+    change (no logits wanted), with autograd where it is enabled: on the fused path where
+    `model.fused_reason()` says that is exact (the open `intervene()` blocks handed over, the last
+    position's logit only), else through the bridge. `run` returns whether it ran fused. Why a block and not
+    a call: a backward through layers recomputed in the backward (`model.recompute_layers_in_backward`) must
+    find the same path in place, so call `backward()` inside it. Holds `model.lock`."""
+    with model.lock, on_fused_path(model) as fused_ok:
+        def run(ids: torch.Tensor) -> bool:
+            if fused_ok:
+                model.hf_model(ids, use_cache=False, logits_to_keep=1)
+            else:
+                model.bridge(ids, use_cache=False)
+            return fused_ok
+
+        yield run
 
 
 # ==== plain Hugging Face models (training, where no bridge exists) ===================================

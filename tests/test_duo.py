@@ -183,8 +183,10 @@ def test_teacher_branch_at_gates_one_is_exact_and_only_the_l1_term_has_a_gradien
 def test_teacher_branch_reads_the_teachers_states_not_the_drifted_student(tiny_gqa):
     """Layer 0 fully streaming (the student's residual drifts), layer 1 at gate 1: with the reference's
     teacher branch layer 1's attention output is the teacher's exactly; the "student" option instead
-    runs full attention on the drifted states."""
+    runs full attention on the drifted states. (On the bridge throughout: `hook_attn_out`, read here,
+    does not fire on the fused path, and bit equality needs one kernel for teacher and student.)"""
     model = tiny_gqa
+    model.fused_routing = False
     assert model.n_layers >= 2
     sample = _random_sample(model, length=48)
     gates = torch.ones(model.n_layers, model.n_kv_heads)
@@ -198,8 +200,9 @@ def test_teacher_branch_reads_the_teachers_states_not_the_drifted_student(tiny_g
     teacher = duo.teacher_run(model, sample)
     duo.final_states(model, sample.ids, [("blocks.1.attn.hook_out", grab)])
     clean = seen.pop("out")
-    hooks = duo.gate_hooks(model, gates, sink=1, recent=3, teacher_z=teacher.z)
-    duo.final_states(model, sample.ids, hooks + [("blocks.1.attn.hook_out", grab)])
+    hooks, interventions = duo.teacher_blend(model, gates, sink=1, recent=3, teacher_z=teacher.z)
+    with intervene(model, interventions):
+        duo.final_states(model, sample.ids, hooks + [("blocks.1.attn.hook_out", grab)])
     torch.testing.assert_close(seen.pop("out"), clean, rtol=0, atol=0)
     duo.final_states(model, sample.ids, duo.gate_hooks(model, gates, sink=1, recent=3) + [("blocks.1.attn.hook_out", grab)])
     assert (seen.pop("out") - clean).abs().max() > 1e-3
@@ -343,3 +346,39 @@ def test_docs_numbers_come_from_the_committed_result(text, path, render):
     assert document["version"] == duo.VERSION and document["config"]["full_branch"] == "teacher"
     settings = yaml.safe_load((root / "configs" / "duo_smollm2_quick.yaml").read_text())["duo"]
     assert {k: document["config"][k] for k in settings} == settings
+
+
+@pytest.mark.parametrize("name", ["tiny_gqa", "tiny_gpt2"])
+def test_training_takes_the_fused_path_where_it_can_and_equals_the_bridge(name, request, monkeypatch):
+    """Teacher and student forwards (and the recomputed layers of the backward) run on the fused path
+    (SDPA with the streaming mask, z blended at the output projection's input) where the family allows it,
+    and three training steps give the bridge's gates and losses. GPT-2's HF attention never calls the
+    hook_z its blend needs: it stays on the bridge."""
+    import probe.fused
+
+    model = request.getfixturevalue(name)
+    entries = {"n": 0}
+    original = probe.fused.fused
+
+    @contextlib.contextmanager
+    def counted(*args, **kwargs):
+        entries["n"] += 1
+        with original(*args, **kwargs) as state:
+            yield state
+
+    monkeypatch.setattr(probe.fused, "fused", counted)
+    config = duo.DuoConfig(sink=2, recent=4, steps=3, lr=0.05, reg_weight=0.05)
+    samples = [_random_sample(model, length=40, seed=seed) for seed in range(3)]
+    fused = duo.train_gates(model, config, samples=samples)
+    fused_entries = entries["n"]
+    model.fused_routing = False
+    bridge = duo.train_gates(model, config, samples=samples)
+    model.fused_routing = True
+    assert entries["n"] == fused_entries  # nothing fused with the routing off
+    if name == "tiny_gpt2":
+        assert fused_entries == 0
+    else:
+        assert fused_entries == 2 * config.steps  # teacher + student per step
+    assert (fused.gates - 1).abs().max() > 1e-3  # the gates moved
+    torch.testing.assert_close(fused.gates, bridge.gates, rtol=0, atol=1e-5)
+    assert fused.distill == pytest.approx(bridge.distill, rel=1e-4, abs=1e-9)
