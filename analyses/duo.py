@@ -34,6 +34,7 @@ from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.heads import Head
 from probe.forward import forward_for_hooks
+from probe.generation import decode_variants
 from probe.interventions import Intervention, intervene, streaming_attention, streaming_mask
 from probe.models import LoadedModel
 from probe.readout import final_norm
@@ -96,7 +97,10 @@ class DuoConfig:
 # Demo-scan size; raise steps for a real run. 256 haystack tokens keep the quick scan's peak memory
 # bounded: training on SmolLM2 peaked at 2.7 GB with 384 (each layer recomputed in the backward),
 # 1.7 GB with 256 (bench/bench_memory.py).
-QUICK = DuoConfig(steps=20, max_seconds=240.0, context_length=256)
+# max_seconds is a safety net, not part of the preset: a cap the run reaches makes the gates depend on the
+# machine's speed (240 s stopped one quick scan after 4 steps at load ~9 and let another do all 20: gate
+# Pearson 0.50). 20 fused steps take ~100 s on one idle 2-core CPU thread.
+QUICK = DuoConfig(steps=20, max_seconds=1200.0, context_length=256)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -361,6 +365,11 @@ def kv_cache_bytes(model: LoadedModel, retrieval: torch.Tensor, context: int, si
             "ratio": full / duo}
 
 
+def _answer_recall(model: LoadedModel, sample: Any, new_ids: torch.Tensor | Sequence[int]) -> float:
+    answer = model.decode(new_ids)
+    return rouge1_recall(sample.needle.answer, answer.split("\n")[0] if answer.strip() else answer)
+
+
 @torch.no_grad()
 def niah_accuracy(model: LoadedModel, samples: Sequence[Any], heads: Sequence[Head], config: DuoConfig) -> list[float]:
     """ROUGE-1 recall of each sample's greedy answer with `heads` restricted to sink + recent."""
@@ -370,9 +379,30 @@ def niah_accuracy(model: LoadedModel, samples: Sequence[Any], heads: Sequence[He
         start = ids.shape[1] if config.regime == "decode-only" else 0
         interventions = [streaming_attention(heads, config.sink, config.recent, start=start)] if heads else []
         with intervene(model, interventions):
-            answer = model.decode(model.generate(ids, max_new_tokens=config.max_new_tokens))
-        scores.append(rouge1_recall(sample.needle.answer, answer.split("\n")[0] if answer.strip() else answer))
+            scores.append(_answer_recall(model, sample, model.generate(ids, max_new_tokens=config.max_new_tokens)))
     return scores
+
+
+@torch.no_grad()
+def niah_runs(model: LoadedModel, samples: Sequence[Any], head_sets: Sequence[Sequence[Head]], config: DuoConfig,
+              progress: Progress = no_progress) -> list[list[float]]:
+    """`niah_accuracy` for each streaming head set (`[]`: full attention), per set a score per sample.
+
+    Decode-only regime: the prompt is the same under every set (streaming starts after it), so each sample
+    is prefilled once and every set decodes from that cache in one batch (`probe.generation.decode_variants`);
+    each set's answers equal its own `niah_accuracy` up to batched float rounding. All-positions: one set
+    at a time."""
+    if config.regime != "decode-only":
+        return [niah_accuracy(model, samples, heads, config) for heads in head_sets]
+    runs: list[list[float]] = [[] for _ in head_sets]
+    for index, sample in enumerate(samples):
+        progress(index / max(1, len(samples)), f"NIAH sample {index + 1}/{len(samples)}, {len(head_sets)} head sets")
+        ids = sample.ids(model.device)
+        variants = [[streaming_attention(heads, config.sink, config.recent, start=ids.shape[1])] if heads else []
+                    for heads in head_sets]
+        for run, new in zip(runs, decode_variants(model, ids, variants, config.max_new_tokens)):
+            run.append(_answer_recall(model, sample, new))
+    return runs
 
 
 def profiling_scores(model: LoadedModel, sample: PasskeySample, sink: int, recent: int) -> torch.Tensor:
@@ -486,19 +516,18 @@ def run(model: LoadedModel, config: DuoConfig = QUICK, progress: Progress | None
                       _template(model, config.template), needles=needle_set, sentences=pool)
     if not grid.samples:
         raise DuoError(f"No NIAH sample could be built: {grid.skipped}")
-    say(0.65, f"NIAH with full attention ({len(grid.samples)} samples)")
-    full = niah_accuracy(model, grid.samples, [], config)
-    say(0.72, "NIAH with Duo streaming heads")
-    duo = niah_accuracy(model, grid.samples, streaming_heads(model, retrieval), config)
     n_streaming = int((~retrieval).sum())
-    random_runs = []
     rng = random.Random(config.seed + 1)
     kv_heads = [(l, g) for l in range(model.n_layers) for g in range(model.n_kv_heads)]
-    for draw in range(config.random_draws):
-        say(0.8 + 0.15 * draw / max(1, config.random_draws), f"NIAH with random streaming heads, draw {draw + 1}")
+    random_sets = []
+    for _ in range(config.random_draws):
         chosen = set(rng.sample(kv_heads, n_streaming))
         mask = torch.tensor([[(l, g) not in chosen for g in range(model.n_kv_heads)] for l in range(model.n_layers)])
-        random_runs.append(niah_accuracy(model, grid.samples, streaming_heads(model, mask), config))
+        random_sets.append(streaming_heads(model, mask))
+    say(0.65, f"NIAH: full attention, Duo streaming heads and {config.random_draws} random sets "
+              f"on {len(grid.samples)} samples")
+    full, duo, *random_runs = niah_runs(model, grid.samples, [[], streaming_heads(model, retrieval), *random_sets],
+                                        config, lambda f, m: say(0.65 + 0.3 * f, m))
     rng_samples = random.Random(config.seed + 2)
     profile_sample = samples[0] if samples else passkey_sample(model, config, rng_samples, pool)
     profile = profiling_scores(model, profile_sample,

@@ -114,3 +114,65 @@ def greedy_decode(hf_model: Any, ids: torch.Tensor, max_new_tokens: int, stops: 
         step = torch.tensor([[token]], device=ids.device)
         logits = hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     return torch.tensor([new], dtype=torch.long, device=ids.device)
+
+
+@torch.no_grad()
+def decode_variants(model: Any, ids: torch.Tensor, variants: Sequence[Sequence[Any]], max_new_tokens: int,
+                    stop_ids: Collection[int] | None = None) -> list[list[int]]:
+    """Greedy continuations of one prompt under each of several intervention sets that leave the prompt
+    itself alone (every intervention starts at or after the prompt's end: DuoAttention's decode-only
+    streaming heads, for one). Why: the prompt's KV cache is then the same for every variant, so it is
+    prefilled once, copied to one batch row per variant, and all variants decode together, each row under
+    its own interventions (`rows=(r,)`), on the fused path where exact. Each row equals
+    `model.generate` under its set alone up to batched float rounding (tests/test_generation.py). Interventions
+    already open on the model (`intervene()` blocks) apply to every row, prompt included."""
+    from dataclasses import replace
+
+    from transformers import DynamicCache
+
+    from probe.errors import ProbeError
+    from probe.forward import on_fused_path
+    from probe.interventions import intervene
+
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.shape[0] != 1:
+        raise ProbeError("decode_variants() takes one prompt.")
+    if not variants:
+        return []
+    prompt = ids.shape[1]
+    rowed = []
+    for row, variant in enumerate(variants):
+        for intervention in variant:
+            if intervention.start < prompt or intervention.rows is not None:
+                raise ProbeError(f"decode_variants: {intervention.describe()} touches the prompt (start < {prompt}) "
+                                 "or names batch rows; run model.generate per variant instead.")
+            rowed.append(replace(intervention, rows=(row,)))
+    model.check_fits(prompt + max_new_tokens)
+    stops = set(stop_ids or ()) | _default_stops(model.tokenizer)
+    n = len(variants)
+    new: list[list[int]] = [[] for _ in range(n)]
+    if max_new_tokens < 1:
+        return new
+    with model.lock:
+        cache = DynamicCache()
+        with on_fused_path(model):
+            logits = model.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        cache.batch_repeat_interleave(n)
+        tokens = logits[:, -1].argmax(-1).expand(n)
+        done = [False] * n
+        with intervene(model, rowed), on_fused_path(model):
+            for step in range(max_new_tokens):
+                for row in range(n):
+                    if not done[row]:
+                        token = int(tokens[row])
+                        if token in stops:
+                            done[row] = True
+                        else:
+                            new[row].append(token)
+                if all(done) or step == max_new_tokens - 1:
+                    break
+                logits = model.hf_model(tokens[:, None].to(ids.device), past_key_values=cache, use_cache=True,
+                                        logits_to_keep=1).logits
+                tokens = logits[:, -1].argmax(-1)
+    return new

@@ -382,3 +382,20 @@ def test_training_takes_the_fused_path_where_it_can_and_equals_the_bridge(name, 
     assert (fused.gates - 1).abs().max() > 1e-3  # the gates moved
     torch.testing.assert_close(fused.gates, bridge.gates, rtol=0, atol=1e-5)
     assert fused.distill == pytest.approx(bridge.distill, rel=1e-4, abs=1e-9)
+
+
+@pytest.mark.parametrize("regime", ["decode-only", "all-positions"])
+def test_niah_runs_batch_the_head_sets_and_equal_each_set_alone(regime):
+    """`niah_runs` (decode-only: one prefill per sample, every head set decoded in one batch) == one
+    `niah_accuracy` per set, on the planted retrieval model whose needle the planted head copies; the sets'
+    recalls differ (streaming the planted head from every position on loses the needle)."""
+    from analyses.planted import RETRIEVAL_HEAD, retrieval_model, retrieval_samples
+
+    model = retrieval_model()
+    samples = retrieval_samples(model, lengths=(60,))[:3]
+    config = duo.DuoConfig(sink=1, recent=3, regime=regime, max_new_tokens=6)
+    head_sets = [[], [RETRIEVAL_HEAD], [Head(0, 1)], [RETRIEVAL_HEAD, Head(0, 1)]]
+    expected = [duo.niah_accuracy(model, samples, heads, config) for heads in head_sets]
+    assert duo.niah_runs(model, samples, head_sets, config) == expected
+    if regime == "all-positions":
+        assert min(expected[0]) > max(expected[1])

@@ -17,9 +17,10 @@ import torch
 import transformers
 
 from families import build_folder
-from probe.generation import _pad_id, greedy_continuations, greedy_generate
+from probe.errors import ProbeError
+from probe.generation import _pad_id, decode_variants, greedy_continuations, greedy_generate
 from probe.heads import Head
-from probe.interventions import intervene, zero_ablation
+from probe.interventions import intervene, scale, streaming_attention, zero_ablation
 from probe.models import LoadedModel, load_model
 
 ROWS = ("mary went to the store", "the capital of the country is a secret and the answer is 12", "a book",
@@ -113,3 +114,36 @@ def test_pad_id_falls_back_through_eos_and_the_model_config():
     bare = SimpleNamespace(generation_config=None, config=SimpleNamespace())
     assert _pad_id(bare, SimpleNamespace(), {9}) == 9
     assert _pad_id(bare, SimpleNamespace(), set()) == 0
+
+
+@pytest.mark.parametrize("name", ["llama", "gemma2", "gpt2"])
+@pytest.mark.parametrize("routing", [True, False])
+def test_decode_variants_gives_each_variant_the_ids_it_gets_alone(name, routing, root):
+    """One shared prefill, one batch row per intervention set (decode positions only): each row's ids equal
+    `model.generate` under that set alone, on the fused path and on the bridge (GQA, soft-capped eager
+    Gemma 2, GPT-2's learned positions); the variants provably differ; a set that touches the prompt is
+    refused."""
+    if name == "gemma2":
+        from families import build_folder
+
+        model = load_model(f"hf:{build_folder(name, root / 'stock')}", device="cpu")  # sliding windows: 8 tokens
+    else:
+        model = sharpened(name, root)
+    model.fused_routing = routing
+    try:
+        ids = model.encode(ROWS[1] + " " + ROWS[3], add_special_tokens=True)
+        start = ids.shape[1]
+        layer0 = [Head(0, h) for h in range(model.n_heads)]
+        variants = [[], [zero_ablation(layer0, start=start)], [streaming_attention(model.all_heads(), 1, 2, start=start)],
+                    [scale(layer0[:1], "value", 3.0, start=start + 2), zero_ablation([Head(1, 0)], start=start + 1)]]
+        got = decode_variants(model, ids, variants, max_new_tokens=8, stop_ids=())
+        expected = []
+        for variant in variants:
+            with intervene(model, variant):
+                expected.append(model.generate(ids, max_new_tokens=8)[0].tolist())
+        assert got == expected
+        assert len({tuple(row) for row in got}) >= 3, got
+        with pytest.raises(ProbeError, match="touches the prompt"):
+            decode_variants(model, ids, [[zero_ablation(layer0, start=start - 1)]], max_new_tokens=2)
+    finally:
+        model.fused_routing = True
