@@ -61,6 +61,7 @@ from analyses.data.needles import NEEDLES, Needle
 from probe import batching
 from probe.architecture import architecture
 from probe.errors import ProbeError, PromptTooLongError
+from probe.fused import FusedPathError, fused, kernel_pattern
 from probe.heads import Head
 from probe.interventions import Intervention, intervene, uniform_attention, zero_ablation
 from probe.models import LoadedModel
@@ -319,25 +320,49 @@ def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, mat
     def keep_argmax(pattern: torch.Tensor, hook: Any) -> None:
         rows[int(hook.name.split(".")[1])].append(pattern[0, :, -1, :].argmax(-1).cpu())
 
+    def observe(layer: int) -> Any:
+        def keep(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, kwargs: dict[str, Any]) -> None:
+            rows[layer].append(kernel_pattern(query[:, :, -1:], key, mask, kwargs)[0, :, -1, :].argmax(-1).cpu())
+        return keep
+
     hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_argmax) for layer in range(model.n_layers)]
     stops = _stop_ids(model)
-    answer: list[int] = []
-    cache = _new_cache(model)
-    with model.lock:
+
+    def decode(cache: Any) -> list[int]:
+        answer: list[int] = []
+        token = ids[:, -1:]
+        for _ in range(max_new_tokens):
+            out = model.hf_model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            next_id = int(out.logits[0, -1].argmax())
+            if stop and _is_stop(model, next_id, stops):
+                break
+            answer.append(next_id)
+            if len(answer) == max_new_tokens:
+                break  # the row that would predict one more token is not needed
+            token = torch.tensor([[next_id]], device=model.device)
+        return answer
+
+    def prefilled() -> Any:
+        cache = _new_cache(model)
         if n > 1:
             with _native_attention(model):
                 model.hf_model(ids[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1)
-        with model.bridge.hooks(fwd_hooks=hooks):
-            token = ids[:, -1:]
-            for _ in range(max_new_tokens):
-                out = model.hf_model(token, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                next_id = int(out.logits[0, -1].argmax())
-                if stop and _is_stop(model, next_id, stops):
-                    break
-                answer.append(next_id)
-                if len(answer) == max_new_tokens:
-                    break  # the row that would predict one more token is not needed
-                token = torch.tensor([[next_id]], device=model.device)
+        return cache
+
+    with model.lock:
+        answer = None
+        if model.fused_reason() is None:  # each step's attention row from the kernel's own q and k (no pattern)
+            cache = prefilled()
+            try:
+                with fused(model, observers={layer: observe(layer) for layer in range(model.n_layers)}):
+                    answer = decode(cache)
+            except FusedPathError:  # this family does not call its kernel through transformers' registry
+                for layer_rows in rows:
+                    layer_rows.clear()
+        if answer is None:
+            cache = prefilled()
+            with model.bridge.hooks(fwd_hooks=hooks):
+                answer = decode(cache)
     n_steps = len(answer)
     argmax = torch.zeros(model.n_layers, model.n_heads, n_steps, dtype=torch.long)
     if n_steps:

@@ -318,11 +318,16 @@ def apply_query_ops(query: torch.Tensor, ops: Sequence[tuple[Intervention, Head]
 # looked up by name on every call (`ALL_ATTENTION_FUNCTIONS.get_interface`), so while any block has query
 # ops, the kernel's name maps to `_with_query_ops`, which rewrites the query of registered modules and
 # hands every call (any module, any thread) to the kernel it replaced.
+# An observer sees each kernel call of its layer: (query, key, attention_mask, kwargs), after the query ops.
+KernelObserver = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", dict[str, Any]], None]
+
+
 @dataclass
 class _QueryEntry:
     ops: list[tuple[Intervention, Head]]
     state: _State
     seen: bool = False  # the kernel wrapper ran for the module's current call
+    observer: KernelObserver | None = None
 
 
 _QUERY_OPS: dict[int, _QueryEntry] = {}
@@ -350,11 +355,39 @@ def _query_kernel(name: str) -> Callable[..., Any]:
     def attention(module: nn.Module, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         entry = _QUERY_OPS.get(id(module))
         if entry is not None:
-            query = apply_query_ops(query, entry.ops, entry.state.offset)
+            if entry.ops:
+                query = apply_query_ops(query, entry.ops, entry.state.offset)
+            if entry.observer is not None:
+                mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+                entry.observer(query, args[0] if args else kwargs["key"], mask, kwargs)
             entry.seen = True
         return _kernel_for(name, module)(module, query, *args, **kwargs)
     attention._probe_query_kernel = True  # type: ignore[attr-defined]
     return attention
+
+
+def kernel_pattern(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+                   kwargs: dict[str, Any]) -> torch.Tensor:
+    """The attention weights `[batch, n_heads, q_len, k_len]` (float32) of one kernel call, from its inputs as a
+    `KernelObserver` sees them, with the bridge's order of operations: q·kᵀ, x scaling, soft-cap, mask,
+    float32 softmax. Keys are repeated over their query-head group (GQA); a missing mask is causal."""
+    groups = query.shape[1] // key.shape[1]
+    keys = key.repeat_interleave(groups, dim=1) if groups > 1 else key
+    scaling = kwargs.get("scaling")
+    scores = torch.matmul(query, keys.transpose(-2, -1)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    softcap = kwargs.get("softcap")
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    q_len, k_len = scores.shape[-2], scores.shape[-1]
+    if attention_mask is None:
+        rows = torch.arange(k_len - q_len, k_len, device=scores.device)[:, None]
+        visible = torch.arange(k_len, device=scores.device)[None, :] <= rows
+    elif attention_mask.dtype == torch.bool:
+        visible = attention_mask[..., :k_len]
+    else:
+        visible = attention_mask[..., :k_len] > torch.finfo(attention_mask.dtype).min / 2
+    scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32)
 
 
 def _query_seen_reset(entry: _QueryEntry) -> Any:
@@ -464,11 +497,15 @@ def _offset_pre_hook(state: _State) -> Any:
 
 
 @contextlib.contextmanager
-def fused(model: Any, interventions: Sequence[Intervention] = ()) -> Iterator[_State]:
+def fused(model: Any, interventions: Sequence[Intervention] = (),
+          observers: dict[int, KernelObserver] | None = None) -> Iterator[_State]:
     """For the block, every forward of `model.hf_model` runs the HF attention modules on the fused kernel
     with `interventions` in effect (any driver: a plain call, a KV-cached loop, HF `generate`); everything
     is restored on exit. Holds `model.lock` for the whole block. Raises `FusedPathError` for what it cannot
-    serve (see `unserved_reason`)."""
+    serve (see `unserved_reason`). `observers` (layer -> callable) see that layer's kernel inputs on each
+    call (query after rotary and query ops, keys with the cache, the mask): e.g. `kernel_pattern` for a
+    decode step's attention row without the bridge (retrieval's copy test); a family whose attention does
+    not call its kernel through transformers' registry raises `FusedPathError` on the first forward."""
     interventions = list(interventions)
     for intervention in interventions:
         validate_heads(intervention.heads, model)
@@ -504,9 +541,10 @@ def fused(model: Any, interventions: Sequence[Intervention] = ()) -> Iterator[_S
                 handles.append(original.register_forward_pre_hook(
                     _mask_pre_hook(ops, state, model.n_heads, parameters), with_kwargs=True))
             entries = {}
-            for layer, ops in sorted(on_query.items()):
+            for layer in sorted(set(on_query) | set(observers or {})):
                 original = slots[layer][3]
-                entries[id(original)] = entry = _QueryEntry(ops, state)
+                entries[id(original)] = entry = _QueryEntry(on_query.get(layer, []), state,
+                                                            observer=(observers or {}).get(layer))
                 handles.append(original.register_forward_pre_hook(_query_seen_reset(entry)))
                 handles.append(original.register_forward_hook(_query_seen_check(entry, layer)))
             with _query_ops_installed(kernel, entries):

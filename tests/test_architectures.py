@@ -688,15 +688,35 @@ def _sample_with_ids(ids: torch.Tensor, span: tuple[int, int]) -> Any:
     return dataclasses.replace(template, input_ids=tuple(ids[0].tolist()), answer_tokens=span)
 
 
-def test_retrieval_fast_path_equals_the_step_by_step_reference(family):
-    """Cached decode with each step's own attention-row argmax == a full forward per step (no cache)
-    reading the full hook_pattern: same greedy answer, same argmax key for every layer, head, step."""
+def test_retrieval_fast_path_equals_the_step_by_step_reference(family, monkeypatch):
+    """Cached decode with each step's own attention-row argmax (from the fused kernel's own q and k,
+    `probe.fused.kernel_pattern`) == a full forward per step (no cache) reading the full hook_pattern: same
+    greedy answer, same argmax key for every layer, head, step. The decode ran on the fused path."""
+    import contextlib
+
     from analyses import retrieval
 
     name, model, _ = family
     ids = model.encode(" ".join(["the capital of mary is the book of john and the key to the park"] * 2))
     sample = _sample_with_ids(ids, (3, 8))
+    entered, original = [], retrieval.fused
+
+    @contextlib.contextmanager
+    def counted(*args, **kwargs):
+        with original(*args, **kwargs) as state:
+            entered.append(kwargs.get("observers") is not None)
+            yield state
+
+    rows_read, pattern = [], retrieval.kernel_pattern
+
+    def read(*args, **kwargs):
+        rows_read.append(1)
+        return pattern(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, "fused", counted)
+    monkeypatch.setattr(retrieval, "kernel_pattern", read)
     fast = retrieval.fast_sample(model, sample, 8, stop=False)
+    assert entered == [True] and len(rows_read) == 8 * model.n_layers, (entered, len(rows_read))  # no fallback
     slow = retrieval.reference_sample(model, sample, 8, stop=False)
     assert len(fast.answer_ids) == 8 and fast.answer_ids == slow.answer_ids
     assert fast.argmax.shape == (3, 4, 8)
