@@ -371,12 +371,24 @@ def reference_prompts(model: Any, texts: Sequence[str] = REFERENCE_SENTENCES) ->
 
 @torch.no_grad()
 def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head, torch.Tensor]:
-    """Each head's z `[batch, pos, d_head]` on `ids` (for resampling or means)."""
+    """Each head's z `[batch, pos, d_head]` on `ids` (for resampling or means), under the open `intervene()`
+    blocks; on the fused path where that is exact (`probe.forward.forward_for_hooks`: z read at the output
+    projection's input, no pattern materialised), else through the bridge."""
+    from probe.forward import forward_for_hooks
+
     validate_heads(heads, model)
-    layers = {h.layer for h in heads}
-    names = {f"blocks.{layer}.attn.hook_z" for layer in layers}
-    _, cache = model.run_with_cache(ids, names_filter=lambda name: name in names)  # holds model.lock
-    return {h: cache[f"blocks.{h.layer}.attn.hook_z"][:, :, h.head].detach().clone() for h in heads}
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int) -> Any:
+        def grab(z: torch.Tensor, hook: Any) -> torch.Tensor:
+            captured.setdefault(layer, z.detach())
+            return z
+        return grab
+
+    hooks = [(f"blocks.{layer}.attn.hook_z", keep(layer)) for layer in sorted({h.layer for h in heads})]
+    with torch.no_grad(), model.hooks(hooks), forward_for_hooks(model) as run:  # holds model.lock
+        run(ids)
+    return {h: captured[h.layer][:, :, h.head].clone() for h in heads}
 
 
 @torch.no_grad()
