@@ -35,7 +35,7 @@ from probe.errors import ProbeError
 from probe.heads import Head
 from probe.forward import forward_for_hooks
 from probe.generation import decode_variants
-from probe.interventions import Intervention, intervene, streaming_attention, streaming_mask
+from probe.interventions import Intervention, intervene, streaming_attention, streaming_mask, z_capture_hooks
 from probe.models import LoadedModel
 from probe.readout import final_norm
 from probe.results import HeadScores, Provenance, ResultCache, to_jsonable
@@ -223,15 +223,7 @@ class Teacher:
 @torch.no_grad()
 def teacher_run(model: LoadedModel, sample: PasskeySample) -> Teacher:
     """One plain forward (no gradient): the distillation target and the full branch's head outputs."""
-    z: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int) -> Any:
-        def grab(value: torch.Tensor, hook: Any) -> torch.Tensor:
-            z.setdefault(layer, value.detach())
-            return value
-        return grab
-
-    hooks = [(f"blocks.{layer}.attn.hook_z", keep(layer)) for layer in range(model.n_layers)]
+    hooks, z = z_capture_hooks(range(model.n_layers))
     states = final_states(model, sample.ids, hooks)
     return Teacher(states[sample.loss_positions], [z[layer] for layer in range(model.n_layers)])
 

@@ -369,14 +369,9 @@ def reference_prompts(model: Any, texts: Sequence[str] = REFERENCE_SENTENCES) ->
     return [model.encode(text) for text in texts]
 
 
-@torch.no_grad()
-def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head, torch.Tensor]:
-    """Each head's z `[batch, pos, d_head]` on `ids` (for resampling or means), under the open `intervene()`
-    blocks; on the fused path where that is exact (`probe.forward.forward_for_hooks`: z read at the output
-    projection's input, no pattern materialised), else through the bridge."""
-    from probe.forward import forward_for_hooks
-
-    validate_heads(heads, model)
+def z_capture_hooks(layers: Sequence[int]) -> tuple[list[tuple[str, Any]], dict[int, torch.Tensor]]:
+    """Hooks that keep each layer's first `hook_z` `[batch, pos, n_heads, d_head]` (detached) of a forward, and
+    the dict they fill (layer -> z). `hook_z` fires on the fused path too (the output projection's input)."""
     captured: dict[int, torch.Tensor] = {}
 
     def keep(layer: int) -> Any:
@@ -385,7 +380,18 @@ def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head
             return z
         return grab
 
-    hooks = [(f"blocks.{layer}.attn.hook_z", keep(layer)) for layer in sorted({h.layer for h in heads})]
+    return [(f"blocks.{layer}.attn.hook_z", keep(layer)) for layer in layers], captured
+
+
+@torch.no_grad()
+def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head, torch.Tensor]:
+    """Each head's z `[batch, pos, d_head]` on `ids` (for resampling or means), under the open `intervene()`
+    blocks; on the fused path where that is exact (`probe.forward.forward_for_hooks`: z read at the output
+    projection's input, no pattern materialised), else through the bridge."""
+    from probe.forward import forward_for_hooks
+
+    validate_heads(heads, model)
+    hooks, captured = z_capture_hooks(sorted({h.layer for h in heads}))
     with torch.no_grad(), model.hooks(hooks), forward_for_hooks(model) as run:  # holds model.lock
         run(ids)
     return {h: captured[h.layer][:, :, h.head].clone() for h in heads}
