@@ -316,7 +316,7 @@ def apply_query_ops(query: torch.Tensor, ops: Sequence[tuple[Intervention, Head]
 
 # Query ops of the HF attention modules inside a fused block: id(module) -> (ops, state). The kernels are
 # looked up by name on every call (`ALL_ATTENTION_FUNCTIONS.get_interface`), so while any block has query
-# ops, the kernel's name maps to `_with_query_ops`, which rewrites the query of registered modules and
+# ops or observers, the kernel's name maps to `_query_kernel`'s wrapper, which rewrites the query of registered modules and
 # hands every call (any module, any thread) to the kernel it replaced.
 # An observer sees each kernel call of its layer: (query, key, attention_mask, kwargs), after the query ops.
 KernelObserver = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", dict[str, Any]], None]

@@ -392,7 +392,7 @@ def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head
 
     validate_heads(heads, model)
     hooks, captured = z_capture_hooks(sorted({h.layer for h in heads}))
-    with torch.no_grad(), model.hooks(hooks), forward_for_hooks(model) as run:  # holds model.lock
+    with model.hooks(hooks), forward_for_hooks(model) as run:  # holds model.lock (no_grad: the decorator)
         run(ids)
     return {h: captured[h.layer][:, :, h.head].clone() for h in heads}
 
