@@ -38,6 +38,7 @@ from analyses.data.succession import TaskSet, TokenTask, build_tasks
 from probe import readout
 from probe.architecture import Architecture, ArchitectureError, Norm, architecture
 from probe.errors import ProbeError
+from probe.forward import final_normalized
 from probe.heads import Head
 from probe.interventions import head_means, intervene, mean_ablation
 from probe.models import LoadedModel
@@ -594,22 +595,37 @@ def causal_prompts(model: LoadedModel, task_set: TaskSet, per_task: int = 6) -> 
     return prompts
 
 
+READOUT_ROWS = 256  # rows per unembedding product: [256, vocab] float32 logits (~50 MB at SmolLM2's vocab)
+
+
 @torch.no_grad()
-def _answer_probabilities(model: LoadedModel, prompts: list[dict[str, Any]], interventions: list[Any]) -> torch.Tensor:
-    """P(answer) at the last position for every prompt (batched by token length)."""
+def _answer_states(model: LoadedModel, prompts: list[dict[str, Any]], interventions: list[Any]) -> torch.Tensor:
+    """The final norm's output `[n, d_model]` at every prompt's last position under `interventions`
+    (batched by token length; no unembedding: `_answer_probabilities` reads all conditions out at once)."""
     groups: dict[int, list[int]] = defaultdict(list)
     encoded = [model.encode(p["text"])[0] for p in prompts]
     for i, ids in enumerate(encoded):
         groups[len(ids)].append(i)
-    probabilities = torch.zeros(len(prompts))
+    states = torch.zeros(len(prompts), model.d_model, dtype=torch.float32)
     for _, members in sorted(groups.items()):
         batch = torch.stack([encoded[i] for i in members])
         with intervene(model, interventions):
-            logits = model.logits(batch, positions="last")[:, -1].float()
-        answers = torch.tensor([prompts[i]["answer_id"] for i in members], device=logits.device)
-        probs = logits.softmax(-1).gather(1, answers[:, None])[:, 0]
-        probabilities[members] = probs.cpu()
-    return probabilities
+            states[members] = final_normalized(model, batch, positions="last")[:, -1].float().cpu()
+    return states
+
+
+@torch.no_grad()
+def _answer_probabilities(model: LoadedModel, prompts: list[dict[str, Any]],
+                          conditions: Sequence[list[Any]]) -> list[torch.Tensor]:
+    """P(answer) at the last position of every prompt `[n]`, one tensor per condition (a list of
+    interventions). The unembedding runs once over every condition's states: on short prompts its
+    weight, read once per product, costs more than the rows it multiplies."""
+    states = torch.cat([_answer_states(model, prompts, interventions) for interventions in conditions])
+    answers = torch.tensor([p["answer_id"] for p in prompts] * len(conditions))
+    probs = torch.cat([readout.logits_from_normalized(model, rows.to(model.device)).softmax(-1)
+                       .gather(1, ids[:, None].to(model.device))[:, 0].cpu()
+                       for rows, ids in zip(states.split(READOUT_ROWS), answers.split(READOUT_ROWS))])
+    return list(probs.split(len(prompts)))
 
 
 def causal_check(model: LoadedModel, task_set: TaskSet, heads: Sequence[Head], config: SuccessorConfig,
@@ -621,12 +637,11 @@ def causal_check(model: LoadedModel, task_set: TaskSet, heads: Sequence[Head], c
     draws = random_head_sets(model, len(heads), config.random_draws, exclude=heads, seed=config.seed)
     needed = sorted(set(heads) | {h for draw in draws for h in draw})
     means = head_means(model, [model.encode(p["text"]) for p in prompts], needed)
-    clean = _answer_probabilities(model, prompts, [])
-    ablated = _answer_probabilities(model, prompts, [mean_ablation(list(heads), means)])
+    progress(0.8, f"ablating the top heads and {len(draws)} random head sets")
+    clean, ablated, *random_probs = _answer_probabilities(
+        model, prompts, [[], [mean_ablation(list(heads), means)], *([mean_ablation(d, means)] for d in draws)])
     random_effects, random_log_effects = [], []
-    for k, draw in enumerate(draws):
-        progress(0.8 + 0.2 * k / len(draws), f"ablating random heads {k + 1}/{len(draws)}")
-        probs = _answer_probabilities(model, prompts, [mean_ablation(draw, means)])
+    for probs in random_probs:
         random_effects.append(float((clean - probs).mean()))
         random_log_effects.append(float((clean.log() - probs.log()).mean()))
     effect = float((clean - ablated).mean())

@@ -193,19 +193,43 @@ def on_fused_path(model: Any) -> Iterator[bool]:
 def forward_for_hooks(model: Any) -> Iterator[Callable[[torch.Tensor], bool]]:
     """For the block, `run(ids)` is one whole forward whose point is what the attached hooks capture or
     change (no logits wanted), with autograd where it is enabled: on the fused path where
-    `model.fused_reason()` says that is exact (the open `intervene()` blocks handed over, the last
-    position's logit only), else through the bridge. `run` returns whether it ran fused. Why a block and not
-    a call: a backward through layers recomputed in the backward (`model.recompute_layers_in_backward`) must
-    find the same path in place, so call `backward()` inside it. Holds `model.lock`."""
+    `model.fused_reason()` says that is exact (the open `intervene()` blocks handed over, no logit computed:
+    unembedding hooks see an empty position axis), else through the bridge. `run` returns whether it ran
+    fused. Why a block and not a call: a backward through layers recomputed in the backward
+    (`model.recompute_layers_in_backward`) must find the same path in place, so call `backward()` inside it. Holds `model.lock`."""
     with model.lock, on_fused_path(model) as fused_ok:
         def run(ids: torch.Tensor) -> bool:
-            if fused_ok:
-                model.hf_model(ids, use_cache=False, logits_to_keep=1)
+            if fused_ok:  # an empty `logits_to_keep`: the unembedding multiplies no row
+                model.hf_model(ids, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
             else:
                 model.bridge(ids, use_cache=False)
             return fused_ok
 
         yield run
+
+
+@torch.no_grad()
+def final_normalized(model: Any, ids: torch.Tensor, positions: str | slice | Sequence[int] | None = "last") -> torch.Tensor:
+    """The final norm's output `[batch, n_positions, d_model]` of one forward (hooks and `intervene()` blocks
+    in effect), read at `ln_final.hook_out`; on the fused path the unembedding never runs.
+
+    Why: on a small model and short prompts the unembedding's weight (SmolLM2: 49,152 x 576, a fifth of
+    the model) is read once per forward whatever the batch, so a caller comparing many interventions on
+    the same prompts reads their states out in one product (`probe.readout.logits_from_normalized`, exact:
+    the model's own unembedding, bias and soft-cap) instead of once per forward."""
+    from probe.models import _pick_positions
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(normalized: torch.Tensor, hook: Any) -> torch.Tensor:
+        seen.setdefault("out", normalized.detach())
+        return normalized
+
+    with model.hooks([("ln_final.hook_out", grab)]), forward_for_hooks(model) as run:
+        run(ids if ids.dim() == 2 else ids[None])
+    if "out" not in seen:
+        raise ForwardError("The final norm's hook point (ln_final.hook_out) did not fire in the forward.")
+    return _pick_positions(seen["out"], positions)
 
 
 # ==== plain Hugging Face models (training, where no bridge exists) ===================================

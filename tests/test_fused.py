@@ -192,6 +192,32 @@ def test_clean_logits_equal_the_bridge(family):
     assert record(name, "fused logits", _keep(name, "logits", worst)) <= ATOL
 
 
+def test_final_states_read_out_equal_the_bridges_logits_and_skip_the_unembedding(family):
+    """`probe.forward.final_normalized` under an intervention, read out by `probe.readout.logits_from_normalized`,
+    equals the bridge's logits at the last position; on the fused path the unembedding multiplies no row (the
+    point of it: successor's causal check reads every condition out in one product), on the bridge it runs."""
+    from probe import readout
+    from probe.forward import final_normalized
+
+    name, model = family
+    ids = model.encode(TEXT)
+    interventions = [scale([Head(LAYER, 0)], "output", -1.5)]
+    bridge = _bridge(model, ids, interventions)[:, -1]
+    rows: list[int] = []
+    handle = model.bridge.unembed.register_forward_pre_hook(lambda module, args: rows.append(int(args[0].shape[1])))
+    try:
+        with torch.no_grad(), intervene(model, interventions):
+            fused_states = final_normalized(model, ids)
+            with _bridge_only(model):
+                bridge_states = final_normalized(model, ids)
+    finally:
+        handle.remove()
+    assert fused_states.shape == (1, 1, model.d_model) and rows == [0, ids.shape[-1]]
+    worst = max(float((readout.logits_from_normalized(model, states[:, -1]) - bridge).abs().max())
+                for states in (fused_states, bridge_states))
+    assert worst <= ATOL, (name, worst)
+
+
 def test_the_fused_path_runs_the_sdpa_kernel_and_no_bridge_attention(family, monkeypatch):
     """One SDPA call per layer (eager only where a layer soft-caps its scores: Gemma 2), and no hook point
     of the bridge's attention component (hook_attn_scores, hook_pattern, ...) fires."""
@@ -723,7 +749,7 @@ def test_factual_successor_and_cdt_forwards_on_the_fused_path_equal_the_bridges(
     assert n >= 1 and torch.equal(arg_b, arg_f) and rel(pair_f, pair_b) <= RTOL
     texts = [{"text": "alice bob", "answer_id": 3}, {"text": "bob alice", "answer_id": 4}]
     means = head_means(model, [model.encode(t["text"]) for t in texts], heads)
-    probs_b, probs_f, n = both(model, lambda: successor._answer_probabilities(model, texts, [mean_ablation(heads, means)]))
+    probs_b, probs_f, n = both(model, lambda: successor._answer_probabilities(model, texts, [[mean_ablation(heads, means)]])[0])
     assert n >= 1 and rel(probs_f, probs_b) <= RTOL
 
     induction = planted_induction_model()
