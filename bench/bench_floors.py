@@ -174,7 +174,27 @@ def safety_stage(fraction: float, message: str) -> str:
     return "validation"
 
 
-STAGES: dict[str, Callable[[float, str], str]] = {"safety": safety_stage}
+def successor_stage(fraction: float, message: str) -> str:
+    """successor.run announces each stage as it starts: scores, probe and arithmetic below 0.6 (weight
+    products, no layer pass but MLP0's), then the causal check (the forwards)."""
+    return "causal check" if fraction >= 0.6 else "scores, probe, arithmetic"
+
+
+class AnnouncedStages:
+    """For an analyzer whose messages announce the stage that starts (successor), where `StageClock` books
+    the time up to a message to that message's stage: here it goes to the stage the message before announced."""
+
+    def __init__(self, stage_of: Callable[[float, str], str], first: str = "setup") -> None:
+        self.stage_of, self.current = stage_of, first
+
+    def __call__(self, fraction: float, message: str) -> str:
+        done, self.current = self.current, self.stage_of(fraction, message)
+        return done
+
+
+# a fresh stage function per run (AnnouncedStages keeps the stage under way)
+STAGES: dict[str, Callable[[], Callable[[float, str], str]]] = {
+    "safety": lambda: safety_stage, "successor": lambda: AnnouncedStages(successor_stage)}
 
 
 class StageClock:
@@ -221,7 +241,7 @@ def run_analyzer(model: Any, name: str, preset: str, overrides: dict[str, Any]) 
     entry = ANALYZERS[name]
     config = make_config(entry, preset, overrides, 0)
     work = Work()
-    stage_of = STAGES.get(name)
+    stage_of = STAGES[name]() if name in STAGES else None
     clock = StageClock(work, stage_of)
     if stage_of is not None:
         work.stage = "pending"

@@ -88,3 +88,21 @@ def test_floor_sums_passes_times_per_layer_seconds(bench) -> None:
     assert seconds["backward_floor_s"] == 1.5 - 0.5
     assert seconds["engine_floor_s"] == 0.5
     assert seconds["floor_cpu_s"] == 3 * 0.25 + 2 * 0.0625 + (0.75 - 0.25) + 0.25
+
+
+def test_announced_stages_book_the_work_to_the_stage_under_way(bench) -> None:
+    """Successor's messages announce the stage that starts: the passes before "causal check" are the scores'."""
+    from collections import Counter
+
+    work = bench.Work()
+    work.stage = "pending"
+    clock = bench.StageClock(work, bench.AnnouncedStages(bench.successor_stage))
+    clock(0.0, "building succession tasks")
+    work.add("forward", (1, 4, 4))  # MLP0 of the effective embeddings
+    clock(0.6, "causal check in context")
+    work.add("forward", (2, 5, 5))
+    work.add("forward", (2, 5, 5))
+    clock(1.0, "done")
+    assert work.forward["scores, probe, arithmetic"] == Counter({(1, 4, 4): 1})
+    assert work.forward["causal check"] == Counter({(2, 5, 5): 2})
+    assert set(clock.seconds) == {"setup", "scores, probe, arithmetic", "causal check"}
