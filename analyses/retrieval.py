@@ -67,6 +67,7 @@ from probe.interventions import Intervention, intervene, uniform_attention, zero
 from probe.models import LoadedModel
 from probe.parallel import map_items
 from probe.results import HeadScores, Provenance, to_jsonable
+from probe.runtime import large_blocks_mapped
 
 ANALYZER = "retrieval"
 VERSION = "2"  # 2: held-out masking split, stemmed ROUGE-1 gate, random pool outside every head above threshold
@@ -435,9 +436,9 @@ def _new_cache(model: LoadedModel) -> Any:
     Not the config's sliding-window cache: that one truncates keys to the window, and the core's
     position-window interventions (`start=`) read absolute positions from the key length, so on
     Gemma's sliding layers masking from the answer on would silently do nothing."""
-    from transformers import DynamicCache
+    from probe.generation import growing_cache
 
-    return DynamicCache()
+    return growing_cache()
 
 
 @torch.no_grad()
@@ -780,9 +781,10 @@ def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress 
     per_events: list[torch.Tensor] = []
     per_unique: list[torch.Tensor] = []
     detect_share = 0.6 if config.mask_ks else 1.0
-    traces = map_items(model, _trace_sample, [(s, config.max_new_tokens, config.match) for s in grid.samples],
-                       lambda done, total: say(detect_share * done / total, f"scoring sample {done + 1} of {total}"
-                                               if done < total else f"scored {total} samples"))  # shards: probe.parallel
+    with large_blocks_mapped():  # prompts of many lengths: the heap kept their activations resident (runtime)
+        traces = map_items(model, _trace_sample, [(s, config.max_new_tokens, config.match) for s in grid.samples],
+                           lambda done, total: say(detect_share * done / total, f"scoring sample {done + 1} of {total}"
+                                                   if done < total else f"scored {total} samples"))  # probe.parallel
     for sample, record, trace in zip(grid.samples, records, traces):
         span = sample.answer_tokens[1] - sample.answer_tokens[0]
         stemmed = rouge1(sample.needle.answer, trace.response, stem=True)
@@ -826,11 +828,12 @@ def run(model: LoadedModel, config: RetrievalConfig = QUICK, progress: Progress 
     if config.mask_ks and mask_grid is not None:
         top = [head for head, _ in result.scores.top(max(config.mask_ks))]
         exclude = random_pool_exclusion(result.scores, max(config.mask_ks), config.threshold)
-        result.masking = masking_experiment(
-            model, mask_grid.samples, top, config.mask_ks, config.mask_kinds, config.mask_random_draws,
-            config.seed, config.max_new_tokens, config.mask_batch,
-            lambda f, m: say(detect_share + (1 - detect_share) * f, m), exclude=exclude,
-            stem=config.rouge_stem, rouge_threshold=config.rouge_threshold)
+        with large_blocks_mapped():
+            result.masking = masking_experiment(
+                model, mask_grid.samples, top, config.mask_ks, config.mask_kinds, config.mask_random_draws,
+                config.seed, config.max_new_tokens, config.mask_batch,
+                lambda f, m: say(detect_share + (1 - detect_share) * f, m), exclude=exclude,
+                stem=config.rouge_stem, rouge_threshold=config.rouge_threshold)
         result.masking.skipped = mask_grid.skipped
     result.seconds = time.perf_counter() - started
     say(1.0, "done")

@@ -20,6 +20,105 @@ from typing import Any
 import torch
 
 
+# ---- a KV cache that grows in place ---------------------------------------------------------------------
+
+HEADROOM_MIN = 64  # spare positions a growing cache layer allocates at least (a decode step adds one)
+
+
+def _growing_layer_class() -> type:
+    """`GrowingLayer`, built on first use (transformers is imported lazily across probe)."""
+    global _GROWING_LAYER
+    if _GROWING_LAYER is not None:
+        return _GROWING_LAYER
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        """A full-attention cache layer whose keys / values are views into a buffer with spare positions: a
+        decode step writes its key in place instead of concatenating a new tensor.
+
+        Why: `DynamicLayer.update` allocates every layer's keys and values anew at each step, one position
+        longer than the block it frees; glibc's heap cannot reuse those holes, so the resident set grows
+        by hundreds of MB within one long-prompt decode and falls back only on a trim (retrieval's quick
+        detection on SmolLM2: peak 2,571 MiB with `DynamicLayer`, live data ~1.2 GB). The buffer grows by
+        an eighth (at least `HEADROOM_MIN` positions), so a prompt's prefill and its decode allocate once.
+        Values are the same tensors `DynamicLayer` would hold (the views are strided, not copies).
+        Anything else that replaces `keys` (crop, reorder, offload) is adopted at the next update."""
+
+        _buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        _views: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def _ours(self) -> bool:
+            return self._views is not None and self._views[0] is self.keys and self._views[1] is self.values
+
+        def _place(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+            self._buffers = (keys, values)
+            self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+            self._views = (self.keys, self.values)
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.get_seq_length()
+            need = length + key_states.shape[-2]
+            fits = self._ours() and self._buffers is not None and need <= self._buffers[0].shape[-2]
+            if not fits:
+                capacity = need + max(HEADROOM_MIN, need // 8)
+                grown = tuple(states.new_empty(*states.shape[:-2], capacity, states.shape[-1])
+                              for states in (key_states, value_states))
+                if length:
+                    grown[0][..., :length, :].copy_(self.keys)
+                    grown[1][..., :length, :].copy_(self.values)
+                self._buffers = grown
+            keys, values = self._buffers
+            keys[..., length:need, :].copy_(key_states)
+            values[..., length:need, :].copy_(value_states)
+            self._place(keys, values, need)
+            return self.keys, self.values
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            """Each row `repeats` times, written straight into a buffer with headroom (no second copy)."""
+            length = self.get_seq_length()
+            if length == 0:
+                return
+            out = []
+            for states in (self.keys, self.values):
+                batch, rest = states.shape[0], states.shape[1:-2]
+                capacity = length + max(HEADROOM_MIN, length // 8)
+                buffer = states.new_empty(batch * repeats, *rest, capacity, states.shape[-1])
+                buffer.view(batch, repeats, *rest, capacity, states.shape[-1])[..., :length, :].copy_(
+                    states[:, None].expand(batch, repeats, *states.shape[1:]))
+                out.append(buffer)
+            self._place(out[0], out[1], length)
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            """Keep the `indices` rows, headroom included (one allocation)."""
+            length = self.get_seq_length()
+            if length == 0:
+                return
+            if not (self._ours() and self._buffers is not None):
+                super().batch_select_indices(indices)
+                return
+            self._place(self._buffers[0][indices], self._buffers[1][indices], length)
+
+    _GROWING_LAYER = GrowingLayer
+    return GrowingLayer
+
+
+_GROWING_LAYER: type | None = None
+
+
+def growing_cache() -> Any:
+    """A full `DynamicCache` (every key in every layer, as probe's decode loops need) whose layers grow in
+    place (`GrowingLayer`): the cache every probe decode loop uses."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache
+
+    cache = DynamicCache()
+    Cache.__init__(cache, layer_class_to_replicate=_growing_layer_class())
+    return cache
+
+
 def _pad_id(hf_model: Any, tokenizer: Any, stops: Collection[int]) -> int:
     """The id to pad with: the tokenizer's pad, else its eos, else the model config's pad / eos, else a
     stop id, else 0 (padding is masked out, so any id works; a real one keeps embeddings in range)."""
@@ -101,10 +200,8 @@ def greedy_decode(hf_model: Any, ids: torch.Tensor, max_new_tokens: int, stops: 
     The one decode loop behind `LoadedModel.generate` on either path (bridge or fused): a full cache keeps
     every key in every layer, so interventions' absolute positions (KV length - query length) stay right on
     sliding-window layers."""
-    from transformers import DynamicCache
-
     new: list[int] = []
-    cache = DynamicCache()
+    cache = growing_cache()
     logits = hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
@@ -127,8 +224,6 @@ def decode_variants(model: Any, ids: torch.Tensor, variants: Sequence[Sequence[A
     `model.generate` under its set alone up to batched float rounding (tests/test_generation.py). Interventions
     already open on the model (`intervene()` blocks) apply to every row, prompt included."""
     from dataclasses import replace
-
-    from transformers import DynamicCache
 
     from probe.errors import ProbeError
     from probe.forward import on_fused_path
@@ -155,7 +250,7 @@ def decode_variants(model: Any, ids: torch.Tensor, variants: Sequence[Sequence[A
     if max_new_tokens < 1:
         return new
     with model.lock:
-        cache = DynamicCache()
+        cache = growing_cache()
         with on_fused_path(model):
             logits = model.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         cache.batch_repeat_interleave(n)

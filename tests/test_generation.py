@@ -147,3 +147,34 @@ def test_decode_variants_gives_each_variant_the_ids_it_gets_alone(name, routing,
             decode_variants(model, ids, [[zero_ablation(layer0, start=start - 1)]], max_new_tokens=2)
     finally:
         model.fused_routing = True
+
+
+def test_growing_cache_equals_dynamic_cache_and_writes_decode_steps_in_place():
+    """`growing_cache()`: the same keys, values and logits as transformers' `DynamicCache` through a prefill,
+    decode steps, a batch repeat and a row selection; its decode steps write into the buffer they already have."""
+    from transformers import DynamicCache
+
+    from probe.generation import growing_cache
+
+    model = load_model("tiny-llama", device="cpu")
+    ids = torch.randint(0, model.d_vocab, (2, 9), generator=torch.Generator().manual_seed(0))  # rows differ
+    grown, plain = growing_cache(), DynamicCache()
+    with torch.no_grad():
+        for cache in (grown, plain):
+            model.hf_model(ids, past_key_values=cache, use_cache=True)
+        after_prefill = grown.layers[0]._buffers[0].data_ptr()
+        for step in range(6):
+            if step == 2:
+                for cache in (grown, plain):
+                    cache.batch_repeat_interleave(3)
+            if step == 4:
+                for cache in (grown, plain):
+                    cache.batch_select_indices(torch.tensor([0, 3, 4]))
+            token = (torch.arange(grown.layers[0].keys.shape[0]) + step + 5)[:, None]  # a token per row
+            outs = [model.hf_model(token, past_key_values=cache, use_cache=True).logits for cache in (grown, plain)]
+            assert torch.equal(outs[0], outs[1])
+            if step < 2:  # decode steps write into the prefill's buffer
+                assert grown.layers[0]._buffers[0].data_ptr() == after_prefill
+    for ours, theirs in zip(grown.layers, plain.layers):
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+        assert ours.keys.shape[-2] == 9 + 6 and ours._buffers[0].shape[-2] > ours.keys.shape[-2]

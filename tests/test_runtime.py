@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -92,3 +94,46 @@ def test_every_forward_polls_in_automatic_mode(monkeypatch, tiny_gqa):
 def test_impossible_thread_counts_are_clear_errors(requested):
     with pytest.raises(ProbeError, match="--threads must be between 1 and"):
         runtime.set_threads(requested)
+
+
+def test_large_blocks_mapped_sets_and_restores_the_mmap_threshold(monkeypatch):
+    """Inside the block glibc maps allocations from MAPPED_BLOCK_BYTES up; on exit (also on an error) the
+    threshold goes to 32 MiB; without glibc nothing is called and the block says so."""
+    from probe import runtime
+
+    calls: list[tuple[int, int]] = []
+
+    class FakeLibc:
+        def mallopt(self, parameter: int, value: int) -> int:
+            calls.append((parameter, value))
+            return 1
+
+    monkeypatch.setattr(runtime, "_libc", FakeLibc())
+    with pytest.raises(RuntimeError), runtime.large_blocks_mapped() as took:
+        assert took is True and calls == [(runtime.M_MMAP_THRESHOLD, runtime.MAPPED_BLOCK_BYTES)]
+        raise RuntimeError("inside")
+    assert calls[-1] == (runtime.M_MMAP_THRESHOLD, runtime.GROWN_THRESHOLD_BYTES) and len(calls) == 2
+    monkeypatch.setattr(runtime, "_libc", False)
+    with runtime.large_blocks_mapped() as took:
+        assert took is False
+    assert len(calls) == 2
+
+
+def test_inside_large_blocks_mapped_a_freed_block_leaves_the_resident_set():
+    """On glibc, a freed 16 MiB tensor allocated inside the block is given back at once (its own mapping)."""
+    import torch
+
+    from probe import runtime
+
+    def resident_mib() -> float:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    with runtime.large_blocks_mapped() as took:
+        if not took:
+            pytest.skip("not glibc")
+        before = resident_mib()
+        block = torch.ones(4 << 20)  # 16 MiB, every page touched
+        assert resident_mib() - before > 12
+        del block
+        assert resident_mib() - before < 4
