@@ -21,8 +21,9 @@ of the right length where the key length exceeds the query length (decode steps:
 up to a multiple of `--decode-bucket`); forward + backward into the input embeddings (no weight
 gradients: the weights are frozen in the analyzers too) for backward passes. Best of `--floor-repeats`
 per shape. An analyzer's floor is the sum over its counted passes; its ratio is its best-of-`--repeats`
-wall time over that floor. For safety the time and the work are also split by stage (Ships, Sahara,
-validation), from its progress messages.
+wall time over that floor. For safety, successor and CD-T the time and the work are also split by stage
+(Ships / Sahara / validation; scores / causal check; task + sweep / circuit search / path patching / evaluation),
+from their progress messages.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_floors.py                       # quick preset, best of 3
     OMP_NUM_THREADS=1 .venv/bin/python bench/bench_floors.py --preset default --analyses successor,cdt --repeats 1
@@ -180,6 +181,19 @@ def successor_stage(fraction: float, message: str) -> str:
     return "causal check" if fraction >= 0.6 else "scores, probe, arithmetic"
 
 
+def cdt_stage(fraction: float, message: str) -> str:
+    """cdt.run announces each stage as it starts: the task and the decomposition sweep (clean and reference
+    caches, the two-stream engine), the circuit search, the path-patching baseline, then the evaluation
+    (faithfulness curves against random circuits, task accuracy)."""
+    if message.startswith(("building", "CD-T sweep")):
+        return "task, sweep"
+    if message.startswith("circuit search"):
+        return "circuit search"
+    if message.startswith("path-patching"):
+        return "path patching"
+    return "evaluation"
+
+
 class AnnouncedStages:
     """For an analyzer whose messages announce the stage that starts (successor), where `StageClock` books
     the time up to a message to that message's stage: here it goes to the stage the message before announced."""
@@ -194,7 +208,8 @@ class AnnouncedStages:
 
 # a fresh stage function per run (AnnouncedStages keeps the stage under way)
 STAGES: dict[str, Callable[[], Callable[[float, str], str]]] = {
-    "safety": lambda: safety_stage, "successor": lambda: AnnouncedStages(successor_stage)}
+    "safety": lambda: safety_stage, "successor": lambda: AnnouncedStages(successor_stage),
+    "cdt": lambda: AnnouncedStages(cdt_stage)}
 
 
 class StageClock:

@@ -106,3 +106,29 @@ def test_announced_stages_book_the_work_to_the_stage_under_way(bench) -> None:
     assert work.forward["scores, probe, arithmetic"] == Counter({(1, 4, 4): 1})
     assert work.forward["causal check"] == Counter({(2, 5, 5): 2})
     assert set(clock.seconds) == {"setup", "scores, probe, arithmetic", "causal check"}
+
+
+def test_cdt_stages_split_the_engine_sweep_from_the_forwards_after_it(bench) -> None:
+    """CD-T's engine rows belong to the sweep; the circuit search's and the evaluation's forwards to theirs."""
+    from collections import Counter
+
+    work = bench.Work()
+    work.stage = "pending"
+    clock = bench.StageClock(work, bench.STAGES["cdt"]())
+    clock(0.0, "building the task")
+    work.add("forward", (1, 9, 9))  # the clean cache
+    work.add("engine", (4, 9, 9))
+    clock(0.4, "CD-T sweep discovery: source layer 0")
+    work.add("engine", (4, 9, 9))
+    clock(0.8, "circuit search")
+    work.add("forward", (2, 9, 9))
+    clock(0.85, "faithfulness")
+    work.add("forward", (3, 9, 9))
+    work.add("forward", (3, 9, 9))
+    clock(0.98, "accuracy")
+    clock(1.0, "done")
+    assert work.engine["task, sweep"] == Counter({(4, 9, 9): 2})
+    assert work.forward["task, sweep"] == Counter({(1, 9, 9): 1})
+    assert work.forward["circuit search"] == Counter({(2, 9, 9): 1})
+    assert work.forward["evaluation"] == Counter({(3, 9, 9): 2})
+    assert "path patching" not in work.forward
