@@ -127,6 +127,35 @@ def test_path_patching_agrees_on_the_planted_circuit(planted):
     assert set(circuit.heads) == set(PLANTED)
 
 
+def test_receivers_capture_stops_at_the_last_receiver_layer_and_equals_a_full_forward(planted):
+    """Path patching's capture pass (sender patched, every head frozen) reads the receivers' z and stops there:
+    the layers after the last receiver never run, and the captured z equal those of a whole forward."""
+    from probe.interventions import capture_z, intervene, mean_ablation, resample_ablation
+
+    model = planted
+    batch = induction_batch(model, n=4)
+    heads = model.all_heads()
+    mu = circuits.batch_means(model, batch)
+    clean = capture_z(model, batch.ids, heads)
+    frozen = [resample_ablation(heads, clean), mean_ablation([Head(0, 1)], mu)]
+    receivers = [Head(0, 2), Head(0, 3)]
+    later: list[int] = []
+    with model.hooks([("blocks.1.hook_resid_pre", lambda x, hook: later.append(1))]):
+        captured = patching._capture_receivers(model, batch.ids, receivers, frozen)
+    assert later == []  # the forward stopped after layer 0
+
+    reference: dict[Head, torch.Tensor] = {}
+
+    def grab(z: torch.Tensor, hook) -> None:
+        for r in receivers:
+            reference[r] = z[:, :, r.head].clone()
+
+    with model.hooks([("blocks.0.attn.hook_z", grab)]), intervene(model, frozen):
+        model.logits(batch.ids)
+    assert set(captured) == set(receivers)
+    assert all(torch.equal(captured[r], reference[r]) for r in receivers)
+
+
 def test_independent_target_says_relevance_zero(tiny_llama):
     engine = Engine(tiny_llama)
     batch = tasks.LogitDiffBatch("t", tiny_llama.encode(TINY_PROMPT), torch.tensor([5]), torch.tensor([6]),

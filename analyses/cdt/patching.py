@@ -73,24 +73,36 @@ def path_patching_scores(model, batches: Sequence[LogitDiffBatch], receivers: li
     return scores
 
 
+class _ReceiversCaptured(Exception):
+    """Raised by the last receiver layer's capture hook: nothing after it (later layers, the unembedding of
+    every position) is needed, and this capture runs on the bridge (its hook precedes the freeze)."""
+
+
 def _capture_receivers(model, rows: torch.Tensor, receivers: list[Head],
                        interventions: list[Intervention]) -> dict[Head, torch.Tensor]:
-    """Each receiver's z computed from its (patched) inputs, before the freeze overwrites it."""
+    """Each receiver's z computed from its (patched) inputs, before the freeze overwrites it; the forward
+    stops at the last receiver layer."""
     captured: dict[Head, torch.Tensor] = {}
     by_layer: dict[int, list[Head]] = {}
     for r in receivers:
         by_layer.setdefault(r.layer, []).append(r)
+    last = max(by_layer)
 
-    def make(layer_heads: list[Head]) -> Callable:
+    def make(layer: int, layer_heads: list[Head]) -> Callable:
         def hook(z: torch.Tensor, hook) -> None:
             for r in layer_heads:
                 captured[r] = z[:, :, r.head].detach().clone()
+            if layer == last:
+                raise _ReceiversCaptured
         return hook
 
-    capture_hooks = [(f"blocks.{layer}.attn.hook_z", make(heads)) for layer, heads in by_layer.items()]
+    capture_hooks = [(f"blocks.{layer}.attn.hook_z", make(layer, heads)) for layer, heads in by_layer.items()]
     with model.hooks(capture_hooks):  # registered first, so it runs before the freeze
         with intervene(model, interventions):
-            model.logits(rows)
+            try:
+                model.logits(rows)
+            except _ReceiversCaptured:
+                pass
     return captured
 
 
