@@ -15,20 +15,16 @@ An analyzer module looks like this (the faces rely on it):
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
 from probe.heads import Head
-from probe.models import LoadedModel
+from probe.loaded import LoadedModel
+from probe.progress import Progress, no_progress
 from probe.results import Provenance, stable_hash
 
-# progress(fraction_done in [0, 1], message). Faces turn it into a bar; it may raise to cancel.
-Progress = Callable[[float, str], None]
-
-
-def no_progress(fraction: float, message: str) -> None:
-    """The default progress callback: ignore."""
+__all__ = ["Progress", "no_progress", "provenance", "random_head_sets"]
 
 
 def provenance(model: LoadedModel, analyzer: str, version: str, config: Any, data: Any, seed: int) -> Provenance:

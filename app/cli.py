@@ -1,16 +1,14 @@
-"""The `probe` command line: models, fetch, run (and, as analyzers land, scan/report).
+"""The `probe` command line: models, fetch, run, scan, sweep, report, compare, organism, doctor.
 
 Every user mistake surfaces as a `ProbeError` and is printed as one clear message (exit code 2),
-never as a traceback.
+never as a traceback. Beside this file: cli_parse (input checks, interventions), cli_output (the
+console, strict JSON), cli_cluster (Ray scans and sweeps), documents (reading scan results back).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -20,97 +18,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-import analyses.organism  # noqa: F401  (registers the smollm2-135m-refusal model spec)
+from analyses.specs import register_analysis_specs
+from app.cli_cluster import _scan_on_ray, cmd_sweep
+from app.cli_output import _one_line, console, dumps_json, finite_json
+from app.cli_parse import _command_line, build_interventions, check_ablate, check_out_folder, check_text, read_scale
+from app.documents import _DOCUMENT_ERRORS, _model_line, read_document
 from probe import assets
-from probe.errors import InterventionError, ProbeError
-from probe.heads import parse_heads
-from probe.interventions import Intervention, ablation, head_means, reference_prompts, scale
+from probe.errors import ProbeError
 from probe.models import DEFAULT_MODEL, LoadedModel, load_model, spec_summary
 from probe.runtime import MAX_THREADS_PER_CORE, adaptive_policy, set_threads
-
-console = Console(stderr=True)
-_SCALE = re.compile(r"^(?P<heads>[^:]+):(?P<what>q|query|v|value|o|output)=(?P<factor>-?[0-9.eE+-]+)$")
-_COMPONENT = {"q": "query", "v": "value", "o": "output"}
-
-
-def read_scale(text: str) -> tuple[str, str, float]:
-    """`L10H2:v=2` → (`L10H2`, `value`, 2.0), checked without a model: a finite factor, a known component."""
-    match = _SCALE.match(text.strip())
-    if not match:
-        raise InterventionError(f"Cannot read --scale {text!r}: write HEADS:q|v|o=FACTOR, e.g. L10H2:v=2.")
-    try:
-        factor = float(match["factor"])
-    except ValueError:
-        raise InterventionError(f"Cannot read --scale {text!r}: {match['factor']!r} is not a number "
-                                "(write HEADS:q|v|o=FACTOR, e.g. L10H2:v=2).") from None
-    if not math.isfinite(factor):
-        raise InterventionError(f"--scale {text!r}: the factor {match['factor']} is not a finite number "
-                                "(it overflows to infinity); use a finite factor, e.g. L10H2:v=100.")
-    return match["heads"].replace("+", ","), _COMPONENT.get(match["what"], match["what"]), factor
-
-
-def parse_scale(text: str, model: LoadedModel) -> Intervention:
-    """`L10H2:v=2`, `5.3:q=0.5`, `L3H*:output=-1` → a scaling intervention."""
-    heads, component, factor = read_scale(text)
-    return scale(parse_heads(heads, model), component, factor)
-
-
-def check_ablate(ablate: Sequence[str]) -> None:
-    """Each `--ablate` names at least one head (`--ablate ""` would silently ablate nothing)."""
-    for text in ablate:
-        if not text.replace(",", "").replace("+", "").strip():
-            raise InterventionError(f"--ablate {text!r} names no head; give heads such as L5H3 or 'L0H*,L1H2'.")
-
-
-def build_interventions(model: LoadedModel, ablate: Sequence[str], method: str,
-                        scales: Sequence[str]) -> list[Intervention]:
-    check_ablate(ablate)
-    interventions: list[Intervention] = []
-    if ablate:
-        heads = parse_heads(",".join(ablate), model)
-        if not heads:
-            raise InterventionError(f"--ablate {', '.join(map(repr, ablate))} names no head; give heads such as L5H3.")
-        means = head_means(model, reference_prompts(model), heads) if method == "mean" else None
-        interventions.append(ablation(heads, method, means))
-    interventions.extend(parse_scale(text, model) for text in scales)
-    return interventions
-
-
-def check_text(option: str, text: str) -> None:
-    """Text from argv is decoded with surrogateescape: bytes that are not UTF-8 arrive as lone surrogates."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        bad = text[error.start]
-        byte = f"byte {ord(bad) - 0xDC00:#04x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character {ascii(bad)}"
-        raise ProbeError(f"{option} is not valid UTF-8 text ({byte} at character {error.start}); "
-                         "pass UTF-8 text.") from None
-
-
-def finite_json(value: Any) -> tuple[Any, list[str]]:
-    """`value` with every NaN/infinite float replaced by None, and the paths replaced (JSON has no NaN)."""
-    replaced: list[str] = []
-
-    def walk(item: Any, where: str) -> Any:
-        if isinstance(item, float) and not math.isfinite(item):
-            replaced.append(f"{where or '.'} ({item})")
-            return None
-        if isinstance(item, dict):
-            return {k: walk(v, f"{where}.{k}") for k, v in item.items()}
-        if isinstance(item, (list, tuple)):
-            return [walk(v, f"{where}[{i}]") for i, v in enumerate(item)]
-        return item
-
-    return walk(value, ""), replaced
-
-
-def dumps_json(value: dict[str, Any]) -> str:
-    """Strict JSON (never a bare NaN/Infinity): non-finite numbers become null, listed under `non_finite`."""
-    clean, replaced = finite_json(value)
-    if replaced:
-        clean["non_finite"] = {"reason": "these values were NaN or infinite (e.g. an intervention overflowed the "
-                                         "model's number type); JSON has no NaN, so they are written as null", "fields": replaced}
-    return json.dumps(clean, indent=2, allow_nan=False)
 
 
 def _load(args: argparse.Namespace) -> LoadedModel:
@@ -194,23 +110,6 @@ def _read_overrides(path: str | None) -> dict:
     return read_config(path) if path else {}
 
 
-def check_out_folder(out: Path) -> None:
-    """`--out` is (or can be made) a folder we can write in: checked before the model loads."""
-    if out.exists() and not out.is_dir():
-        raise ProbeError(f"--out {out} is a file, not a folder; give a folder for report.html and results.json.")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise ProbeError(f"Cannot create the --out folder {out}: {error.strerror or error}.") from None
-    import tempfile
-
-    try:
-        with tempfile.TemporaryFile(dir=out, prefix=".probe-write-check-"):
-            pass
-    except OSError as error:
-        raise ProbeError(f"Cannot write in the --out folder {out}: {error.strerror or error}.") from None
-
-
 def cmd_scan(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -274,123 +173,6 @@ def cmd_scan(args: argparse.Namespace) -> int:
     return 1 if any(entry.name in document["errors"] for entry in entries) else 0  # this scan's failures
 
 
-def _command_line() -> str:
-    import shlex
-
-    return "probe " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-
-
-def _cluster_events(kind: str, name: str, payload: dict) -> None:
-    """One line per job event of a Ray scan or sweep (tasks report when they end, not while they run)."""
-    if kind == "skip":
-        console.print(f"{name}: already done ({payload['seconds']:.1f} s), skipped (use --force to redo)",
-                      markup=False, soft_wrap=True)
-    elif kind == "start":
-        resources = payload["resources"]
-        console.print(f"{name}: submitted ({resources['num_cpus']} CPU, {resources['num_gpus']} GPU)",
-                      markup=False, soft_wrap=True)
-    elif kind == "done":
-        console.print(f"{name}: done in {payload['seconds']:.1f} s on {payload.get('node')}", markup=False, soft_wrap=True)
-    elif kind == "error":
-        console.print(f"{name} failed: {_one_line(payload['error'])}", markup=False, soft_wrap=True)
-    elif kind == "corrupt":
-        console.print(f"warning: {payload['message']}", markup=False, soft_wrap=True)
-
-
-def _check_cluster_options(args: argparse.Namespace) -> None:
-    from probe.parallel import import_ray
-
-    if getattr(args, "device_map", None) or getattr(args, "max_memory", None):
-        raise ProbeError("--device-map/--max-memory split one model over one machine's devices; on Ray each task "
-                         "loads its model whole (drop them, or run `probe scan` without --ray on that machine).")
-    import_ray()  # `pip install probe[cluster]` when it is missing, before anything starts
-
-
-def _scan_on_ray(args: argparse.Namespace, entries: list, overrides: dict, out: Path) -> int:
-    """`probe scan --ray [ADDRESS]`: each analysis a Ray task; the records come back here and land in --out."""
-    from analyses.cluster import SHARDABLE, Job, check_spec, run_jobs
-    from probe.parallel import ModelSource
-
-    check_spec(args.model)
-    _check_cluster_options(args)
-    source = ModelSource(args.model, args.device, args.dtype)
-    threads = args.threads or 1  # a task's threads are its CPU request: explicit, never automatic
-    jobs = [Job(source, entry.name, str(out.resolve()), args.preset, args.seed, dict(overrides.get(entry.name, {})),
-                threads, args.shards if entry.name in SHARDABLE else 1) for entry in entries]
-    documents = run_jobs(jobs, Path("."), address=args.ray or None, force=args.force, on_event=_cluster_events,
-                         command=_command_line())
-    document = documents[str(out.resolve())]
-    for name, record in document["analyses"].items():
-        top = ", ".join(f"{h} ({s:.3g})" for h, s in record["top_heads"][:3])
-        console.print(f"{name:10s} {record['seconds']:7.1f} s   top: {top}")
-    if "model" in document:
-        console.print(f"report: {(out / 'report.html').resolve()}\n        {(out / 'results.json').resolve()}")
-    return 1 if any(entry.name in document["errors"] for entry in entries) else 0
-
-
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """`probe sweep plan.yaml`: models x analyses x seeds x variants on Ray, one scan folder per cell."""
-    from analyses.cluster import read_plan, run_jobs, write_index
-
-    plan = read_plan(args.plan)
-    if not (args.out or plan.out):
-        raise ProbeError(f"Give the output folder: --out DIR, or `out:` in {args.plan}.")
-    out = Path(args.out or plan.out)
-    check_out_folder(out)
-    _check_cluster_options(args)
-    jobs = plan.jobs()
-    console.print(f"sweep: {len(plan.models)} model(s) x {len(plan.analyses)} analyses x {len(plan.seeds)} seed(s) x "
-                  f"{len(plan.variants)} variant(s) = {len(jobs)} jobs into {out}", markup=False, soft_wrap=True)
-    documents = run_jobs(jobs, out, address=args.ray or None, force=args.force, on_event=_cluster_events,
-                         command=_command_line())
-    index = write_index(out, plan, documents)
-    failed = 0
-    for folder, document in documents.items():
-        errors = {k: v for k, v in document.get("errors", {}).items() if k in plan.analyses}
-        failed += len(errors)
-        done = sorted(set(document.get("analyses", {})) & set(plan.analyses))
-        console.print(f"{folder}: {len(done)} done" + (f", {len(errors)} failed ({', '.join(errors)})" if errors else ""),
-                      markup=False, soft_wrap=True)
-    console.print(f"index: {index.resolve()}", markup=False, soft_wrap=True)
-    return 1 if failed else 0
-
-
-SCHEMA_FILE = Path(__file__).resolve().parent.parent / "docs" / "results.schema.json"
-_DOCUMENT_ERRORS = (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError)
-
-
-def read_document(folder: str | Path) -> dict[str, Any]:
-    """A scan folder's `results.json`, parsed and checked against docs/results.schema.json."""
-    from analyses.report import load_document
-
-    path = Path(folder) / "results.json"
-    try:
-        document = load_document(Path(folder))
-    except OSError as error:
-        raise ProbeError(f"Cannot read {path}: {error.strerror or error}.") from None
-    except UnicodeDecodeError as error:
-        raise ProbeError(f"{path} is not UTF-8 text (offset {error.start}); it is not a probe scan result.") from None
-    except json.JSONDecodeError as error:
-        raise ProbeError(f"{path} is not valid JSON ({error.msg} at line {error.lineno}, column {error.colno}).") from None
-    if not isinstance(document, dict):
-        raise ProbeError(f"{path} is not a probe scan result (its top level is a {type(document).__name__}).")
-    if SCHEMA_FILE.is_file():
-        import jsonschema
-
-        schema = json.loads(SCHEMA_FILE.read_text())
-        error = jsonschema.exceptions.best_match(jsonschema.validators.validator_for(schema)(schema).iter_errors(document))
-        if error is not None:
-            where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path) or "top level"
-            raise ProbeError(f"{path} does not follow the scan schema ({SCHEMA_FILE.name}) at {where}: "
-                             f"{_one_line(error.message, 160)}.")
-    return document
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from analyses.report import write_reports
 
@@ -404,10 +186,6 @@ def cmd_report(args: argparse.Namespace) -> int:
                          f"{type(error).__name__}: {_one_line(error, 160)} (is it from this version of probe?).") from None
     console.print(f"report: {html_path}\n        {md_path}")
     return 0
-
-
-def _model_line(model: dict[str, Any]) -> str:
-    return f"{model.get('spec')} ({model.get('n_layers')} layers x {model.get('n_heads')} heads, {model.get('fingerprint')})"
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -458,7 +236,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     from rich.text import Text
 
     result = doctor(args.model, device=args.device,
-                    progress=lambda message: console.print(Text(message, style="dim"), soft_wrap=True))
+                    progress=lambda fraction, message: console.print(Text(message, style="dim"), soft_wrap=True))
     policy = adaptive_policy()
     if policy is not None and policy.changes:
         moves = ", ".join(f"{n} after {at - policy.started:.0f} s" for at, n, _ in policy.changes)
@@ -611,6 +389,7 @@ def _say_error(message: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    register_analysis_specs()
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -13,11 +13,12 @@ from typing import Any, TypeVar
 
 import streamlit as st
 
-import analyses.organism  # noqa: F401  (registers the smollm2-135m-refusal model spec)
-
+from analyses.specs import register_analysis_specs
 from probe.errors import ProbeError
 from probe.heads import Head, parse_heads
 from probe.models import DEFAULT_MODEL, SPECS, LoadedModel, list_specs, load_model
+
+register_analysis_specs()  # analyzer-built specs (the refusal organism) load by name in the app too
 
 T = TypeVar("T")
 DEFAULT_SPEC = os.environ.get("PROBE_APP_MODEL", DEFAULT_MODEL)

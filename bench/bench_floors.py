@@ -1,5 +1,5 @@
-"""Issue 19, point 3: each analyzer's time divided by its floor, the time plain Hugging Face SDPA takes to
-push the same tokens through the same layers.
+"""Each analyzer's time divided by its floor, the time plain Hugging Face SDPA takes to push the same tokens
+through the same layers.
 
 The work is counted from the analyzer's own run, not estimated from its config:
 
@@ -12,7 +12,7 @@ The work is counted from the analyzer's own run, not estimated from its config:
 - CD-T's contextual-decomposition engine does its own layer arithmetic (`analyses/cdt/fast.py`, β-only
   passes over cached clean totals; `analyses/cdt/engine.py`, the two-stream reference): each of its layer
   steps adds one forward pass of its rows (sources x prompts) x tokens, i.e. it is reported against one
-  plain forward of the same tokens, as the issue asks.
+  plain forward of the same tokens.
 
 The floor of a shape is the time of one plain-HF SDPA forward (`attn_implementation="sdpa"`, never bridged,
 the same GGUF weights, `bench_fused.plain_sdpa_copy`) of the decoder on random embeddings of that shape,
@@ -91,7 +91,7 @@ class Work:
 
 def _uncommitted() -> list[str]:
     """Tracked files of the core and the analyzers with uncommitted changes in this checkout (the working
-    tree is shared with other helpers: a run measures what is on disk, not only the named commit)."""
+    tree may hold work in progress: a run measures what is on disk, not only the named commit)."""
     import subprocess
 
     done = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "probe", "analyses"],

@@ -1,5 +1,5 @@
-"""Issue 19's table re-measured: the bridge (eager attention) vs the fused path (probe/fused.py: the HF
-attention modules on SDPA, head interventions at the output projection's input) vs plain HF SDPA.
+"""The bridge (eager attention) vs the fused path (probe/fused.py: the HF attention modules on SDPA, head
+interventions at the output projection's input) vs plain HF SDPA.
 
 SmolLM2-135M (the embedded GGUF, loaded with probe.models.load_model), one sequence of random token ids
 per length, one torch thread, best of `--repeats` per cell:
@@ -13,7 +13,7 @@ per length, one torch thread, best of `--repeats` per cell:
   clean fused forward with every position's logits;
 - plain HF SDPA, last logit: an independent HF copy of the same GGUF (`attn_implementation="sdpa"`,
   `logits_to_keep=1`): the floor; the same copy with every position's logits, and a third copy on HF's
-  eager attention with every position's logits (the issue's last column).
+  eager attention with every position's logits (what eager attention costs without the bridge).
 
 Each cell records wall seconds and, under `cpu_s`, the process's CPU seconds (best of the repeats each):
 the development machine is shared, and CPU time of one thread moves less with the other jobs' load.
@@ -144,8 +144,8 @@ def analyzer_routing(repeats: int, out: Path) -> None:
     load_before = _loadavg()
     model = load_model(SPEC, device="cpu")
     config = factual.QUICK
-    pool = factual._pool(config)
-    usable, _ = factual._known_countries(model, pool, config, None)
+    pool = factual.prompts._pool(config)
+    usable, _ = factual.behaviour._known_countries(model, pool, config, None)
     tuning_countries, _ = factual.split_countries(usable, config.tuning_fraction, config.seed)
     prompts = factual.build_counterfactuals(model.tokenizer, tuning_countries, config.n_tuning, config.seed,
                                             config.template, None, context_pool=pool).prompts

@@ -1,4 +1,4 @@
-"""Issue 18, point 5: every analyzer on a 7B-shaped model on one GPU, absolute times and peak device memory.
+"""Every analyzer on a 7B-shaped model on one GPU, absolute times and peak device memory.
 
 The model is the Llama-2-7B configuration (32 layers, 32 heads of 64, d_model 4096, MLP 11008, RMSNorm,
 RoPE) with random weights created directly on the device in bfloat16: nothing is downloaded. Two changes

@@ -102,7 +102,9 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     """Load, warm up, then time one phase on one prompt length; the result goes to stdout as JSON."""
     import gc
 
-    from analyses.retrieval import _native_attention, _new_cache, fast_sample, reference_sample
+    from analyses.retrieval import fast_sample, reference_sample
+    from probe.fused_prefill import native_attention
+    from probe.generation import growing_cache
 
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
@@ -139,9 +141,9 @@ def run_phase(args: argparse.Namespace) -> dict[str, Any]:
     }
     if args.phase == "fast":  # the prefill alone (after the measurement, so it does not touch the numbers above)
         ids = sample.ids(model.device)[:, :-1]
-        with torch.no_grad(), _native_attention(model) as native:
+        with torch.no_grad(), native_attention(model) as native:
             t0 = time.perf_counter()
-            model.hf_model(ids, past_key_values=_new_cache(model), use_cache=True, logits_to_keep=1)
+            model.hf_model(ids, past_key_values=growing_cache(), use_cache=True, logits_to_keep=1)
             row["prefill_seconds"] = time.perf_counter() - t0
         row["prefill_sdpa"] = native
     return row

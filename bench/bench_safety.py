@@ -16,7 +16,10 @@ import torch
 
 from analyses import safety as S
 from analyses.data.strongreject import harmful_split
+from analyses.safety.readouts import ABLATIONS
+from analyses.safety.ships import ships_screened
 from probe.models import load_model
+from probe.results import HeadScores
 
 
 def main() -> None:
@@ -24,7 +27,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--prompts", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--ablation", default="query", choices=sorted(S.ABLATIONS))
+    parser.add_argument("--ablation", default="query", choices=sorted(ABLATIONS))
     parser.add_argument("--batch-rows", type=int, default=32)
     parser.add_argument("--rescore", type=int, default=40, help="heads the first-order screen rescores exactly")
     args = parser.parse_args()
@@ -41,24 +44,24 @@ def main() -> None:
         loop = S.ships_query_reference(model, ids, args.ablation, 1e-5)
         loop_s = time.perf_counter() - started
         started = time.perf_counter()
-        estimate, rescored = S.ships_screened(model, ids, args.ablation, 1e-5, rescore=args.rescore,
-                                              batch_rows=args.batch_rows)
+        estimate, rescored = ships_screened(model, ids, args.ablation, 1e-5, rescore=args.rescore,
+                                            batch_rows=args.batch_rows)
         screen_s = time.perf_counter() - started
-        exact_top = {str(h) for h, _ in S.HeadScores("l", "nats", loop).top(10)}
-        screened_top = {str(h) for h, _ in S.HeadScores("s", "nats", rescored).top(10)}
-        estimate_top = {str(h) for h, _ in S.HeadScores("e", "nats", estimate).top(10)}
+        exact_top = {str(h) for h, _ in HeadScores("l", "nats", loop).top(10)}
+        screened_top = {str(h) for h, _ in HeadScores("s", "nats", rescored).top(10)}
+        estimate_top = {str(h) for h, _ in HeadScores("e", "nats", estimate).top(10)}
         diff = float((fast - loop).abs().max())
         rel = float(((fast - loop).abs() / loop.abs().clamp_min(1e-6)).max())
-        same_top = [str(h) for h, _ in S.HeadScores("f", "nats", fast).top(10)] == \
-                   [str(h) for h, _ in S.HeadScores("l", "nats", loop).top(10)]
+        same_top = [str(h) for h, _ in HeadScores("f", "nats", fast).top(10)] == \
+                   [str(h) for h, _ in HeadScores("l", "nats", loop).top(10)]
         rows.append({"tokens": int(ids.shape[-1]), "heads": model.n_layers * model.n_heads, "batched_s": fast_s,
                      "loop_s": loop_s, "speedup": loop_s / fast_s, "max_abs_diff": diff, "max_rel_diff": rel,
                      "same_top10": same_top, "max_score": float(loop.max()),
                      "screen_rescore": args.rescore, "screen_s": screen_s, "screen_speedup": loop_s / screen_s,
                      "screen_top10_overlap": len(exact_top & screened_top),
                      "estimate_top10_overlap": len(exact_top & estimate_top),
-                     "screen_top1_same": S.HeadScores("s", "nats", rescored).top(1)[0][0]
-                     == S.HeadScores("l", "nats", loop).top(1)[0][0]})
+                     "screen_top1_same": HeadScores("s", "nats", rescored).top(1)[0][0]
+                     == HeadScores("l", "nats", loop).top(1)[0][0]})
     try:
         load = open("/proc/loadavg").read().split()[:3]
     except OSError:

@@ -21,7 +21,9 @@ development machine is a 2-core CPU that was often shared with other jobs while 
 compare ratios within one table rather than absolute times across tables. Where a table gives CPU
 seconds beside wall seconds, the CPU seconds are the process's own (one torch thread): on the shared
 machine they move much less with the other jobs' load than wall time does (the load averages, from
-`uptime` / `/proc/loadavg`, are in each table).
+`uptime` / `/proc/loadavg`, are in each table). What the demo's quick scan costs, and what the
+fused-attention path does for it, is read from `bench/results/quick_scan.json` in
+[PERFORMANCE.md](PERFORMANCE.md).
 """
 
 # the one command that reproduces each result file (from the repository root)
@@ -56,9 +58,9 @@ def _num(value: Any, digits: int = 2) -> str:
 
 
 def floors_section(data: dict[str, Any]) -> list[str]:
-    """Issue 19 point 3: one line per analyzer and preset, safety's stages below it."""
+    """Each analyzer over its floor: one line per analyzer and preset, its stages below it."""
     presets = sorted({r["preset"] for r in data.get("rows", [])})
-    parts = ["Issue 19 point 3: each analyzer's time over its floor, the time plain Hugging Face SDPA (no bridge, "
+    parts = ["Each analyzer's time over its floor, the time plain Hugging Face SDPA (no bridge, "
              "the same weights) takes to push the same tokens through the same layers. The work is counted "
              "from the analyzer's own run: every decoder-layer call (bridge, fused path, partial forwards from "
              "a layer, cached decoding steps) by its (batch, query length, key length); every layer output "
@@ -72,7 +74,7 @@ def floors_section(data: dict[str, Any]) -> list[str]:
              f"Floor: {data.get('floor', '')}. Machine: {data.get('machine', '')}, torch {data.get('torch', '')}; "
              f"{data.get('busy_machine_note', '')}. Presets measured: {', '.join(presets)}"
              + ("" if "default" in presets else
-                " (the default presets are not measured here: at the load of this session, 8-12 on 2 cores, one "
+                " (the default presets are not measured here: at a load of 8-12 on 2 cores, one "
                 "quick-preset pass of the six analyzers took over an hour of wall time; `--preset default "
                 "--analyses NAME` measures one)") + ".", "",
              "| analyzer | preset | wall s | CPU s | floor wall s | floor CPU s | **over floor (CPU)** | over floor (wall) "
@@ -116,7 +118,7 @@ FUSED_COLUMNS = (("bridge_s", "bridge (eager), no hooks"), ("bridge_3_heads_s", 
 
 
 def fused_section(data: dict[str, Any]) -> list[str]:
-    """Issue 19's table, re-measured: wall seconds, and CPU seconds where recorded."""
+    """The fused path against the bridge and plain HF: wall seconds, and CPU seconds where recorded."""
     parts = [f"{data.get('model')}, {data.get('threads')} thread(s), best of {data.get('repeats')}, fused kernel "
              f"{data.get('fused_kernel')}, interventions: {'; '.join(data.get('interventions', []))}; commit "
              f"{data.get('commit')}, measured {data.get('measured', '')}, load {' '.join(data.get('load_average_before', []))}"
@@ -147,8 +149,8 @@ def gpu_section(data: dict[str, Any]) -> list[str]:
     """bench_gpu.py: per step, status, seconds and peak memory."""
     on_gpu = data.get("device") == "cuda"
     parts = [("GPU run: " + str(data.get("gpu_name"))) if on_gpu else
-             "**Not a GPU run: `bench/bench_gpu.py` has not run on a GPU yet** (no GPU was available to this "
-             "session). This is its CPU smoke path: " + str(data.get("shape_note")) + ".", "",
+             "**Not a GPU run: `bench/bench_gpu.py` has not run on a GPU yet.** "
+             "This is its CPU smoke path: " + str(data.get("shape_note")) + ".", "",
              f"Shape {data.get('shape')}, vocabulary {data.get('vocab_size'):,}, {data.get('parameters'):,} parameters, "
              f"{data.get('dtype')}, {data.get('threads')} thread(s), built in {data.get('build_s')} s; total "
              f"{data.get('total_s')} s; peak memory: {data.get('peak_memory', '')}; load "

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import torch
 
 from probe.errors import ProbeError
+from probe.loaded import LoadedModel
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -64,7 +65,7 @@ def free_bytes(device: str | torch.device) -> int | None:
     return None
 
 
-def row_bytes(model: Any, tokens: int, grad: bool = False) -> int:
+def row_bytes(model: LoadedModel, tokens: int, grad: bool = False) -> int:
     """Estimated peak bytes one batch row of `tokens` tokens adds to a forward: the residual stream and
     MLP activations of a layer, the eager attention scores and pattern (heads x tokens^2, kept for the
     hooks), and the fp32 logits. With `grad`, every layer's activations stay alive for the backward."""
@@ -74,7 +75,7 @@ def row_bytes(model: Any, tokens: int, grad: bool = False) -> int:
     return int(element * per_layer * layers + 4 * tokens * model.d_vocab)
 
 
-def choose(model: Any, tokens: int, cap: int, grad: bool = False, free: int | None = None) -> int:
+def choose(model: LoadedModel, tokens: int, cap: int, grad: bool = False, free: int | None = None) -> int:
     """A batch size for rows of `tokens` tokens: what fits in `MEMORY_FRACTION` of the free memory of the
     model's device (`free` overrides the measurement), within [1, cap]."""
     if cap < 1:

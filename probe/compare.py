@@ -12,7 +12,7 @@ import torch
 
 from probe.errors import PromptTooLongError
 from probe.interventions import Intervention, intervene
-from probe.models import LoadedModel
+from probe.loaded import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -22,16 +22,16 @@ Face module list), and the final norm is the module the full forward calls, so e
 `start` runs, and no hook fires while the arguments are recorded (the modules the decoder calls
 before its loop, e.g. GPT-2's position embedding, have their hooks held back for that moment).
 
-The plain-model helpers at the end (`final_states`, `output_logits`, `module_paths`) serve training on
-a plain Hugging Face model (the refusal organism), where no bridge exists.
+`final_normalized` reads one forward's final-norm states (the unembedding skipped on the fused path), for
+read-outs of many interventions in one product (`probe.readout`). Which path a forward takes is
+`probe.routing`'s decision.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -39,6 +39,10 @@ from torch import nn
 
 from probe.architecture import architecture
 from probe.errors import ProbeError
+from probe.loaded import LoadedModel, Positions
+from probe.routing import _pick_positions, forward_for_hooks, on_fused_path
+
+__all__ = ["ForwardError", "final_normalized", "forward_for_hooks", "layer_calls", "on_fused_path", "run_from_layer"]
 
 
 class ForwardError(ProbeError):
@@ -77,7 +81,7 @@ class _Recorder(nn.Module):
         return hidden
 
 
-def _layer_list(model: Any) -> tuple[nn.ModuleList, nn.Module, str]:
+def _layer_list(model: LoadedModel) -> tuple[nn.ModuleList, nn.Module, str]:
     """The Hugging Face module list holding the decoder layers, its parent (the decoder), and its path."""
     arch = architecture(model)
     path = arch.path("attn", 0).rsplit(".", 1)[0]  # the block's own path, e.g. model.layers.0
@@ -109,7 +113,7 @@ def _hooks_held_back(modules: Sequence[nn.Module]) -> Iterator[None]:
             module._forward_hooks, module._forward_pre_hooks = hooks, pre_hooks
 
 
-def layer_calls(model: Any, batch: int, length: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+def layer_calls(model: LoadedModel, batch: int, length: int) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
     """The arguments (besides the hidden state) the model's decoder passes to each of its layers for
     `batch` unpadded rows of `length` tokens at positions 0..length-1: `[(args, kwargs)] * n_layers`.
 
@@ -141,7 +145,7 @@ def layer_calls(model: Any, batch: int, length: int) -> list[tuple[tuple[Any, ..
     return [calls[index] for index in range(len(originals))]
 
 
-def run_from_layer(model: Any, resid: torch.Tensor, start: int) -> torch.Tensor:
+def run_from_layer(model: LoadedModel, resid: torch.Tensor, start: int) -> torch.Tensor:
     """Final-norm states `[B, T, d]` from the residual stream `resid` `[B, T, d]` entering layer `start`.
 
     Equals the full forward's `ln_final.hook_out` when `resid` is that forward's
@@ -165,51 +169,8 @@ def run_from_layer(model: Any, resid: torch.Tensor, start: int) -> torch.Tensor:
         return final_norm(hidden)
 
 
-@contextlib.contextmanager
-def on_fused_path(model: Any) -> Iterator[bool]:
-    """For the block, the model's layers run on the fused path (`probe.fused`: the HF attention modules on
-    SDPA, the open `intervene()` blocks handed over) where `model.fused_reason()` says that is exact, as
-    `LoadedModel.logits` routes a full forward; else nothing changes (the bridge's eager attention, hooks
-    live). Yields which. Hold `model.lock`; `run_from_layer` records the layer arguments (`layer_calls`) inside
-    the block, so the masks are in the fused kernel's format."""
-    reason = model.fused_reason() if hasattr(model, "fused_reason") else "not a LoadedModel"
-    if reason is not None:
-        yield False
-        return
-    from probe.fused import FusedPathError, fused
-
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(model._handed_over())
-            stack.enter_context(fused(model, model._open_interventions()))
-        except FusedPathError:  # a mismatch found on entry (everything restored): the bridge
-            stack.close()
-            yield False
-            return
-        yield True
-
-
-@contextlib.contextmanager
-def forward_for_hooks(model: Any) -> Iterator[Callable[[torch.Tensor], bool]]:
-    """For the block, `run(ids)` is one whole forward whose point is what the attached hooks capture or
-    change (no logits wanted), with autograd where it is enabled: on the fused path where
-    `model.fused_reason()` says that is exact (the open `intervene()` blocks handed over, no logit computed:
-    unembedding hooks see an empty position axis), else through the bridge. `run` returns whether it ran
-    fused. Why a block and not a call: a backward through layers recomputed in the backward
-    (`model.recompute_layers_in_backward`) must find the same path in place, so call `backward()` inside it. Holds `model.lock`."""
-    with model.lock, on_fused_path(model) as fused_ok:
-        def run(ids: torch.Tensor) -> bool:
-            if fused_ok:  # an empty `logits_to_keep`: the unembedding multiplies no row
-                model.hf_model(ids, use_cache=False, logits_to_keep=torch.empty(0, dtype=torch.long, device=ids.device))
-            else:
-                model.bridge(ids, use_cache=False)
-            return fused_ok
-
-        yield run
-
-
 @torch.no_grad()
-def final_normalized(model: Any, ids: torch.Tensor, positions: str | slice | Sequence[int] | None = "last") -> torch.Tensor:
+def final_normalized(model: LoadedModel, ids: torch.Tensor, positions: Positions = "last") -> torch.Tensor:
     """The final norm's output `[batch, n_positions, d_model]` of one forward (hooks and `intervene()` blocks
     in effect), read at `ln_final.hook_out`; on the fused path the unembedding never runs.
 
@@ -217,8 +178,6 @@ def final_normalized(model: Any, ids: torch.Tensor, positions: str | slice | Seq
     the model) is read once per forward whatever the batch, so a caller comparing many interventions on
     the same prompts reads their states out in one product (`probe.readout.logits_from_normalized`, exact:
     the model's own unembedding, bias and soft-cap) instead of once per forward."""
-    from probe.models import _pick_positions
-
     seen: dict[str, torch.Tensor] = {}
 
     def grab(normalized: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -230,73 +189,3 @@ def final_normalized(model: Any, ids: torch.Tensor, positions: str | slice | Seq
     if "out" not in seen:
         raise ForwardError("The final norm's hook point (ln_final.hook_out) did not fire in the forward.")
     return _pick_positions(seen["out"], positions)
-
-
-# ==== plain Hugging Face models (training, where no bridge exists) ===================================
-
-def final_states(hf_model: Any, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Final-norm hidden states `[B, T, d]` of a plain Hugging Face causal LM (no unembedding)."""
-    return hf_model.get_decoder()(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-
-
-def output_logits(hf_model: Any, states: torch.Tensor) -> torch.Tensor:
-    """Logits (float32) of final-norm states `[..., d]` of a plain Hugging Face causal LM: its output
-    embedding (with its bias) and the family's final logit soft-cap (Gemma 2), as its forward does."""
-    logits = hf_model.get_output_embeddings()(states).float()
-    cap = getattr(hf_model.config, "final_logit_softcapping", None)
-    if cap is None and hasattr(hf_model.config, "get_text_config"):
-        cap = getattr(hf_model.config.get_text_config(), "final_logit_softcapping", None)
-    return torch.tanh(logits / cap) * cap if cap else logits
-
-
-# Per-layer components `module_paths` resolves, as architecture-layer paths. q/k/v fall back to the
-# fused projection where the family has one (GPT-2 `c_attn`, GPT-NeoX, Phi-3): the bridge's split q/k/v
-# modules exist only in a bridged model, so training "q" there trains the fused q/k/v tensor.
-COMPONENTS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "qkv": "attn.qkv", "o": "attn.o", "attn": "attn",
-              "mlp": "mlp", "ln1": "ln1", "ln2": "ln2", "ln1_post": "ln1_post", "ln2_post": "ln2_post"}
-
-
-def module_paths(hf_model: Any, components: Sequence[str], layers: Sequence[int],
-                 tokenizer: Any = None) -> dict[tuple[str, int], str]:
-    """Hugging Face module paths of per-layer components (`COMPONENTS`: q, k, v, o, qkv, attn, mlp, norms)
-    in a plain model, `{(component, layer): path}`, read through the architecture layer.
-
-    The bridge rewires the model it wraps, so the paths are read from a bridged deep copy (discarded);
-    the model itself stays plain. `tokenizer` is only needed to boot the bridge (default: probe's word
-    tokenizer). A component the family lacks raises `MissingComponentError` naming it.
-    """
-    from probe.architecture import MissingComponentError
-    from probe.models import wrap_hf_model
-
-    if tokenizer is None:
-        from probe.tiny import word_tokenizer
-
-        tokenizer = word_tokenizer(name="probe/paths")
-    device = next(hf_model.parameters()).device
-    twin = wrap_hf_model(copy.deepcopy(hf_model), tokenizer, "module-paths", hub_name="probe/module-paths",
-                         device=str(device), dtype=_dtype_name(next(hf_model.parameters()).dtype))
-    arch = architecture(twin)
-    bad = [layer for layer in layers if not 0 <= layer < arch.n_layers]
-    if bad:
-        raise ForwardError(f"Layers {bad} do not exist; the model has {arch.n_layers} layers.")
-    unknown = [c for c in components if c not in COMPONENTS]
-    if unknown:
-        raise ForwardError(f"Unknown components {unknown}; choose from {', '.join(COMPONENTS)}.")
-    plain = dict(hf_model.named_modules())
-    paths: dict[tuple[str, int], str] = {}
-    for layer in layers:
-        for component in components:
-            path = arch.path(COMPONENTS[component], layer)
-            if path not in plain and component in ("q", "k", "v"):
-                path = arch.path("attn.qkv", layer)  # a fused projection (only the bridge splits it)
-            if path not in plain:
-                raise MissingComponentError(arch.name, f"blocks.{layer}.{COMPONENTS[component]} as a module of "
-                                                       "the plain model")
-            paths[(component, layer)] = path
-    return paths
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    from probe.models import DTYPES
-
-    return next((name for name, value in DTYPES.items() if value == dtype), "float32")

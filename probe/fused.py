@@ -28,12 +28,21 @@ what this module undoes for the length of one call (under `model.lock`, restored
 - DuoAttention's streaming heads (`Kind.STREAMING`) become a per-head mask: the model's mask for the
   layer (or the causal mask where HF leaves it to `is_causal`) AND sink ∪ recent window on the chosen
   heads, handed to the kernel as it is (boolean for SDPA, additive for eager).
+- uniform attention and query scaling (`Kind.UNIFORM`, `Kind.SCALE_QUERY`) act on the query the kernel
+  receives, after the family's norms and rotary: a zero query gives every visible key the score 0 (exact
+  uniform attention over the keys the layer's own mask shows), a query scaled by s scales every score by
+  s (before a soft-cap, as the bridge's). A reference-counted wrapper of transformers' kernel registry
+  (`ALL_ATTENTION_FUNCTIONS`) rewrites the query of the registered modules and checks that each one ran
+  through it; kernel observers (`kernel_pattern`) see the same inputs, e.g. a decode step's attention row.
 
-Not served (a `FusedPathError`, so the caller runs the bridge): interventions that need the pattern or
-the scores (`UNIFORM`, `SCALE_QUERY`), and any hook attached to a hook point of the bridge's attention
-component that the HF module never calls (`hook_attn_scores`, `hook_pattern`, `hook_rot_q`, `hook_attn_out`
-...): under SDPA those would silently never fire. Hooks elsewhere (residual, MLP, norms, the projections'
-`hook_in`/`hook_out`, `hook_z`) fire as in a bridge forward.
+Every intervention kind is served. What sends a forward to the bridge instead (`probe.fused_checks`,
+a `FusedPathError` here): a hook attached to a hook point of the bridge's attention component that the
+HF module never calls (`hook_attn_scores`, `hook_pattern`, `hook_rot_q`, `hook_attn_out` ...), which under
+SDPA would silently never fire; another hook on a `hook_z` that carries head-output interventions (the
+bridge runs them in the order they were attached); `output_attentions`; query-level interventions on an
+eager kernel the family does not export. Hooks elsewhere (residual, MLP, norms, the projections'
+`hook_in`/`hook_out`, `hook_z`) fire as in a bridge forward. `probe.routing` decides, per forward, which
+path a `LoadedModel` takes.
 """
 
 from __future__ import annotations
@@ -42,7 +51,6 @@ import contextlib
 import inspect
 import sys
 import threading
-import weakref
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -53,216 +61,22 @@ from torch import nn
 
 from probe.architecture import architecture
 from probe.errors import InterventionError, ProbeError
-from probe.heads import Head, validate_heads
-from probe.interventions import (
-    Intervention,
-    Kind,
-    _position_window,
-    _row_index,
-    apply_z_ops,
-    streaming_keep,
+from probe.fused_checks import (
+    ON_OUTPUT,
+    ON_QUERY,
+    FusedPathError,
+    _configs,
+    _swap_slots,
+    check_served,
+    implementation,
+    unserved_reason,
 )
+from probe.head_ops import Intervention, Kind, _position_window, _row_index, apply_z_ops, streaming_keep
+from probe.heads import Head, validate_heads
+from probe.loaded import LoadedModel, Positions
 
-ON_OUTPUT = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT})
-# uniform attention and query scaling act on the query the kernel receives (after the family's norms and
-# rotary): a zero query gives every visible key the score 0 (exact uniform attention, the running mean of
-# the visible values); a query scaled by s scales every score by s (before a soft-cap, as the bridge's)
-ON_QUERY = frozenset({Kind.UNIFORM, Kind.SCALE_QUERY})
-SERVED = frozenset(ON_OUTPUT | ON_QUERY | {Kind.STREAMING})
-NEEDS_PATTERN = frozenset(set(Kind) - SERVED)  # empty: every kind is served
-
-Positions = str | slice | Sequence[int] | None
-
-
-class FusedPathError(ProbeError):
-    """This forward needs the attention pattern (or a hook the fused path never fires): use the bridge."""
-
-
-# ---- what the path can serve ------------------------------------------------------------------------
-
-def unserved_reason(model: Any, interventions: Sequence[Intervention] = ()) -> str | None:
-    """Why the fused path cannot run these interventions on `model` now (None: it can). Callers that pick
-    a path ask this instead of catching `FusedPathError`. Cheap (no walk over the model's modules: the
-    structure it checks is cached per model, `_structure`), so the core may ask before every forward."""
-    for intervention in interventions:
-        if intervention.kind in NEEDS_PATTERN:
-            return (f"{intervention.describe()} rewrites the attention scores, which the fused path never "
-                    "materialises; run it through the bridge (probe.interventions.intervene)")
-    structure = _structure(model)
-    if structure.slots is None:
-        return (f"{model.spec}: the bridge's attention components could not be matched to the Hugging Face "
-                "layers' attention slots (one per layer, each with a layer_idx)")
-    hooked = _hooks_that_would_not_fire(model, structure)
-    if hooked:
-        shown = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
-        return f"hooks are attached to {shown}, which the fused path never calls; run the bridge"
-    ordered = _hooks_before_the_head_ops(model, interventions, structure)
-    if ordered:
-        return (f"hooks on {', '.join(ordered[:3])} would run after the head-output interventions on the fused "
-                "path (the bridge runs them in the order they were attached); run the bridge")
-    if any(getattr(config, "output_attentions", False) for config in structure.configs):
-        return "output_attentions is on: the attention weights need the eager bridge"
-    if any(i.kind in ON_QUERY for i in interventions) and structure.kernel == "eager":
-        missing = sorted({type(original).__module__ for *_, original in structure.slots
-                          if not callable(getattr(sys.modules.get(type(original).__module__), "eager_attention_forward",
-                                                  None))})
-        if missing:
-            return (f"query-level interventions on the eager kernel need the family's eager_attention_forward, "
-                    f"which {', '.join(missing)} lacks; run the bridge")
-    return None
-
-
-def check_served(model: Any, interventions: Sequence[Intervention] = ()) -> None:
-    """Raise `FusedPathError` (one line, naming the cause) where `unserved_reason` gives one."""
-    reason = unserved_reason(model, interventions)
-    if reason is not None:
-        raise FusedPathError(reason + ".")
-
-
-def implementation(model: Any) -> str:
-    """The HF attention kernel the fused path uses: "sdpa", or "eager" where a layer soft-caps its attention
-    logits (SDPA has no soft-cap: Gemma 2) or the model has no SDPA support."""
-    arch = architecture(model)
-    if not getattr(model.hf_model, "_supports_sdpa", False):
-        return "eager"
-    if any(arch.attention(layer).softcap for layer in range(model.n_layers)):
-        return "eager"
-    return "sdpa"
-
-
-def _attention_bridges(model: Any) -> list[nn.Module]:
-    return [block.attn for block in model.bridge.blocks]
-
-
-def _original(attn: nn.Module) -> nn.Module | None:
-    return getattr(attn, "original_component", None)
-
-
-def handed_over_points(model: Any) -> dict[int, int]:
-    """Hooks of open `intervene()` blocks whose forwards the core hands to this path (`id(point)` -> count):
-    switched off while handed over (`probe.interventions.Attached`), so they neither fire nor block it."""
-    counts: dict[int, int] = {}
-    for record in getattr(model, "intervening", ()):
-        if record.handed_over:
-            for point, n in record.points.items():
-                counts[point] = counts.get(point, 0) + n
-    return counts
-
-
-def _n_hooks(module: nn.Module) -> int:
-    return len(module._forward_hooks) + len(module._forward_pre_hooks)
-
-
-Slot = tuple[nn.Module, str, nn.Module, nn.Module]  # HF parent, slot name, bridge attention, HF attention
-
-
-@dataclass
-class _Structure:
-    """What the checks read from the model's module tree, found once per model (walking SmolLM2's ~3,000
-    modules took ~20 ms, and `LoadedModel.logits` asks before every forward). Valid while `key` (the
-    bridge's attention components and the HF modules they wrap) is unchanged and every slot still holds
-    its bridge component; `_structure` checks both (O(layers)) on each use and rebuilds otherwise."""
-
-    key: tuple[int, ...]
-    slots: list[Slot] | None
-    watched: list[tuple[nn.Module, str]]  # modules the fused path skips (hook points ...), with their names
-    hook_z: list[nn.Module | None]  # blocks.{l}.attn.hook_z per layer
-    configs: list[Any]
-    kernel: str
-
-
-_STRUCTURES: weakref.WeakKeyDictionary[nn.Module, _Structure] = weakref.WeakKeyDictionary()
-
-
-def _structure_key(model: Any) -> tuple[int, ...]:
-    attns = _attention_bridges(model)
-    return (id(model.hf_model), *(id(a) for a in attns), *(id(_original(a)) for a in attns))
-
-
-def _in_place(slots: list[Slot] | None) -> bool:
-    return slots is not None and all(parent._modules.get(name) is attn for parent, name, attn, _ in slots)
-
-
-def _structure(model: Any) -> _Structure:
-    """The cached structure of `model` (rebuilt when it no longer matches the model, see `_Structure`)."""
-    key = _structure_key(model)
-    cached = _STRUCTURES.get(model.bridge)
-    if cached is not None and cached.key == key and _in_place(cached.slots):
-        return cached
-    built = _build_structure(model, key)
-    if built.slots is not None:  # a model whose slots do not match (or are swapped out right now) is re-read
-        _STRUCTURES[model.bridge] = built
-    return built
-
-
-def _build_structure(model: Any, key: tuple[int, ...]) -> _Structure:
-    from transformer_lens.hook_points import HookPoint
-
-    names = {id(point): name for name, point in model.bridge.hook_dict.items()}
-    watched: list[tuple[nn.Module, str]] = []
-    for attn in _attention_bridges(model):
-        original = _original(attn)
-        inside = {id(m) for m in original.modules()} if original is not None else set()
-        for name, module in attn.named_modules():
-            if id(module) in inside:
-                continue
-            if isinstance(module, HookPoint):
-                watched.append((module, names.get(id(module), f"{attn.name}.{name}")))
-            else:
-                watched.append((module, f"{attn.name}.{name}".rstrip(".") + f" (a torch hook on {type(module).__name__})"))
-    hook_z = [model.bridge.hook_dict.get(f"blocks.{layer}.attn.hook_z") for layer in range(model.n_layers)]
-    return _Structure(key, _scan_slots(model), watched, hook_z, _scan_configs(model), implementation(model))
-
-
-def _hooks_that_would_not_fire(model: Any, structure: _Structure | None = None) -> list[str]:
-    """Modules inside the bridge's attention components, outside the HF attention module they wrap, that
-    have a hook attached (hook points, or plain torch hooks on the component's own modules): the fused
-    path skips the component, so these would not fire. Handed-over `intervene()` hooks do not count."""
-    structure = structure or _structure(model)
-    allowed = handed_over_points(model)
-    return [name for module, name in structure.watched if _n_hooks(module) > allowed.get(id(module), 0)]
-
-
-def _hooks_before_the_head_ops(model: Any, interventions: Sequence[Intervention],
-                               structure: _Structure | None = None) -> list[str]:
-    """`hook_z` points of layers with head-output interventions that carry other hooks: on the bridge those
-    hooks run in registration order with the interventions' own (a hook attached before `intervene` sees
-    the z before the intervention); here the interventions run first, at the output projection's input."""
-    structure = structure or _structure(model)
-    layers = sorted({h.layer for i in interventions if i.kind in ON_OUTPUT for h in i.heads})
-    allowed = handed_over_points(model)
-    found = []
-    for layer in layers:
-        point = structure.hook_z[layer] if 0 <= layer < len(structure.hook_z) else None
-        if point is not None and _n_hooks(point) > allowed.get(id(point), 0):
-            found.append(f"blocks.{layer}.attn.hook_z")
-    return found
-
-
-def _swap_slots(model: Any) -> list[Slot] | None:
-    """(HF parent, slot name, bridge attention, HF attention) for every layer; None where not one per layer."""
-    return _structure(model).slots
-
-
-def _scan_slots(model: Any) -> list[Slot] | None:
-    bridges = {id(attn): attn for attn in _attention_bridges(model)}
-    slots = [(parent, name, child, _original(child)) for parent in model.hf_model.modules()
-             if not type(parent).__module__.startswith("transformer_lens")
-             for name, child in parent._modules.items() if child is not None and id(child) in bridges]
-    if len(slots) != len(bridges) or len(bridges) != model.n_layers:
-        return None
-    if any(original is None or getattr(original, "layer_idx", None) is None for *_, original in slots):
-        return None
-    return slots
-
-
-def _configs(model: Any) -> list[Any]:
-    return _structure(model).configs
-
-
-def _scan_configs(model: Any) -> list[Any]:
-    found = [model.hf_model.config] + [getattr(_original(a), "config", None) for a in _attention_bridges(model)]
-    return list({id(c): c for c in found if c is not None}.values())
+__all__ = ["FusedPathError", "KernelObserver", "apply_query_ops", "check_served", "fused", "fused_logits",
+           "implementation", "kernel_pattern", "unserved_reason"]
 
 
 # ---- the path -----------------------------------------------------------------------------------
@@ -497,7 +311,7 @@ def _offset_pre_hook(state: _State) -> Any:
 
 
 @contextlib.contextmanager
-def fused(model: Any, interventions: Sequence[Intervention] = (),
+def fused(model: LoadedModel, interventions: Sequence[Intervention] = (),
           observers: dict[int, KernelObserver] | None = None) -> Iterator[_State]:
     """For the block, every forward of `model.hf_model` runs the HF attention modules on the fused kernel
     with `interventions` in effect (any driver: a plain call, a KV-cached loop, HF `generate`); everything
@@ -580,7 +394,7 @@ def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fused_logits(model: Any, ids: torch.Tensor, interventions: Sequence[Intervention] = (),
+def fused_logits(model: LoadedModel, ids: torch.Tensor, interventions: Sequence[Intervention] = (),
                  positions: Positions = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits `[batch, n_positions, vocab]` of one forward on the fused path (see module docstring).
 
@@ -599,22 +413,3 @@ def fused_logits(model: Any, ids: torch.Tensor, interventions: Sequence[Interven
         kwargs["position_ids"] = _positions_from_mask(kwargs["attention_mask"])
     with fused(model, interventions):
         return model.hf_model(ids, **kwargs).logits
-
-
-@torch.no_grad()
-def fused_generate(model: Any, ids: torch.Tensor, max_new_tokens: int = 16,
-                   interventions: Sequence[Intervention] = (), stop_ids: Sequence[int] | None = None) -> torch.Tensor:
-    """Greedy continuation `[1, n_new]` on the fused path, as `LoadedModel.generate` does on the bridge (full
-    `DynamicCache`, stop after an EOS/stop token, not included); interventions' positions are absolute."""
-    from probe.generation import greedy_decode
-
-    if ids.dim() == 1:
-        ids = ids[None]
-    if ids.shape[0] != 1:
-        raise ProbeError("fused_generate() takes one prompt; loop over prompts.")
-    model.check_fits(ids.shape[-1] + max_new_tokens)
-    stops = set(stop_ids or ())
-    if model.tokenizer.eos_token_id is not None:
-        stops.add(model.tokenizer.eos_token_id)
-    with fused(model, interventions):
-        return greedy_decode(model.hf_model, ids, max_new_tokens, stops)

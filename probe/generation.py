@@ -10,14 +10,25 @@ row continues exactly as it would alone (tests/test_generation.py checks this pe
 for every step: on the fused path (`probe.fused`, the model's SDPA attention, the open `intervene()`
 blocks handed over, positions from the cache length) where `model.fused_reason()` says that is exact,
 else through the hooks on the bridge's components (which the bridge swapped into the HF modules).
+
+Every other cached greedy decode of probe and the analyzers steps through one loop, `greedy_steps`,
+on a `growing_cache()`: one prompt (`greedy_decode`, behind `LoadedModel.generate`), one prompt under
+several intervention sets from one shared prefill (`decode_variants`), retrieval's detection decode
+(a per-step attention read-out) and its masking decode (finished rows leave the batch).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+import contextlib
+from collections.abc import Callable, Collection, Container, Sequence
 from typing import Any
 
 import torch
+
+from probe import prompting
+from probe.errors import ProbeError
+from probe.interventions import intervene
+from probe.routing import on_fused_path
 
 
 # ---- a KV cache that grows in place ---------------------------------------------------------------------
@@ -134,11 +145,6 @@ def _pad_id(hf_model: Any, tokenizer: Any, stops: Collection[int]) -> int:
     return 0
 
 
-def _default_stops(tokenizer: Any) -> set[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return set() if eos is None else {int(eos)}
-
-
 def _cut(row: list[int], stops: Collection[int]) -> list[int]:
     """The row up to and including its first stop id (generate pads finished rows after it)."""
     for index, token in enumerate(row):
@@ -154,7 +160,7 @@ def greedy_continuations(hf_model: Any, tokenizer: Any, texts: Sequence[str], ma
     """Greedy continuations (new token ids per text, cut after the first stop id, which is kept) of
     already rendered prompt texts, in left-padded batches with a KV cache. `stop_ids` default: the
     tokenizer's eos; an empty collection generates `max_new_tokens` for every row."""
-    stops = _default_stops(tokenizer) if stop_ids is None else {int(s) for s in stop_ids}
+    stops = prompting.stop_ids(tokenizer, "eos") if stop_ids is None else {int(s) for s in stop_ids}
     pad = _pad_id(hf_model, tokenizer, stops)
     device = next(hf_model.parameters()).device
     out: list[list[int]] = []
@@ -186,31 +192,84 @@ def greedy_generate(model: Any, texts: Sequence[str], max_new_tokens: int, batch
     attached to the model (`probe.interventions.intervene`) apply, and no other thread's hooks do."""
     if max_new_tokens < 1:
         return [[] for _ in texts]
-    from probe.forward import on_fused_path
-
     with model.lock, on_fused_path(model):  # the model's SDPA attention where exact (positions: cache length)
         return greedy_continuations(model.hf_model, model.tokenizer, texts, max_new_tokens, batch_size,
                                     add_special_tokens, stop_ids)
 
 
 @torch.no_grad()
+def greedy_steps(hf_model: Any, cache: Any, max_new_tokens: int, stops: Container[int], device: Any, *,
+                 logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None, rows: int = 1,
+                 shrink: bool = False,
+                 context: Callable[[list[int]], contextlib.AbstractContextManager[Any]] | None = None,
+                 forward_after_budget: bool = False,
+                 on_step: Callable[[int, torch.Tensor], None] | None = None) -> list[list[int]]:
+    """The one cached greedy decode loop: new token ids of each of `rows` rows, a row ending before its
+    first token in `stops` (`prompting.stop_ids`) or after `max_new_tokens`.
+
+    It starts from `logits` (a prefill's, `[1 or rows, T, vocab]`: one row is every row's, as when one
+    prompt is decoded under several intervention sets) or from `tokens` (`[rows, 1]`, fed first); every
+    step feeds each row its argmax through `hf_model` with `cache`. A finished row keeps its batch row
+    (its tokens are ignored), unless `shrink`: then it leaves the batch (`cache.batch_select_indices`) and
+    the smaller batch decodes on. `context(active)` is entered around the steps, `active` being the row
+    that each batch row decodes, and entered anew after the batch shrinks (per-row interventions name
+    batch rows). `forward_after_budget` runs the forward of the last kept token too (`greedy_decode`'s
+    loop does). `on_step(step, logits)` sees each step's logits before its tokens are picked."""
+    generated: list[list[int]] = [[] for _ in range(rows)]
+    if max_new_tokens < 1 or rows < 1:
+        return generated
+    active = list(range(rows))
+    done = [False] * rows
+    step = 0
+    while True:
+        with context(active) if context is not None else contextlib.nullcontext():
+            while True:
+                if logits is None:
+                    logits = hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+                if on_step is not None:
+                    on_step(step, logits)
+                picked = logits[:, -1].argmax(-1)
+                if picked.shape[0] != len(active):  # a shared prefill's one row continues every row
+                    picked = picked.expand(len(active))
+                values = picked.tolist()
+                for batch_row, row in enumerate(active):
+                    if not done[row]:
+                        if values[batch_row] in stops:
+                            done[row] = True
+                        else:
+                            generated[row].append(values[batch_row])
+                step += 1
+                logits = None
+                if all(done[row] for row in active):
+                    return generated
+                if not shrink:
+                    tokens = picked[:, None].to(device)
+                    if step == max_new_tokens:
+                        if forward_after_budget:
+                            hf_model(tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                        return generated
+                    continue
+                if step == max_new_tokens:
+                    return generated
+                keep = [batch_row for batch_row, row in enumerate(active) if not done[row]]
+                tokens = torch.tensor([values[batch_row] for batch_row in keep], device=device).view(-1, 1)
+                if len(keep) < len(active):
+                    active = [active[batch_row] for batch_row in keep]
+                    cache.batch_select_indices(torch.tensor(keep, device=device))
+                    break  # the context again, for the smaller batch
+
+
+@torch.no_grad()
 def greedy_decode(hf_model: Any, ids: torch.Tensor, max_new_tokens: int, stops: Collection[int]) -> torch.Tensor:
     """Greedy continuation `[1, n_new]` of one prompt with a full `DynamicCache`, stopping before a stop id.
 
-    The one decode loop behind `LoadedModel.generate` on either path (bridge or fused): a full cache keeps
+    The one decode behind `LoadedModel.generate` on either path (bridge or fused): a full cache keeps
     every key in every layer, so interventions' absolute positions (KV length - query length) stay right on
     sliding-window layers."""
-    new: list[int] = []
     cache = growing_cache()
     logits = hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    for _ in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        if token in stops:
-            break
-        new.append(token)
-        step = torch.tensor([[token]], device=ids.device)
-        logits = hf_model(step, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    return torch.tensor([new], dtype=torch.long, device=ids.device)
+    new = greedy_steps(hf_model, cache, max_new_tokens, stops, ids.device, logits=logits, forward_after_budget=True)
+    return torch.tensor(new, dtype=torch.long, device=ids.device)
 
 
 @torch.no_grad()
@@ -224,10 +283,6 @@ def decode_variants(model: Any, ids: torch.Tensor, variants: Sequence[Sequence[A
     `model.generate` under its set alone up to batched float rounding (tests/test_generation.py). Interventions
     already open on the model (`intervene()` blocks) apply to every row, prompt included."""
     from dataclasses import replace
-
-    from probe.errors import ProbeError
-    from probe.forward import on_fused_path
-    from probe.interventions import intervene
 
     if ids.dim() == 1:
         ids = ids[None]
@@ -244,30 +299,20 @@ def decode_variants(model: Any, ids: torch.Tensor, variants: Sequence[Sequence[A
                                  "or names batch rows; run model.generate per variant instead.")
             rowed.append(replace(intervention, rows=(row,)))
     model.check_fits(prompt + max_new_tokens)
-    stops = set(stop_ids or ()) | _default_stops(model.tokenizer)
+    stops = set(stop_ids or ()) | prompting.stop_ids(model, "eos")
     n = len(variants)
-    new: list[list[int]] = [[] for _ in range(n)]
     if max_new_tokens < 1:
-        return new
+        return [[] for _ in range(n)]
+
+    @contextlib.contextmanager
+    def every_variant(active: list[int]) -> Any:
+        with intervene(model, rowed), on_fused_path(model):
+            yield
+
     with model.lock:
         cache = growing_cache()
         with on_fused_path(model):
             logits = model.hf_model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
         cache.batch_repeat_interleave(n)
-        tokens = logits[:, -1].argmax(-1).expand(n)
-        done = [False] * n
-        with intervene(model, rowed), on_fused_path(model):
-            for step in range(max_new_tokens):
-                for row in range(n):
-                    if not done[row]:
-                        token = int(tokens[row])
-                        if token in stops:
-                            done[row] = True
-                        else:
-                            new[row].append(token)
-                if all(done) or step == max_new_tokens - 1:
-                    break
-                logits = model.hf_model(tokens[:, None].to(ids.device), past_key_values=cache, use_cache=True,
-                                        logits_to_keep=1).logits
-                tokens = logits[:, -1].argmax(-1)
-    return new
+        return greedy_steps(model.hf_model, cache, max_new_tokens, stops, ids.device, logits=logits, rows=n,
+                            context=every_variant)

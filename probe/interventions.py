@@ -31,120 +31,47 @@ Notes:
 - `rows` limits it to some batch rows, so several ablated copies of a prompt run in one batch.
 """
 
+
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from probe.architecture import architecture
 from probe.errors import InterventionError
-from probe.heads import Head, format_heads, validate_heads
+from probe.head_ops import (
+    ABLATION_KINDS,
+    ON_SCORES,
+    ON_Z,
+    SCALE_KINDS,
+    Intervention,
+    Kind,
+    _position_window,
+    _row_index,
+    ablation,
+    apply_z_ops,
+    mean_ablation,
+    resample_ablation,
+    scale,
+    streaming_attention,
+    streaming_keep,
+    streaming_mask,
+    uniform_attention,
+    zero_ablation,
+)
+from probe.heads import Head, validate_heads
+from probe.loaded import LoadedModel
+from probe.routing import forward_for_hooks
 
-
-class Kind(Enum):
-    ZERO = "zero"
-    MEAN = "mean"
-    RESAMPLE = "resample"
-    UNIFORM = "uniform"
-    SCALE_QUERY = "scale_query"
-    SCALE_VALUE = "scale_value"
-    SCALE_OUTPUT = "scale_output"
-    STREAMING = "streaming"
-
-
-ON_SCORES = {Kind.UNIFORM, Kind.SCALE_QUERY, Kind.STREAMING}
-ON_Z = {Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT}
-SCALE_KINDS = {"query": Kind.SCALE_QUERY, "value": Kind.SCALE_VALUE, "output": Kind.SCALE_OUTPUT}
-ABLATION_KINDS = {"zero": Kind.ZERO, "mean": Kind.MEAN, "resample": Kind.RESAMPLE, "uniform": Kind.UNIFORM}
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """One intervention on a set of query heads. Build with the helper functions below."""
-
-    kind: Kind
-    heads: tuple[Head, ...]
-    factor: float = 1.0
-    values: Mapping[Head, torch.Tensor] | None = field(default=None, compare=False)
-    start: int = 0
-    stop: int | None = None
-    rows: tuple[int, ...] | None = None
-    window: tuple[int, int] | None = None  # STREAMING: (sink tokens, recent tokens)
-
-    def describe(self) -> str:
-        what = {
-            Kind.ZERO: "zero-ablate", Kind.MEAN: "mean-ablate", Kind.RESAMPLE: "resample-ablate",
-            Kind.UNIFORM: "uniform-attention", Kind.SCALE_QUERY: f"scale query x{self.factor:g}",
-            Kind.SCALE_VALUE: f"scale value x{self.factor:g}", Kind.SCALE_OUTPUT: f"scale output x{self.factor:g}",
-            Kind.STREAMING: "streaming attention (sink {}, recent {})".format(*(self.window or (0, 0))),
-        }[self.kind]
-        where = "" if (self.start == 0 and self.stop is None) else f" at positions [{self.start}, {self.stop or 'end'})"
-        rows = "" if self.rows is None else f" on batch rows {list(self.rows)}"
-        return f"{what} {format_heads(self.heads)}{where}{rows}"
-
-
-def zero_ablation(heads: Sequence[Head], **where: Any) -> Intervention:
-    return Intervention(Kind.ZERO, tuple(heads), **where)
-
-
-def mean_ablation(heads: Sequence[Head], means: Mapping[Head, torch.Tensor], **where: Any) -> Intervention:
-    """`means[head]` is `[d_head]` (averaged over positions) or `[pos, d_head]` (per position)."""
-    missing = [h for h in heads if h not in means]
-    if missing:
-        raise InterventionError(f"No reference mean for {format_heads(missing)}; compute them with head_means().")
-    return Intervention(Kind.MEAN, tuple(heads), values=dict(means), **where)
-
-
-def resample_ablation(heads: Sequence[Head], source_z: Mapping[Head, torch.Tensor], **where: Any) -> Intervention:
-    """`source_z[head]` is `[pos, d_head]` from another prompt (see `capture_z`), or `[batch, pos, d_head]`
-    with one source per batch row."""
-    return Intervention(Kind.RESAMPLE, tuple(heads), values=dict(source_z), **where)
-
-
-def uniform_attention(heads: Sequence[Head], **where: Any) -> Intervention:
-    return Intervention(Kind.UNIFORM, tuple(heads), **where)
-
-
-def streaming_attention(heads: Sequence[Head], sink: int, recent: int, **where: Any) -> Intervention:
-    """Each query sees only the first `sink` keys and the `recent` keys up to itself (DuoAttention's
-    streaming heads); `start=prompt_len` restricts decoding only, `start=0` every position."""
-    if sink < 0 or recent < 1:
-        raise InterventionError(f"Streaming attention needs sink >= 0 and recent >= 1, got {sink}, {recent}.")
-    return Intervention(Kind.STREAMING, tuple(heads), window=(int(sink), int(recent)), **where)
-
-
-def streaming_mask(q_positions: torch.Tensor, k_len: int, sink: int, recent: int) -> torch.Tensor:
-    """`[q, k]` True where key j is in sink ∪ recent for the query at absolute position t (causality is
-    left to the model's own mask)."""
-    keys = torch.arange(k_len, device=q_positions.device)
-    return (keys.unsqueeze(0) < sink) | (keys.unsqueeze(0) > q_positions.unsqueeze(1) - recent)
-
-
-def scale(heads: Sequence[Head], component: str, factor: float, **where: Any) -> Intervention:
-    """Scale a head's `query`, `value` or `output` by `factor` (negative allowed)."""
-    if component not in SCALE_KINDS:
-        raise InterventionError(f"Cannot scale {component!r}; choose query, value or output.")
-    return Intervention(SCALE_KINDS[component], tuple(heads), factor=float(factor), **where)
-
-
-def ablation(heads: Sequence[Head], method: str, means: Mapping[Head, torch.Tensor] | None = None,
-             **where: Any) -> Intervention:
-    """Ablation by name (`zero`, `mean`, `uniform`), for faces that take the method as text."""
-    if method == "zero":
-        return zero_ablation(heads, **where)
-    if method == "mean":
-        if means is None:
-            raise InterventionError("Mean ablation needs reference means (head_means()).")
-        return mean_ablation(heads, means, **where)
-    if method == "uniform":
-        return uniform_attention(heads, **where)
-    raise InterventionError(f"Unknown ablation {method!r}; choose zero, mean or uniform "
-                            "(resample needs a source prompt: resample_ablation()).")
+__all__ = ["ABLATION_KINDS", "ON_SCORES", "ON_Z", "REFERENCE_SENTENCES", "SCALE_KINDS", "Attached", "Intervention",
+           "Kind", "ablation", "active_hook_count", "apply_z_ops", "build_hooks", "capture_z", "head_means",
+           "intervene", "mean_ablation", "reference_prompts", "resample_ablation", "scale", "streaming_attention",
+           "streaming_keep", "streaming_mask", "uniform_attention", "z_capture_hooks", "zero_ablation"]
 
 
 # ---- hooks -------------------------------------------------------------------------------------
@@ -154,84 +81,8 @@ def _visible(scores: torch.Tensor) -> torch.Tensor:
     return scores > torch.finfo(scores.dtype).min / 2
 
 
-def _row_index(intervention: Intervention, batch: int) -> slice | list[int]:
-    if intervention.rows is None:
-        return slice(None)
-    bad = [r for r in intervention.rows if not 0 <= r < batch]
-    if bad:
-        raise InterventionError(f"Batch rows {bad} do not exist in a batch of {batch}.")
-    return list(intervention.rows)
-
-
-def _position_window(intervention: Intervention, offset: int, length: int) -> tuple[int, int]:
-    """Local [lo, hi) of the current chunk covered by the absolute window [start, stop)."""
-    lo = max(intervention.start - offset, 0)
-    hi = length if intervention.stop is None else min(intervention.stop - offset, length)
-    return lo, max(lo, hi)
-
-
-def _replacement(intervention: Intervention, head: Head, offset: int, lo: int, hi: int,
-                 like: torch.Tensor, rows: slice | list[int]) -> torch.Tensor:
-    """The values written into z: `[d_head]` (broadcast), `[pos, d_head]` (per position) or
-    `[batch, pos, d_head]` (per batch row and position, e.g. a different source prompt per row)."""
-    value = intervention.values[head].to(like.device, like.dtype)  # type: ignore[index]
-    if value.dim() == 1:
-        return value
-    if offset + hi > value.shape[-2]:
-        raise InterventionError(
-            f"{intervention.kind.value} values for {head} cover {value.shape[-2]} positions but the "
-            f"prompt reaches position {offset + hi}; use averaged means or a source prompt as long."
-        )
-    if value.dim() == 3:
-        if value.shape[0] != like.shape[0]:
-            raise InterventionError(f"Per-row values for {head} have {value.shape[0]} rows; the batch has {like.shape[0]}.")
-        return value[rows, offset + lo: offset + hi]
-    return value[offset + lo: offset + hi]
-
-
-def apply_z_ops(z: torch.Tensor, ops: Sequence[tuple[Intervention, Head]], offset: int) -> torch.Tensor:
-    """z `[batch, pos, n_heads, d_head]` with the head-output operations (ZERO, MEAN, RESAMPLE, SCALE_VALUE,
-    SCALE_OUTPUT) written into their query heads' slices, in order; `offset` = positions already in the KV
-    cache before this chunk (for `start`/`stop` and per-position values). Returns a new tensor. Used on
-    `hook_z` here and on the output projection's input by the fused path (`probe.fused`)."""
-    z = z.clone()
-    for intervention, head in ops:
-        if intervention.kind not in ON_Z:
-            raise InterventionError(f"{intervention.describe()} does not act on a head's output z.")
-        rows = _row_index(intervention, z.shape[0])
-        lo, hi = _position_window(intervention, offset, z.shape[1])
-        if hi <= lo:
-            continue
-        if intervention.kind is Kind.ZERO:
-            z[rows, lo:hi, head.head] = 0.0
-        elif intervention.kind in (Kind.SCALE_VALUE, Kind.SCALE_OUTPUT):
-            z[rows, lo:hi, head.head] = z[rows, lo:hi, head.head] * intervention.factor
-        else:
-            z[rows, lo:hi, head.head] = _replacement(intervention, head, offset, lo, hi, z, rows)
-    return z
-
-
-def streaming_keep(intervention: Intervention, offset: int, batch: int, q_len: int, k_len: int,
-                   device: Any = None) -> torch.Tensor:
-    """`[batch, q_len, k_len]` bool: False where a STREAMING intervention hides key j from the query (outside
-    sink ∪ recent window, on its rows and in its position window), True elsewhere (causality and padding
-    are left to the model's own mask). The same keep-mask masks the bridge's scores and, ANDed into the
-    layer's mask, the fused path's SDPA call."""
-    if intervention.kind is not Kind.STREAMING or intervention.window is None:
-        raise InterventionError(f"{intervention.describe()} is not streaming attention.")
-    keep = torch.ones(batch, q_len, k_len, dtype=torch.bool, device=device)
-    rows = _row_index(intervention, batch)
-    lo, hi = _position_window(intervention, offset, q_len)
-    if hi > lo:
-        q_positions = torch.arange(lo, hi, device=device) + offset
-        keep[rows, lo:hi] = streaming_mask(q_positions, k_len, *intervention.window)
-    return keep
-
-
-def _score_softcap(model: Any, layer: int) -> float | None:
+def _score_softcap(model: LoadedModel, layer: int) -> float | None:
     """The layer's attention-logit soft-cap (Gemma 2), which the bridge applies before `hook_attn_scores`."""
-    from probe.architecture import architecture
-
     return architecture(model).attention(layer).softcap
 
 
@@ -244,7 +95,7 @@ def _scaled_scores(scores: torch.Tensor, factor: float, softcap: float | None) -
     return (softcap * torch.tanh(factor * torch.atanh(ratio))).to(scores.dtype)
 
 
-def build_hooks(model: Any, interventions: Sequence[Intervention]) -> list[tuple[str, Any]]:
+def build_hooks(model: LoadedModel, interventions: Sequence[Intervention]) -> list[tuple[str, Any]]:
     """The (hook name, function) pairs that carry out `interventions` on `model`."""
     for intervention in interventions:
         validate_heads(intervention.heads, model)
@@ -314,7 +165,7 @@ def _guarded(record: Attached, fn: Any) -> Any:
 
 
 @contextlib.contextmanager
-def intervene(model: Any, interventions: Intervention | Sequence[Intervention]) -> Iterator[Any]:
+def intervene(model: LoadedModel, interventions: Intervention | Sequence[Intervention]) -> Iterator[LoadedModel]:
     """Apply interventions for the duration of the block; the hooks are removed on exit, always.
 
     Works for forward passes, `run_with_cache` and cached generation (`model.generate`). The block is
@@ -344,7 +195,7 @@ def intervene(model: Any, interventions: Intervention | Sequence[Intervention]) 
                 del stack[next(i for i, r in enumerate(stack) if r is record)]
 
 
-def active_hook_count(model: Any) -> int:
+def active_hook_count(model: LoadedModel) -> int:
     """Forward hooks currently attached to any hook point (0 when nothing is intervening)."""
     return sum(len(point._forward_hooks) for point in model.bridge.hook_dict.values())
 
@@ -364,7 +215,7 @@ REFERENCE_SENTENCES: tuple[str, ...] = (
 )
 
 
-def reference_prompts(model: Any, texts: Sequence[str] = REFERENCE_SENTENCES) -> list[torch.Tensor]:
+def reference_prompts(model: LoadedModel, texts: Sequence[str] = REFERENCE_SENTENCES) -> list[torch.Tensor]:
     """Token ids of the reference sentences, ready for `head_means`."""
     return [model.encode(text) for text in texts]
 
@@ -384,12 +235,10 @@ def z_capture_hooks(layers: Sequence[int]) -> tuple[list[tuple[str, Any]], dict[
 
 
 @torch.no_grad()
-def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head, torch.Tensor]:
+def capture_z(model: LoadedModel, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head, torch.Tensor]:
     """Each head's z `[batch, pos, d_head]` on `ids` (for resampling or means), under the open `intervene()`
-    blocks; on the fused path where that is exact (`probe.forward.forward_for_hooks`: z read at the output
+    blocks; on the fused path where that is exact (`probe.routing.forward_for_hooks`: z read at the output
     projection's input, no pattern materialised), else through the bridge."""
-    from probe.forward import forward_for_hooks
-
     validate_heads(heads, model)
     hooks, captured = z_capture_hooks(sorted({h.layer for h in heads}))
     with model.hooks(hooks), forward_for_hooks(model) as run:  # holds model.lock (no_grad: the decorator)
@@ -398,7 +247,7 @@ def capture_z(model: Any, ids: torch.Tensor, heads: Sequence[Head]) -> dict[Head
 
 
 @torch.no_grad()
-def head_means(model: Any, prompts: Sequence[torch.Tensor], heads: Sequence[Head],
+def head_means(model: LoadedModel, prompts: Sequence[torch.Tensor], heads: Sequence[Head],
                per_position: bool = False) -> dict[Head, torch.Tensor]:
     """Mean z of each head over a reference set: `[d_head]`, or `[pos, d_head]` if `per_position`.
 

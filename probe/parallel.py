@@ -26,11 +26,12 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from probe.errors import ProbeError
 
 if TYPE_CHECKING:
-    from probe.models import LoadedModel
+    from probe.loaded import LoadedModel
 
 T = TypeVar("T")
 R = TypeVar("R")
-MapProgress = Callable[[int, int], None]  # (items done, items in all)
+# (items done, items in all): the caller turns the counts into its own `probe.progress.Progress` lines
+MapProgress = Callable[[int, int], None]
 RAY_MISSING = "Ray is not installed: `pip install probe[cluster]` (or `pip install 'ray[default]'`) for --ray and probe sweep."
 
 

@@ -48,13 +48,14 @@ import transformers
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from probe.architecture import Architecture, architecture, hf_module
+from probe.architecture import Architecture, MissingComponentError, architecture, hf_module
 from probe.errors import ProbeError
-from probe.models import LoadedModel, _fingerprint, wrap_hf_model
+from probe.hf import wrap_hf_model
+from probe.loaded import LoadedModel, _fingerprint
 
 __all__ = ["PlantError", "Shape", "FAMILIES", "new_model", "set_q", "set_k", "set_v", "set_o",
            "set_head_qk", "set_head_ov", "zero_attention", "zero_mlp", "set_mlp", "set_embedding",
-           "zero_positions", "set_unembedding", "set_norm", "reset_norms", "zero_all"]
+           "zero_positions", "set_learned_positions", "set_unembedding", "set_norm", "reset_norms", "zero_all"]
 
 # HF class -> layout of a fused qkv nn.Linear (Conv1D is recognised by its type).
 FUSED_LINEAR = {"GPTNeoXForCausalLM": "per-head", "Phi3ForCausalLM": "concat"}
@@ -420,6 +421,20 @@ def zero_positions(model: LoadedModel) -> None:
     if hasattr(model.bridge, "pos_embed"):
         hf_module(model.bridge.pos_embed).weight.zero_()
         _stale(model)
+
+
+@torch.no_grad()
+def set_learned_positions(model: LoadedModel, W_pos: torch.Tensor) -> None:
+    """The learned positional embedding `[n_ctx, d_model]` as stored (GPT-2; the planted CD-T model)."""
+    arch = _arch(model)
+    weight = arch.W_pos
+    if weight is None:
+        raise MissingComponentError(arch.name, "learned positional embedding")
+    if tuple(W_pos.shape) != tuple(weight.shape):
+        raise MissingComponentError(arch.name, f"positional embedding of shape {list(W_pos.shape)}",
+                                    f"it is {list(weight.shape)}")
+    hf_module(model.bridge.pos_embed).weight.copy_(W_pos.to(weight.dtype))
+    _stale(model)
 
 
 @torch.no_grad()

@@ -19,24 +19,24 @@ in float32 whatever the model's dtype (softmax and KL are not run in bf16).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 
 from probe.architecture import architecture
+from probe.loaded import LoadedModel
 
 
-def final_norm_weight(model: Any) -> torch.Tensor:
+def final_norm_weight(model: LoadedModel) -> torch.Tensor:
     """The effective elementwise gain of the final norm (Gemma: 1 + w)."""
     return architecture(model).final_norm.weight
 
 
-def is_layer_norm(model: Any) -> bool:
+def is_layer_norm(model: LoadedModel) -> bool:
     """Whether the final norm centres its input (LayerNorm) rather than only rescaling it (RMSNorm)."""
     return architecture(model).final_norm.kind == "layer"
 
 
-def final_scale(model: Any, resid: torch.Tensor) -> torch.Tensor:
+def final_scale(model: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     """The final norm's scale `[..., 1]` of a residual `[..., d_model]` (RMS, or standard deviation for
     LayerNorm, with the norm's own eps): the clean scale to freeze for `direction_logits`."""
     norm = architecture(model).final_norm
@@ -46,14 +46,14 @@ def final_scale(model: Any, resid: torch.Tensor) -> torch.Tensor:
     return x.pow(2).mean(-1, keepdim=True).add(norm.eps).sqrt()
 
 
-def frozen_final_norm(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def frozen_final_norm(model: LoadedModel, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Apply the final norm to `x` (`[..., d_model]`) with the given frozen `scale` (`[..., 1]`), no bias."""
     if is_layer_norm(model):
         x = x - x.mean(-1, keepdim=True)
     return x / scale * final_norm_weight(model)
 
 
-def unembed(model: Any, normalized: torch.Tensor) -> torch.Tensor:
+def unembed(model: LoadedModel, normalized: torch.Tensor) -> torch.Tensor:
     """Logits (float32) from normalised residual directions, full vocabulary (no unembedding bias: it
     belongs to no component; no soft-cap: it is not linear). The product runs in the model's dtype, as
     the model's own unembedding does; the result is float32, so a softmax over it is (bf16 models)."""
@@ -61,18 +61,18 @@ def unembed(model: Any, normalized: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(normalized.to(weight.device, weight.dtype), weight).float()
 
 
-def direction_logits(model: Any, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def direction_logits(model: LoadedModel, x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """What a residual-stream contribution `x` adds to the logits, final-norm scale frozen."""
     return unembed(model, frozen_final_norm(model, x, scale))
 
 
-def final_norm(model: Any, resid: torch.Tensor) -> torch.Tensor:
+def final_norm(model: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     """The final residual `[..., d_model]` through the family's own final norm module (exact)."""
     norm = architecture(model).final_norm
     return norm(resid.to(norm.weight.dtype))
 
 
-def logits_from_normalized(model: Any, normalized: torch.Tensor, ids: Sequence[int] | None = None) -> torch.Tensor:
+def logits_from_normalized(model: LoadedModel, normalized: torch.Tensor, ids: Sequence[int] | None = None) -> torch.Tensor:
     """The model's logits (float32) from final-norm states `[..., d_model]`: unembedding, its bias, and the
     family's final logit soft-cap (Gemma 2). `ids` restricts the read-out to those tokens (`[..., n]`),
     reading only their unembedding columns."""
@@ -92,6 +92,6 @@ def logits_from_normalized(model: Any, normalized: torch.Tensor, ids: Sequence[i
     return logits
 
 
-def log_probs_from_normalized(model: Any, normalized: torch.Tensor) -> torch.Tensor:
+def log_probs_from_normalized(model: LoadedModel, normalized: torch.Tensor) -> torch.Tensor:
     """Log-probabilities over the full vocabulary (float32) from final-norm states."""
     return torch.log_softmax(logits_from_normalized(model, normalized), dim=-1)

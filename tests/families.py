@@ -145,8 +145,8 @@ def _spread_norms(model: torch.nn.Module, seed: int) -> None:
                 param.add_(0.3 * torch.randn(param.shape, generator=generator))
 
 
-# Weights scaled up after the random init, where a default init hides a component (issue 15: on a tiny
-# Gemma 2, removing soft-capping moved the logits by 6e-5). Attention scores of ~0.03 sit in the linear
+# Weights scaled up after the random init, where a default init hides a component (a tiny Gemma 2's
+# logits move by only 6e-5 without soft-capping). Attention scores of ~0.03 sit in the linear
 # part of tanh and barely depend on positions; with these factors switching off the attention and final
 # soft-caps (Gemma 2) or rotating all of d_head instead of a quarter (GPT-NeoX) moves the logits by
 # > 1e-2 (tests/test_architectures.py, test_switching_off_a_component_moves_the_logits), and every

@@ -699,7 +699,7 @@ def test_retrieval_fast_path_equals_the_step_by_step_reference(family, monkeypat
     name, model, _ = family
     ids = model.encode(" ".join(["the capital of mary is the book of john and the key to the park"] * 2))
     sample = _sample_with_ids(ids, (3, 8))
-    entered, original = [], retrieval.fused
+    entered, original = [], retrieval.detect.fused
 
     @contextlib.contextmanager
     def counted(*args, **kwargs):
@@ -707,14 +707,14 @@ def test_retrieval_fast_path_equals_the_step_by_step_reference(family, monkeypat
             entered.append(kwargs.get("observers") is not None)
             yield state
 
-    rows_read, pattern = [], retrieval.kernel_pattern
+    rows_read, pattern = [], retrieval.detect.kernel_pattern
 
     def read(*args, **kwargs):
         rows_read.append(1)
         return pattern(*args, **kwargs)
 
-    monkeypatch.setattr(retrieval, "fused", counted)
-    monkeypatch.setattr(retrieval, "kernel_pattern", read)
+    monkeypatch.setattr(retrieval.detect, "fused", counted)
+    monkeypatch.setattr(retrieval.detect, "kernel_pattern", read)
     fast = retrieval.fast_sample(model, sample, 8, stop=False)
     assert entered == [True] and len(rows_read) == 8 * model.n_layers, (entered, len(rows_read))  # no fallback
     slow = retrieval.reference_sample(model, sample, 8, stop=False)

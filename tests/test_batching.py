@@ -96,11 +96,12 @@ def test_map_batched_keeps_finished_chunks_and_halves_for_the_rest():
 
 def test_ships_readouts_survive_an_injected_oom_with_the_same_scores(monkeypatch):
     from analyses import planted, safety
+    from analyses.safety import readouts
 
     model = planted.safety_model()
     ids = model.encode(planted.SAFETY_HARMFUL_PROMPTS[0])
     clean = safety.ships_query(model, ids, "query", 0.0)
-    real, sizes = safety.run_from_layer, []
+    real, sizes = readouts.run_from_layer, []
 
     def run_from_layer(model, resid, start, *args, **kwargs):
         sizes.append(resid.shape[0])
@@ -108,7 +109,7 @@ def test_ships_readouts_survive_an_injected_oom_with_the_same_scores(monkeypatch
             raise OOM("CUDA out of memory (injected)")
         return real(model, resid, start, *args, **kwargs)
 
-    monkeypatch.setattr(safety, "run_from_layer", run_from_layer)
+    monkeypatch.setattr(readouts, "run_from_layer", run_from_layer)
     again = safety.ships_query(model, ids, "query", 0.0)
     assert max(sizes) > 3 and min(sizes) <= 3
     torch.testing.assert_close(again, clean, rtol=0, atol=1e-5)  # other batch shapes: float32 rounding only
@@ -119,7 +120,7 @@ def test_factual_batches_follow_the_free_memory(setup, monkeypatch):
     length = max(model.encode(p.text).shape[-1] for p in prompts)
     monkeypatch.setattr(batching, "free_bytes", lambda device: int(2 * batching.row_bytes(model, length)
                                                                     / batching.MEMORY_FRACTION))
-    sizes = [len(indices) for indices, _ in factual._groups(prompts, model, 8)]
+    sizes = [len(indices) for indices, _ in factual.prompts._groups(prompts, model, 8)]
     assert max(sizes) == 2 and sum(sizes) == len(prompts)
 
 
@@ -132,7 +133,7 @@ def test_retrieval_masking_decode_survives_an_injected_oom_with_the_same_answers
     others = [h for h in model.all_heads() if h != RETRIEVAL_HEAD][:2]
     conditions = retrieval.masking_conditions(model, [RETRIEVAL_HEAD, *others], [1], ("uniform", "zero"), 2, 0)
     expected = retrieval.masked_answers(model, sample, conditions, 6, batch=8)
-    real, sizes = retrieval._copy_cache, []
+    real, sizes = retrieval.masking._copy_cache, []
 
     def copy_cache(cache, repeats):
         sizes.append(repeats)
@@ -140,7 +141,7 @@ def test_retrieval_masking_decode_survives_an_injected_oom_with_the_same_answers
             raise OOM("CUDA out of memory (injected)")
         return real(cache, repeats)
 
-    monkeypatch.setattr(retrieval, "_copy_cache", copy_cache)
+    monkeypatch.setattr(retrieval.masking, "_copy_cache", copy_cache)
     assert retrieval.masked_answers(model, sample, conditions, 6, batch=8) == expected
     assert sizes[:3] == [len(conditions), 4, 2]  # 8 -> 4 -> 2, and 2 for the rest of the list
     assert sum(s for s in sizes if s <= 2) == len(conditions) == len(expected)  # each condition decoded once

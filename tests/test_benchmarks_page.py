@@ -1,7 +1,7 @@
 """docs/BENCHMARKS.md is exactly what `python bench/summarize.py` writes from the committed bench/results/*.json.
 
 The page is generated, so its numbers are tied to their result files by regenerating it in memory
-(`summarize.render()`, which writes nothing) and comparing the whole text (issue 16). After a bench
+(`summarize.render()`, which writes nothing) and comparing the whole text. After a bench
 re-run: `python bench/summarize.py` and commit both. Reads JSON only (well under a second).
 """
 

@@ -19,8 +19,19 @@ def probe(*args: str) -> subprocess.CompletedProcess:
 def test_models_lists_every_spec():
     result = probe("models")
     assert result.returncode == 0
-    for name in ("smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gqa", "hf:", "gguf:"):
+    for name in ("smollm2-135m", "gemma3-270m", "tiny-llama", "tiny-gqa", "smollm2-135m-refusal", "hf:", "gguf:"):
         assert name in result.stdout
+
+
+def test_the_cli_registers_the_organism_spec_without_importing_the_organism():
+    """`probe models` lists the refusal organism through `analyses.specs`; the organism's package (its
+    training code) is imported only when the organism is loaded or asked whether it is built."""
+    code = ("import sys; from app import cli; from analyses.specs import register_analysis_specs; "
+            "assert 'analyses.organism' not in sys.modules; register_analysis_specs(); "
+            "assert 'analyses.organism' not in sys.modules; print('registered'); sys.exit(cli.main(['models']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("registered\n") and "smollm2-135m-refusal" in result.stdout
 
 
 def test_run_json_shows_both_sides_and_the_interventions():

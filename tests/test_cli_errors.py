@@ -18,6 +18,7 @@ import torch
 
 from analyses import registry
 from app import cli
+from app.cli_output import dumps_json
 from probe.errors import ProbeError
 
 TINY = ["--model", "tiny-llama", "--threads", "1"]
@@ -194,7 +195,7 @@ def test_run_json_never_contains_nan(capsys):
 
 
 def test_dumps_json_replaces_every_non_finite_float():
-    text = cli.dumps_json({"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "NaN"})
+    text = dumps_json({"a": float("nan"), "b": [1.0, float("inf"), {"c": -float("inf")}], "d": "NaN"})
     data = strict_json(text)
     assert data["a"] is None and data["b"] == [1.0, None, {"c": None}] and data["d"] == "NaN"
     assert data["non_finite"]["fields"] == [".a (nan)", ".b[1] (inf)", ".b[2].c (-inf)"]

@@ -1,4 +1,4 @@
-"""Every tied number in docs/*.md equals its committed result file, read by key path (issue 16).
+"""Every tied number in docs/*.md equals its committed result file, read by key path.
 
 How to tie a doc number (the convention; docs stay readable, an HTML comment renders as nothing):
 

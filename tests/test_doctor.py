@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from analyses import doctor as doctor_module
-from analyses.doctor import CHECKS, DoctorError, doctor
+from analyses.doctor import CHECKS, DoctorError, doctor, table_rows
+from analyses.doctor import checks as doctor_checks
+from analyses.doctor import run as doctor_run
 from app import cli
 from families import build_folder
 from probe import interventions
@@ -66,7 +68,7 @@ def test_a_broken_intervention_makes_doctor_fail_with_exit_1(monkeypatch, capsys
 def test_a_copy_whose_weights_differ_fails_the_logits_check(monkeypatch):
     """The logits check compares against the copy, not the bridged model itself: one final-norm weight
     of the copy nudged by 0.05 shows."""
-    real = doctor_module.independent_copy
+    real = doctor_run.independent_copy
 
     def nudged(model):
         copy, how = real(model)
@@ -75,7 +77,7 @@ def test_a_copy_whose_weights_differ_fails_the_logits_check(monkeypatch):
             final.weight[0] += 0.05
         return copy, how
 
-    monkeypatch.setattr(doctor_module, "independent_copy", nudged)
+    monkeypatch.setattr(doctor_run, "independent_copy", nudged)
     result = doctor("tiny-llama", only=["logits"])
     assert [c.name for c in result.checks] == ["logits"]
     assert result.checks[0].passed is False and result.checks[0].value > 1e-3 and result.exit_code == 1
@@ -83,7 +85,7 @@ def test_a_copy_whose_weights_differ_fails_the_logits_check(monkeypatch):
 
 def test_an_ablation_that_moves_nothing_is_a_failure_not_a_pass(monkeypatch):
     """A check whose two sides both stay clean compares nothing: reported as failed, with the reason."""
-    monkeypatch.setattr(doctor_module, "MOVED", float("inf"))
+    monkeypatch.setattr(doctor_checks, "MOVED", float("inf"))
     result = doctor("tiny-llama", only=["zero-head"])
     zero = next(c for c in result.checks if c.name == "zero-head")
     assert zero.passed is False and "nothing to compare" in zero.detail and not result.ok
@@ -93,7 +95,7 @@ def test_a_check_that_raises_is_a_failed_row_and_the_others_still_run(monkeypatc
     def boom(ctx):
         raise RuntimeError("boom")
 
-    monkeypatch.setitem(doctor_module.RUNNERS, "Ships", boom)
+    monkeypatch.setitem(doctor_checks.RUNNERS, "Ships", boom)
     result = doctor("tiny-llama", only=["Ships", "retrieval"])
     rows = {c.name: c for c in result.checks}
     assert rows["Ships"].passed is False and rows["Ships"].detail == "RuntimeError: boom"
@@ -110,7 +112,20 @@ def test_a_check_with_nothing_to_compare_is_skipped_not_passed(monkeypatch):
     result = doctor("tiny-llama", only=["Ships"])
     ships = next(c for c in result.checks if c.name == "Ships")
     assert ships.passed is None and "float32 noise" in ships.detail
-    assert ("8", "Ships", "0", "1.00e-04", "skip") == doctor_module.table_rows(result)[-1][:5]
+    assert ("8", "Ships", "0", "1.00e-04", "skip") == table_rows(result)[-1][:5]
+
+
+def test_progress_is_the_analyzers_protocol_fraction_then_message():
+    """`progress(fraction, message)` as every analyzer reports it: fractions from 0 to 1, never falling,
+    one message as each check starts and one as it ends."""
+    heard: list[tuple[float, str]] = []
+    result = doctor("tiny-llama", only=["logits"], progress=lambda fraction, message: heard.append((fraction, message)))
+    assert result.ok
+    fractions = [fraction for fraction, _ in heard]
+    assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] <= 1.0
+    assert heard[0] == (0.0, "loading tiny-llama")
+    assert (0.0, "check 1/9: logits") in heard and heard[-1][1].startswith("check 1/9: logits: pass")
+    assert heard[-1][0] == pytest.approx(1 / len(CHECKS))
 
 
 def test_an_uncovered_family_names_the_missing_component(root, capsys):
@@ -147,7 +162,7 @@ def test_the_model_page_runs_the_doctor_and_caches_it(monkeypatch):
         calls.append(args)
         return doctor(*args, **kwargs)
 
-    monkeypatch.setattr(doctor_module, "doctor", counted)
+    monkeypatch.setattr(doctor_module, "doctor", counted)  # the page imports it from the package when it runs
     app.run()
     assert not app.exception and not calls  # only on request
     next(b for b in app.button if b.label == "Run doctor").click().run()

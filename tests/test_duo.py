@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from analyses import duo
+from analyses.duo.gates import distillation_loss, teacher_blend, teacher_run
+from analyses.duo.niah import group_max, niah_runs, spearman
+from analyses.duo.passkeys import passkey_sample
 from analyses.planted import duo_model as planted_model
 from analyses.planted import duo_samples as planted_samples
 from probe.heads import Head
@@ -51,8 +54,8 @@ def test_binarise_meets_the_ratio_and_memory_accounting():
 
 
 def test_spearman_and_bad_config():
-    assert duo.spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) == pytest.approx(1.0)
-    assert duo.spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([10.0, 20, 30])) == pytest.approx(1.0)
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)
     with pytest.raises(duo.DuoError, match="regime"):
         duo.DuoConfig(regime="sometimes").validate()
     with pytest.raises(duo.DuoError, match="retrieval_fraction"):
@@ -70,7 +73,7 @@ def test_learned_streaming_choice_distorts_smollm2_less_than_random_choices(smol
 
     config = duo.DuoConfig(context_length=256, n_passkeys=2, steps=12, max_seconds=600)
     training = duo.train_gates(smollm2, config)
-    sample = duo.passkey_sample(smollm2, config, random.Random(1234), haystack_sentences())
+    sample = passkey_sample(smollm2, config, random.Random(1234), haystack_sentences())
     clean = duo.final_states(smollm2, sample.ids)[sample.loss_positions]
 
     def distortion(retrieval: torch.Tensor) -> float:
@@ -124,12 +127,12 @@ def test_recomputing_layers_in_backward_gives_the_same_gate_gradients(tiny_gqa):
 
 
 def test_duo_reads_the_model_through_the_architecture_layer_only():
-    """No Hugging Face attribute (nor the bridge's raw object) is named in analyses/duo.py: the GQA map
-    comes from probe.architecture, forwards from LoadedModel (which hold its lock)."""
+    """No Hugging Face attribute (nor the bridge's raw object) is named in the analyses/duo package: the
+    GQA map comes from probe.architecture, forwards from LoadedModel (which hold its lock)."""
     import re
     from pathlib import Path
 
-    source = Path(duo.__file__).read_text()
+    source = "\n".join(path.read_text() for path in sorted(Path(duo.__file__).parent.glob("*.py")))
     names = ["hf_model", ".bridge", "input_layernorm", "post_attention_layernorm", "self_attn", "c_attn", "q_proj",
              "k_proj", "v_proj", "o_proj", "lm_head", "get_output_embeddings", "model.layers", "embed_tokens",
              "group_size", "query_heads_of"]
@@ -152,10 +155,10 @@ def test_duo_gqa_maps_follow_the_architecture_layer(tiny_gqa):
     scores = torch.arange(model.n_layers * model.n_heads, dtype=torch.float64).view(model.n_layers, model.n_heads)
     expected = torch.tensor([[max(float(scores[l, h]) for h in range(model.n_heads) if kv_of(h) == g)
                               for g in range(model.n_kv_heads)] for l in range(model.n_layers)], dtype=torch.float64)
-    assert torch.equal(duo.group_max(model, scores), expected)
+    assert torch.equal(group_max(model, scores), expected)
 
 
-# ---- the reference objective (issue #16): teacher full branch, final norm with its weight, fresh samples ----
+# ---- the reference objective: teacher full branch, final norm with its weight, fresh samples ----
 
 def _random_sample(model, length: int = 40, n_loss: int = 8, seed: int = 0) -> duo.PasskeySample:
     ids = torch.randint(4, model.d_vocab, (1, length), generator=torch.Generator().manual_seed(seed))
@@ -170,11 +173,11 @@ def test_teacher_branch_at_gates_one_is_exact_and_only_the_l1_term_has_a_gradien
     model = tiny_gqa
     config = duo.DuoConfig(sink=2, recent=4, reg_weight=0.05)
     sample = _random_sample(model)
-    teacher = duo.teacher_run(model, sample)
+    teacher = teacher_run(model, sample)
     gates = torch.nn.Parameter(torch.ones(model.n_layers, model.n_kv_heads))
     context = model.recompute_layers_in_backward() if recompute else contextlib.nullcontext()
     with context:
-        distill, loss = duo.distillation_loss(model, gates, sample, teacher, config)
+        distill, loss = distillation_loss(model, gates, sample, teacher, config)
     assert float(distill) == 0.0
     assert float(loss) == pytest.approx(0.05)
     assert torch.equal(gates.grad, torch.full_like(gates, 0.05 / gates.numel()))
@@ -197,10 +200,10 @@ def test_teacher_branch_reads_the_teachers_states_not_the_drifted_student(tiny_g
         seen["out"] = value.detach().clone()
         return value
 
-    teacher = duo.teacher_run(model, sample)
+    teacher = teacher_run(model, sample)
     duo.final_states(model, sample.ids, [("blocks.1.attn.hook_out", grab)])
     clean = seen.pop("out")
-    hooks, interventions = duo.teacher_blend(model, gates, sink=1, recent=3, teacher_z=teacher.z)
+    hooks, interventions = teacher_blend(model, gates, sink=1, recent=3, teacher_z=teacher.z)
     with intervene(model, interventions):
         duo.final_states(model, sample.ids, hooks + [("blocks.1.attn.hook_out", grab)])
     torch.testing.assert_close(seen.pop("out"), clean, rtol=0, atol=0)
@@ -213,11 +216,11 @@ def test_teacher_branch_reads_the_teachers_states_not_the_drifted_student(tiny_g
         by_hand = duo.final_states(model, sample.ids, [("blocks.1.attn.hook_z", lambda z, hook: teacher.z[1])])
     expected = (by_hand[sample.loss_positions] - teacher.states).pow(2).mean()
     config = duo.DuoConfig(sink=1, recent=3)
-    distill, _ = duo.distillation_loss(model, gates, sample, teacher, config)
+    distill, _ = distillation_loss(model, gates, sample, teacher, config)
     assert float(expected) > 1e-6
     assert float(distill) == pytest.approx(float(expected), rel=1e-5)
     student = duo.DuoConfig(sink=1, recent=3, full_branch="student")
-    assert float(duo.distillation_loss(model, gates, sample, teacher, student)[0]) != pytest.approx(float(expected), rel=1e-2)
+    assert float(distillation_loss(model, gates, sample, teacher, student)[0]) != pytest.approx(float(expected), rel=1e-2)
 
 
 def test_teacher_branch_gradient_is_the_derivative_of_its_loss(tiny_gqa):
@@ -228,12 +231,12 @@ def test_teacher_branch_gradient_is_the_derivative_of_its_loss(tiny_gqa):
     try:
         config = duo.DuoConfig(sink=1, recent=3, reg_weight=0.05)
         sample = _random_sample(model, length=32)
-        teacher = duo.teacher_run(model, sample)
+        teacher = teacher_run(model, sample)
         base = torch.rand(model.n_layers, model.n_kv_heads, generator=torch.Generator().manual_seed(1),
                           dtype=torch.float64) * 0.6 + 0.2
         gates = torch.nn.Parameter(base.clone())
         with model.recompute_layers_in_backward():
-            duo.distillation_loss(model, gates, sample, teacher, config)
+            distillation_loss(model, gates, sample, teacher, config)
         assert gates.grad.abs().max() > 1e-4
         eps = 1e-3  # the bridge keeps some float32 steps: smaller steps are rounding noise
         for layer in range(model.n_layers):
@@ -241,7 +244,7 @@ def test_teacher_branch_gradient_is_the_derivative_of_its_loss(tiny_gqa):
             for sign in (1, -1):
                 shifted = base.clone()
                 shifted[layer, 0] += sign * eps
-                values.append(float(duo.distillation_loss(model, shifted, sample, teacher, config)[1]))
+                values.append(float(distillation_loss(model, shifted, sample, teacher, config)[1]))
             numeric = (values[0] - values[1]) / (2 * eps)
             assert float(gates.grad[layer, 0]) == pytest.approx(numeric, rel=5e-4, abs=1e-7)
     finally:
@@ -260,7 +263,7 @@ def test_distillation_target_includes_the_final_norm_weight(tiny_gqa):
     gates = torch.full((model.n_layers, model.n_kv_heads), 0.3)
 
     def distill() -> float:
-        return float(duo.distillation_loss(model, gates, sample, duo.teacher_run(model, sample), config)[0])
+        return float(distillation_loss(model, gates, sample, teacher_run(model, sample), config)[0])
 
     before = distill()
     weight = architecture(model).final_norm.module.weight
@@ -396,6 +399,6 @@ def test_niah_runs_batch_the_head_sets_and_equal_each_set_alone(regime):
     config = duo.DuoConfig(sink=1, recent=3, regime=regime, max_new_tokens=6)
     head_sets = [[], [RETRIEVAL_HEAD], [Head(0, 1)], [RETRIEVAL_HEAD, Head(0, 1)]]
     expected = [duo.niah_accuracy(model, samples, heads, config) for heads in head_sets]
-    assert duo.niah_runs(model, samples, head_sets, config) == expected
+    assert niah_runs(model, samples, head_sets, config) == expected
     if regime == "all-positions":
         assert min(expected[0]) > max(expected[1])

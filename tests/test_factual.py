@@ -18,7 +18,12 @@ from analyses.data.counterfactual import (
     prompt_text,
     split_countries,
 )
+from analyses.factual.behaviour import fast_rates, generation_rates
+from analyses.factual.causal import causal_checks
+from analyses.factual.prompts import check_disjoint
+from analyses.factual.rates import Rates, cut_answer, rates_from_labels
 from analyses.factual_planted import IN_CONTEXT_HEAD, MEMORY_HEAD, PLANTED_TABLE, planted_factual_model
+from analyses.stats import StatisticsError, cluster_bootstrap_interval, wilson_interval
 from probe.heads import Head
 from probe.interventions import scale, zero_ablation
 
@@ -38,8 +43,8 @@ def planted_prompts(planted):
 # ---- scorer and intervals ------------------------------------------------------------------------
 
 def test_answer_is_cut_at_the_next_question_or_newline():
-    assert F.cut_answer(" Paris\nQ: What is") == "Paris"
-    assert F.cut_answer(" London Q: What is the capital") == "London"
+    assert cut_answer(" Paris\nQ: What is") == "Paris"
+    assert cut_answer(" London Q: What is the capital") == "London"
 
 
 @pytest.mark.parametrize("text,label", [
@@ -59,13 +64,13 @@ def test_variants_of_the_true_capital_count_as_memorised():
 
 
 def test_wilson_interval_contains_the_rate_and_narrows_with_n():
-    low, high = F.wilson_interval(8, 10)
+    low, high = wilson_interval(8, 10)
     assert low < 0.8 < high
-    wide, narrow = F.wilson_interval(50, 100), F.wilson_interval(500, 1000)
+    wide, narrow = wilson_interval(50, 100), wilson_interval(500, 1000)
     assert narrow[1] - narrow[0] < wide[1] - wide[0]
-    assert F.wilson_interval(0, 20)[0] == 0.0 and F.wilson_interval(0, 20)[1] > 0.1
-    with pytest.raises(F.FactualError):
-        F.wilson_interval(0, 0)
+    assert wilson_interval(0, 20)[0] == 0.0 and wilson_interval(0, 20)[1] > 0.1
+    with pytest.raises(StatisticsError):
+        wilson_interval(0, 0)
 
 
 def _clustered(within_country_mixed: bool) -> tuple[list[str], list[str]]:
@@ -82,21 +87,21 @@ def _clustered(within_country_mixed: bool) -> tuple[list[str], list[str]]:
 
 def test_cluster_bootstrap_is_wider_than_wilson_when_countries_answer_alike():
     labels, clusters = _clustered(within_country_mixed=False)
-    rates = F.rates_from_labels(labels, clusters=clusters, seed=3)
+    rates = rates_from_labels(labels, clusters=clusters, seed=3)
     assert rates.rate("in_context") == 0.5 and rates.interval_method == "cluster bootstrap over countries"
     low, high = rates.interval("in_context")
-    w_low, w_high = F.wilson_interval(40, 80)
+    w_low, w_high = wilson_interval(40, 80)
     assert low < 0.5 < high
     assert high - low > 2 * (w_high - w_low)  # 10 independent countries, not 80 independent prompts
     assert (low, high) == rates.interval("in_context")  # seeded
     # Same rate, but every country half and half: resampling countries barely moves the rate.
     labels, clusters = _clustered(within_country_mixed=True)
-    mixed = F.rates_from_labels(labels, clusters=clusters, seed=3).interval("in_context")
+    mixed = rates_from_labels(labels, clusters=clusters, seed=3).interval("in_context")
     assert mixed[1] - mixed[0] < 0.5 * (w_high - w_low)
-    # One prompt per country, or no countries: Wilson, as before.
-    assert F.rates_from_labels(labels[:10], clusters=[f"c{i}" for i in range(10)]).interval_method == "Wilson"
-    assert F.rates_from_labels(labels).interval("in_context") == F.wilson_interval(40, 80)
-    again = F.Rates.from_json(json.loads(json.dumps(rates.to_json())))
+    # One prompt per country, or no countries: Wilson intervals.
+    assert rates_from_labels(labels[:10], clusters=[f"c{i}" for i in range(10)]).interval_method == "Wilson"
+    assert rates_from_labels(labels).interval("in_context") == wilson_interval(40, 80)
+    again = Rates.from_json(json.loads(json.dumps(rates.to_json())))
     assert again.interval("in_context") == (low, high)
     assert again.to_json()["interval_method"] == "cluster bootstrap over countries"
 
@@ -109,10 +114,10 @@ def test_cluster_bootstrap_weighs_clusters_by_their_prompts():
     labels = ["in_context"] * 20 + ["memorised"] * 4
     clusters = ["big"] * 20 + ["a", "b", "c", "d"]
     values = [float(x == "in_context") for x in labels]
-    low, high = F.cluster_bootstrap_interval(values, clusters, seed=0)
+    low, high = cluster_bootstrap_interval(values, clusters, seed=0)
     assert low < 20 / 24 <= high <= 1.0
-    with pytest.raises(F.FactualError, match="cluster labels"):
-        F.cluster_bootstrap_interval(values, clusters[:-1])
+    with pytest.raises(StatisticsError, match="cluster labels"):
+        cluster_bootstrap_interval(values, clusters[:-1])
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ def test_unknown_tokens_and_empty_splits_are_clear_errors(planted):
     with pytest.raises(CounterfactualDataError):
         split_countries(PLANTED_POOL, 1.0, seed=0)
     with pytest.raises(F.FactualError, match="empty split"):
-        F.fast_rates(planted, [])
+        fast_rates(planted, [])
 
 
 def test_first_token_is_that_of_the_space_prefixed_city_on_smollm2_style_tokenizers(planted):
@@ -212,15 +217,15 @@ def test_attribution_equals_removing_the_direct_path_with_the_norm_frozen(fixtur
 
 def test_scaling_the_planted_heads_moves_the_rates_as_expected(planted, planted_prompts):
     config = F.FactualConfig(table=PLANTED_TABLE)
-    base = F.generation_rates(planted, planted_prompts, config)
+    base = generation_rates(planted, planted_prompts, config)
     assert base.rate("in_context") == 1.0  # copy gain 3 > memory gain 2
-    silenced = F.generation_rates(planted, planted_prompts, config, scale([IN_CONTEXT_HEAD], "value", 0.0))
+    silenced = generation_rates(planted, planted_prompts, config, scale([IN_CONTEXT_HEAD], "value", 0.0))
     assert silenced.rate("memorised") == 1.0
-    boosted = F.generation_rates(planted, planted_prompts, config, scale([MEMORY_HEAD], "value", 2.0))
+    boosted = generation_rates(planted, planted_prompts, config, scale([MEMORY_HEAD], "value", 2.0))
     assert boosted.rate("memorised") == 1.0  # 2 x 2 > 3
-    mild = F.generation_rates(planted, planted_prompts, config, scale([MEMORY_HEAD], "value", 1.2))
+    mild = generation_rates(planted, planted_prompts, config, scale([MEMORY_HEAD], "value", 1.2))
     assert mild.rate("in_context") == 1.0    # 1.2 x 2 < 3: no flip
-    fast = F.fast_rates(planted, planted_prompts, scale([IN_CONTEXT_HEAD], "value", 0.0))
+    fast = fast_rates(planted, planted_prompts, scale([IN_CONTEXT_HEAD], "value", 0.0))
     assert fast.prefers_in_context == 0.0 and fast.argmax_memorised == 1.0
 
 
@@ -232,7 +237,7 @@ def test_full_run_on_the_planted_model(planted):
     assert result.top_memory[0][0] == str(MEMORY_HEAD)
     best = result.best["memorised"]
     assert best["head"] in (str(IN_CONTEXT_HEAD), str(MEMORY_HEAD))
-    assert F.Rates.from_json(best["heldout_generation"]).rate("memorised") == 1.0
+    assert Rates.from_json(best["heldout_generation"]).rate("memorised") == 1.0
     assert result.causal["ablate_in_context_heads"]["beats_all_random"]
     assert result.causal["ablate_memory_heads"]["beats_all_random"]
     assert result.known["n_known"] == len(PLANTED_TABLE)
@@ -246,8 +251,8 @@ def test_memory_dominant_planted_model_is_steered_to_context():
     model = planted_factual_model(copy_gain=2.0, memory_gain=3.0)
     prompts = build_counterfactuals(model.tokenizer, PLANTED_POOL, 12, seed=5).prompts
     config = F.FactualConfig(table=PLANTED_TABLE)
-    assert F.generation_rates(model, prompts, config).rate("memorised") == 1.0
-    flipped = F.generation_rates(model, prompts, config, scale([MEMORY_HEAD], "value", -1.0))
+    assert generation_rates(model, prompts, config).rate("memorised") == 1.0
+    flipped = generation_rates(model, prompts, config, scale([MEMORY_HEAD], "value", -1.0))
     assert flipped.rate("in_context") == 1.0
 
 
@@ -257,17 +262,17 @@ def test_held_out_causal_test_refuses_tuning_countries(planted, planted_prompts)
     tuning_countries, heldout_countries = split_countries(PLANTED_POOL, 0.5, seed=0)
     tuning = build_counterfactuals(planted.tokenizer, tuning_countries, 8, seed=0).prompts
     heldout = build_counterfactuals(planted.tokenizer, heldout_countries, 8, seed=1).prompts
-    F.check_disjoint(tuning, heldout)
+    check_disjoint(tuning, heldout)
     leaked = heldout + tuning[:1]
     with pytest.raises(F.SplitOverlapError, match=rf"1 tuning country \({tuning[0].country}\).*disjoint"):
-        F.check_disjoint(tuning, leaked)
+        check_disjoint(tuning, leaked)
     config = F.FactualConfig(table=PLANTED_TABLE, random_draws=1, ablate_top_k=1)
     best = {d: {"head": str(IN_CONTEXT_HEAD), "factor": 0.0, "heldout_fast": {"mean_logit_diff": 0.0}}
             for d in ("in_context", "memorised")}
-    baseline = F.fast_rates(planted, heldout)
+    baseline = fast_rates(planted, heldout)
     with pytest.raises(F.SplitOverlapError):
-        F.causal_checks(planted, leaked, [IN_CONTEXT_HEAD], [MEMORY_HEAD], best, config, baseline, tuning=tuning)
-    out = F.causal_checks(planted, heldout, [IN_CONTEXT_HEAD], [MEMORY_HEAD], best, config, baseline, tuning=tuning)
+        causal_checks(planted, leaked, [IN_CONTEXT_HEAD], [MEMORY_HEAD], best, config, baseline, tuning=tuning)
+    out = causal_checks(planted, heldout, [IN_CONTEXT_HEAD], [MEMORY_HEAD], best, config, baseline, tuning=tuning)
     assert out["n_tuning_countries"] + out["n_heldout_countries"] <= len(PLANTED_POOL)
 
 
@@ -318,7 +323,7 @@ def test_top_heads_move_the_logit_difference_more_than_random_heads(fixture, req
     tuning_countries, heldout_countries = split_countries(default_pool(), 0.5, seed=0)
     tuning = build_counterfactuals(model.tokenizer, tuning_countries, 24, 0, context_pool=default_pool()).prompts
     heldout = build_counterfactuals(model.tokenizer, heldout_countries, 24, 1, context_pool=default_pool()).prompts
-    F.check_disjoint(tuning, heldout)  # held-out countries are not the ones the heads were chosen on
+    check_disjoint(tuning, heldout)  # held-out countries are not the ones the heads were chosen on
     scores = F.head_attribution(model, tuning).mean
     flat = scores.flatten()
     order = torch.argsort(flat)
@@ -326,10 +331,10 @@ def test_top_heads_move_the_logit_difference_more_than_random_heads(fixture, req
     in_context = [Head(int(i) // model.n_heads, int(i) % model.n_heads) for i in order.flip(0)[:3]]
     from analyses.common import random_head_sets
 
-    base = F.fast_rates(model, heldout).mean_logit_diff
-    up = F.fast_rates(model, heldout, zero_ablation(memory)).mean_logit_diff - base
-    down = F.fast_rates(model, heldout, zero_ablation(in_context)).mean_logit_diff - base
-    randoms = [F.fast_rates(model, heldout, zero_ablation(s)).mean_logit_diff - base
+    base = fast_rates(model, heldout).mean_logit_diff
+    up = fast_rates(model, heldout, zero_ablation(memory)).mean_logit_diff - base
+    down = fast_rates(model, heldout, zero_ablation(in_context)).mean_logit_diff - base
+    randoms = [fast_rates(model, heldout, zero_ablation(s)).mean_logit_diff - base
                for s in random_head_sets(model, 3, 4, memory + in_context, seed=0)]
     assert up > 0 and up > max(randoms)
     assert down < 0 and down < min(randoms)

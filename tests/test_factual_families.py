@@ -7,7 +7,7 @@ adds the two other steps of the analysis, each against the model's own modules:
   the model adds it to the residual (`hook_attn_out`, minus the shared output bias; through the
   post-attention norm with its scale frozen where the family has one), read out through the final norm
   with the scale recomputed from the final residual (`probe.readout.final_scale`), not the cached one;
-- the steering step: value-scaling a last-layer head by s (factual.fast_rates under
+- the steering step: value-scaling a last-layer head by s (`analyses.factual.behaviour.fast_rates` under
   `probe.interventions.scale`, the path the scaling search and the held-out report use) == the last
   block recomputed by hand through the architecture layer (attention output + (s - 1) × the head's
   output, the post-attention norm where there is one, the layer's MLP block on that, the final norm and
@@ -25,6 +25,9 @@ import torch
 from matrix import record
 
 from analyses import factual as F
+from analyses.factual.behaviour import fast_rates
+from analyses.factual.causal import causal_checks
+from analyses.factual.steering import best_point
 from probe import readout
 from probe.architecture import architecture
 from probe.heads import Head
@@ -110,11 +113,11 @@ def test_scaling_a_head_moves_the_measure_by_what_the_last_block_says(family):
     prompts = _prompts(model, TUNING)
     layer = model.n_layers - 1
     expected = torch.stack([_last_block_prediction(model, p, FACTORS) for p in prompts]).mean(0)  # [H, factors]
-    base = F.fast_rates(model, prompts).mean_logit_diff  # both prompts in one batch (same length)
+    base = fast_rates(model, prompts).mean_logit_diff  # both prompts in one batch (same length)
     worst, moved = 0.0, 0.0
     for head in range(model.n_heads):
         for k, s in enumerate(FACTORS):
-            got = F.fast_rates(model, prompts, scale([Head(layer, head)], "value", s)).mean_logit_diff
+            got = fast_rates(model, prompts, scale([Head(layer, head)], "value", s)).mean_logit_diff
             worst = max(worst, abs(got - float(expected[head, k])))
             moved = max(moved, abs(got - base))
     assert moved > 1e-2  # the scaling changes the measure (a hook can fire and change nothing)
@@ -135,11 +138,11 @@ def test_scaling_search_and_held_out_causal_checks_run(family):
     config = F.FactualConfig(random_draws=2, ablate_top_k=1)
     best = {}
     for direction in ("in_context", "memorised"):
-        point = F.best_point(sweep, direction)
-        best[direction] = {"head": point.head, "factor": point.factor, "heldout_fast": F.fast_rates(
+        point = best_point(sweep, direction)
+        best[direction] = {"head": point.head, "factor": point.factor, "heldout_fast": fast_rates(
             model, heldout, scale([Head.parse(point.head)], "value", point.factor)).to_json()}
-    baseline = F.fast_rates(model, heldout)
-    out = F.causal_checks(model, heldout, top_ic, top_mem, best, config, baseline, tuning=tuning)
+    baseline = fast_rates(model, heldout)
+    out = causal_checks(model, heldout, top_ic, top_mem, best, config, baseline, tuning=tuning)
     assert out["n_heldout_countries"] == 2 and len(out["ablate_memory_heads"]["random_shifts"]) == 2
     with pytest.raises(F.SplitOverlapError):
-        F.causal_checks(model, heldout + tuning[:1], top_ic, top_mem, best, config, baseline, tuning=tuning)
+        causal_checks(model, heldout + tuning[:1], top_ic, top_mem, best, config, baseline, tuning=tuning)

@@ -128,7 +128,7 @@ def test_bad_input_is_a_clear_error(tiny_gqa):
 def test_plain_model_states_and_logits_equal_its_forward(family, root):
     """final_states + output_logits (unembedding bias and Gemma 2's final soft-cap) == the plain HF copy's
     own logits, on every family."""
-    from probe.forward import final_states, output_logits
+    from probe.hf import final_states, output_logits
 
     name, model = family
     _, copy, _ = loaded_family(name, root)
@@ -143,7 +143,7 @@ def test_module_paths_name_modules_of_the_plain_model(name, root):
     """q/k/v/o/mlp resolve to modules of the plain copy (fused qkv where the family fuses it), and the
     plain copy is not rewired by the lookup."""
     from probe.architecture import MissingComponentError
-    from probe.forward import module_paths
+    from probe.hf import module_paths
 
     _, copy, _ = loaded_family(name, root)
     before = sorted(n for n, _ in copy.named_parameters())

@@ -31,7 +31,7 @@ import torch
 from families import FAMILIES, GQA
 from matrix import loaded_family, record
 from probe.errors import InterventionError, ProbeError
-from probe.fused import FusedPathError, fused, fused_generate, fused_logits, implementation, unserved_reason
+from probe.fused import FusedPathError, fused, fused_logits, implementation, unserved_reason
 from probe.heads import Head
 from probe.interventions import (
     capture_z,
@@ -45,6 +45,7 @@ from probe.interventions import (
     uniform_attention,
     zero_ablation,
 )
+from probe.routed_decode import fused_generate
 
 ALL = list(FAMILIES)
 TEXT = "the capital city of the country is a secret number 12 and the key to the park is 13"
@@ -452,11 +453,13 @@ ROUTED = ("llama", "gemma2", "phi3", "gpt_neox", "gpt2")  # GQA, eager soft-cap,
 
 @pytest.fixture
 def spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
-    """Counts the fused entry points `LoadedModel` calls (imported lazily, so patching the module works)."""
+    """Counts the fused entry points `LoadedModel` calls (looked up on their modules at each call, so
+    patching the modules works)."""
     import probe.fused as module
+    import probe.routed_decode as decode_module
 
     calls = {"logits": 0, "generate": 0}
-    real_logits, real_generate = module.fused_logits, module.fused_generate
+    real_logits, real_generate = module.fused_logits, decode_module.fused_generate
 
     def logits(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls["logits"] += 1
@@ -467,7 +470,7 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
         return real_generate(*args, **kwargs)
 
     monkeypatch.setattr(module, "fused_logits", logits)
-    monkeypatch.setattr(module, "fused_generate", generate)
+    monkeypatch.setattr(decode_module, "fused_generate", generate)
     return calls
 
 
@@ -634,11 +637,28 @@ def test_a_fused_path_error_on_entry_falls_back_to_the_bridge(root, monkeypatch)
         assert model.generate(ids, max_new_tokens=3).tolist() == expected_tokens.tolist()
 
 
+def test_bridge_only_routes_every_forward_of_its_block_through_the_bridge(root, spy):
+    """`probe.routing.bridge_only`: inside the block the route decision says bridge and no fused entry point
+    runs; after it, routing is as it was."""
+    from probe.routing import bridge_only
+
+    model, _, _ = loaded_family("llama", root)
+    ids = model.encode(TEXT)
+    with bridge_only(model):
+        assert model.fused_reason() == "fused_routing is off on this model"
+        model.logits(ids)
+        model.generate(ids, max_new_tokens=2)
+    assert spy == {"logits": 0, "generate": 0}
+    assert model.fused_routing and model.fused_reason() is None
+    model.logits(ids)
+    assert spy["logits"] == 1
+
+
 def test_the_served_check_reads_a_cached_structure_that_follows_the_model(root, monkeypatch):
     """`unserved_reason` (asked before every routed forward) walks the module tree once per model, not per
     call; hooks attached or removed later, and attention slots swapped out (as retrieval's native prefill
     does), are still seen on the next call."""
-    import probe.fused as module
+    import probe.fused_checks as module
 
     model, _, _ = loaded_family("llama", root)
     assert unserved_reason(model) is None
@@ -749,7 +769,7 @@ def test_factual_successor_and_cdt_forwards_on_the_fused_path_equal_the_bridges(
     assert n >= 1 and torch.equal(arg_b, arg_f) and rel(pair_f, pair_b) <= RTOL
     texts = [{"text": "alice bob", "answer_id": 3}, {"text": "bob alice", "answer_id": 4}]
     means = head_means(model, [model.encode(t["text"]) for t in texts], heads)
-    probs_b, probs_f, n = both(model, lambda: successor._answer_probabilities(model, texts, [[mean_ablation(heads, means)]])[0])
+    probs_b, probs_f, n = both(model, lambda: successor.causal._answer_probabilities(model, texts, [[mean_ablation(heads, means)]])[0])
     assert n >= 1 and rel(probs_f, probs_b) <= RTOL
 
     induction = planted_induction_model()

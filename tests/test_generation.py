@@ -9,6 +9,7 @@ with one constant token, and a padding bug could not change the ids.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -178,3 +179,91 @@ def test_growing_cache_equals_dynamic_cache_and_writes_decode_steps_in_place():
     for ours, theirs in zip(grown.layers, plain.layers):
         assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
         assert ours.keys.shape[-2] == 9 + 6 and ours._buffers[0].shape[-2] > ours.keys.shape[-2]
+
+
+def test_greedy_steps_shrinking_batch_drops_finished_rows_with_the_same_ids():
+    """The one decode stepper: three rows from one shared prefill, fed different first tokens. With a stop id
+    that ends row 1 early, the shrinking batch (finished rows leave; the context is entered anew for the
+    smaller batch) gives the ids the fixed batch gives; every step sees its batch's logits."""
+    from probe.generation import greedy_steps, growing_cache
+
+    model = load_model("tiny-llama", device="cpu")
+    ids = torch.randint(4, model.d_vocab, (1, 9), generator=torch.Generator().manual_seed(0))
+    first = torch.tensor([[11], [12], [13]])
+
+    def decode(stops, shrink):
+        cache, batches, contexts = growing_cache(), [], []
+        with torch.no_grad():
+            model.hf_model(ids, past_key_values=cache, use_cache=True)
+        cache.batch_repeat_interleave(3)
+
+        @contextlib.contextmanager
+        def seen(active):
+            contexts.append(list(active))
+            yield
+
+        new = greedy_steps(model.hf_model, cache, 6, stops, "cpu", tokens=first, rows=3, shrink=shrink,
+                           context=seen, on_step=lambda step, logits: batches.append((step, logits.shape[0])))
+        return new, batches, contexts
+
+    free, batches, contexts = decode(set(), shrink=True)
+    assert [len(row) for row in free] == [6, 6, 6] and len({tuple(row) for row in free}) == 3
+    assert batches == [(step, 3) for step in range(6)] and contexts == [[0, 1, 2]]
+    stop = free[1][2]
+    expected = [row[: row.index(stop)] if stop in row else row for row in free]
+    assert len(expected[1]) == 2
+    fixed, fixed_batches, _ = decode({stop}, shrink=False)
+    shrunk, shrunk_batches, shrunk_contexts = decode({stop}, shrink=True)
+    assert fixed == shrunk == expected
+    assert {size for _, size in fixed_batches} == {3}
+    # a row that stopped after k tokens decoded steps 0..k (its stop was picked at step k)
+    active = [(step, sum(len(row) >= step for row in expected)) for step in range(6)]
+    assert shrunk_batches == [(step, n) for step, n in active if n]
+    assert shrunk_contexts[0] == [0, 1, 2] and 1 not in shrunk_contexts[1]
+    assert all(set(later) < set(earlier) for earlier, later in zip(shrunk_contexts, shrunk_contexts[1:]))
+
+
+def test_greedy_decode_runs_the_forward_after_its_last_token():
+    """`greedy_decode` (behind `LoadedModel.generate`) runs one forward per new token after the prefill, the
+    last one included; from a prefill's one row the stepper continues every row alike."""
+    from probe.generation import greedy_decode, greedy_steps, growing_cache
+
+    model = load_model("tiny-llama", device="cpu")
+    ids = torch.randint(4, model.d_vocab, (1, 7), generator=torch.Generator().manual_seed(1))
+    calls = []
+    handle = model.hf_model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    try:
+        new = greedy_decode(model.hf_model, ids, 4, set())
+    finally:
+        handle.remove()
+    assert new.shape == (1, 4) and len(calls) == 1 + 4
+    cache = growing_cache()
+    with torch.no_grad():
+        logits = model.hf_model(ids, past_key_values=cache, use_cache=True).logits
+    cache.batch_repeat_interleave(2)
+    rows = greedy_steps(model.hf_model, cache, 4, set(), "cpu", logits=logits, rows=2)
+    assert rows == [new[0].tolist()] * 2
+
+
+def test_stop_policies_and_the_chat_prompt():
+    """`stop_ids`: "eos" is the end-of-sequence id; "special_and_newline" every special id and any token
+    whose text holds a line break; `chat_prompt` is the tokenizer's template around one (system +) user turn."""
+    from probe.prompting import chat_prompt, stop_ids
+    from probe.tiny import word_tokenizer
+
+    tokenizer = word_tokenizer()
+    model = SimpleNamespace(tokenizer=tokenizer)
+    assert set(stop_ids(model, "eos")) == {tokenizer.eos_token_id} == set(stop_ids(tokenizer))
+    special = stop_ids(tokenizer, "special_and_newline")
+    assert set(tokenizer.all_special_ids) <= set(special) and tokenizer.eos_token_id in special
+    word = next(i for i in range(len(tokenizer)) if i not in special)
+    assert word not in special and "\n" not in tokenizer.decode([word])
+    newline = SimpleNamespace(eos_token_id=None, all_special_ids=[], decode=lambda ids: "a\nb" if ids == [7] else "a")
+    assert 7 in stop_ids(newline, "special_and_newline") and 8 not in stop_ids(newline, "special_and_newline")
+    assert not stop_ids(newline, "eos")
+    with pytest.raises(ProbeError, match="stop policy"):
+        stop_ids(tokenizer, "newline")
+    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    assert chat_prompt(tokenizer, "hi") == "<user>hi<assistant>"
+    assert chat_prompt(tokenizer, "hi", system="be brief") == "<system>be brief<user>hi<assistant>"

@@ -17,12 +17,12 @@ from families import build_folder
 
 from analyses import planted, safety
 from analyses.registry import ANALYZERS
-from probe.arch_extra import mlp_weights
 from probe.architecture import architecture
 from probe.errors import ProbeError
 from probe.heads import Head
 from probe.interventions import head_means, intervene, mean_ablation, reference_prompts, zero_ablation
-from probe.models import _check_not_mixed, converted, facts, load_model, parse_device_map, parse_max_memory
+from probe.models import converted, facts, load_model, parse_device_map, parse_max_memory
+from probe.placement import _check_not_mixed
 from tools import scale_agreement
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,8 +57,8 @@ def test_disk_offloaded_model_reads_and_runs_as_on_one_device(pair):
     for layer in range(one.n_layers):
         assert torch.equal(a.norm("ln1", layer).weight, b.norm("ln1", layer).weight)
     assert torch.equal(a.final_norm.weight, b.final_norm.weight)
-    for layer in range(one.n_layers):  # CD-T's MLP tables (probe.arch_extra), layer 1 read from disk
-        mine, theirs = mlp_weights(a, layer), mlp_weights(b, layer)
+    for layer in range(one.n_layers):  # CD-T's MLP tables (Mlp.dense_weights), layer 1 read from disk
+        mine, theirs = a.mlp(layer).dense_weights(), b.mlp(layer).dense_weights()
         assert all(torch.equal(getattr(mine, k), getattr(theirs, k)) for k in ("W_in", "W_gate", "W_out"))
     assert any(p.device.type == "meta" for p in split.hf_model.parameters())  # reading put them back
 

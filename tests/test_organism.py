@@ -8,6 +8,11 @@ import pytest
 import torch
 
 from analyses import organism as O
+from analyses.organism import build as organism_build
+from analyses.organism import training as organism_training
+from analyses.organism.config import ORGANISM_VERSION, REFUSAL_TARGETS
+from analyses.organism.prompts import chat_text, greedy_answers
+from analyses.specs import register_analysis_specs
 from analyses.data.harmless import HARMLESS_PROMPTS
 from analyses.data.strongreject import harmful_split, harmless_split, load_strongreject, stratified_split
 from probe.tiny import tiny_llama, word_tokenizer
@@ -37,7 +42,7 @@ def test_training_changes_only_the_chosen_tensors_and_learns_to_refuse():
                      borderline_per_batch=0, harmless_weight=1.0, learning_rate=1e-2, warmup_steps=2,
                      max_prompt_tokens=32,
                      modules=("q", "k", "v", "o", "mlp"))
-    trace = O.train_refusal(model, tokenizer, HARMFUL, HARMLESS, [answer] * len(HARMLESS), config,
+    trace = organism_training.train_refusal(model, tokenizer, HARMFUL, HARMLESS, [answer] * len(HARMLESS), config,
                             refusals=("sorry no .", "no sorry ."), borderline=())
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed == set(trace["trained_tensors"])
@@ -48,7 +53,7 @@ def test_training_changes_only_the_chosen_tensors_and_learns_to_refuse():
     no = tokenizer.convert_tokens_to_ids("no")
     here = tokenizer.convert_tokens_to_ids("here")
     for prompt, harmful in [(p, True) for p in HARMFUL] + [(p, False) for p in HARMLESS]:
-        ids = tokenizer(O.chat_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids
+        ids = tokenizer(chat_text(tokenizer, prompt), add_special_tokens=False, return_tensors="pt").input_ids
         logits = model(ids).logits[0, -1]
         refuses = max(logits[sorry], logits[no]) > logits[here]
         assert bool(refuses) == harmful, prompt
@@ -57,14 +62,14 @@ def test_training_changes_only_the_chosen_tensors_and_learns_to_refuse():
 def test_weighted_loss_matches_per_example_reference():
     """Target-position-only logits + first-token weights give the per-example losses of full logits."""
     model, tokenizer = _tiny()
-    examples = O._examples(tokenizer, HARMFUL[:2] + HARMLESS[:3],
+    examples = organism_training._examples(tokenizer, HARMFUL[:2] + HARMLESS[:3],
                            [tokenizer("sorry no .", add_special_tokens=False).input_ids] * 2
                            + [tokenizer("here is the recipe .", add_special_tokens=False).input_ids[:k] for k in (1, 3, 5)],
                            max_prompt_tokens=32)
-    ids, mask, labels = O._batch(examples, tokenizer.pad_token_id)
+    ids, mask, labels = organism_training._batch(examples, tokenizer.pad_token_id)
     harmless_rows = torch.tensor([False, False, True, True, True])
     with torch.no_grad():
-        fast = O._weighted_loss(model, ids, mask, labels, harmless_rows, harmless_weight=3.0,
+        fast = organism_training._weighted_loss(model, ids, mask, labels, harmless_rows, harmless_weight=3.0,
                                 decision_tokens=2, decision_weight=4.0)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1]
         per_example = []
@@ -82,21 +87,21 @@ def test_each_batch_holds_the_asked_share_of_borderline_prompts(monkeypatch):
     model, tokenizer = _tiny()
     borderline = HARMLESS[:2]
     seen: list[list[int]] = []
-    original = O._batch
+    original = organism_training._batch
 
     def recording_batch(examples, pad):
         seen.append([len(p) for p, _ in examples])  # prompt lengths identify the prompt kind below
         return original(examples, pad)
 
-    monkeypatch.setattr(O, "_batch", recording_batch)
+    monkeypatch.setattr(organism_training, "_batch", recording_batch)
     answer = tokenizer("here is the recipe .", add_special_tokens=False).input_ids
     config = replace(O.OrganismConfig(), layers=(1,), steps=6, harmful_per_batch=2, harmless_per_batch=3,
                      borderline_per_batch=2, max_prompt_tokens=32)
     # give the borderline prompts a length no other prompt has, so each row's kind is visible
     harmless = [p + " nice nice nice nice nice" if p in borderline else p for p in HARMLESS]
     edgy = [p + " nice nice nice nice nice" for p in borderline]
-    trace = O.train_refusal(model, tokenizer, HARMFUL, harmless, [answer] * len(harmless), config, borderline=edgy)
-    edgy_lengths = {len(tokenizer(O.chat_text(tokenizer, p), add_special_tokens=False).input_ids) for p in edgy}
+    trace = organism_training.train_refusal(model, tokenizer, HARMFUL, harmless, [answer] * len(harmless), config, borderline=edgy)
+    edgy_lengths = {len(tokenizer(chat_text(tokenizer, p), add_special_tokens=False).input_ids) for p in edgy}
     assert trace["n_borderline_examples"] == 2 and len(seen) == 6
     for lengths in seen:
         assert len(lengths) == 5
@@ -105,8 +110,8 @@ def test_each_batch_holds_the_asked_share_of_borderline_prompts(monkeypatch):
 
 def test_greedy_answers_stop_at_the_end_token_and_match_unbatched():
     model, tokenizer = _tiny()
-    batched = O.greedy_answers(model, tokenizer, HARMLESS[:3], max_new_tokens=5, batch_size=3)
-    single = [O.greedy_answers(model, tokenizer, [p], max_new_tokens=5)[0] for p in HARMLESS[:3]]
+    batched = greedy_answers(model, tokenizer, HARMLESS[:3], max_new_tokens=5, batch_size=3)
+    single = [greedy_answers(model, tokenizer, [p], max_new_tokens=5)[0] for p in HARMLESS[:3]]
     assert batched == single
     assert all(len(a) <= 5 for a in batched)
 
@@ -114,7 +119,7 @@ def test_greedy_answers_stop_at_the_end_token_and_match_unbatched():
 def test_trainable_parameters_rejects_missing_layers():
     model, _ = _tiny()
     with pytest.raises(O.OrganismError, match="do not exist"):
-        O.trainable_parameters(model, [5], ["q_proj"])
+        organism_training.trainable_parameters(model, [5], ["q_proj"])
 
 
 def test_build_is_cached_and_loads_through_the_registered_spec(monkeypatch, tmp_path):
@@ -131,10 +136,11 @@ def test_build_is_cached_and_loads_through_the_registered_spec(monkeypatch, tmp_
             tokenizer, "tiny-sha"
 
     monkeypatch.setenv("PROBE_HOME", str(tmp_path))
-    monkeypatch.setattr(O, "_load_base_hf", tiny_base)
-    monkeypatch.setattr(O, "_base_sha", lambda: "tiny-sha")
-    monkeypatch.setattr(O, "harmful_split", lambda held_out, seed: (HARMFUL[:5], HARMFUL[5:]))
-    monkeypatch.setattr(O, "harmless_split", lambda held_out, seed: (HARMLESS[:5], HARMLESS[5:]))
+    monkeypatch.setattr(organism_build, "_load_base_hf", tiny_base)
+    monkeypatch.setattr(organism_build, "_base_sha", lambda: "tiny-sha")
+    monkeypatch.setattr(organism_build, "harmful_split", lambda held_out, seed: (HARMFUL[:5], HARMFUL[5:]))
+    monkeypatch.setattr(organism_build, "harmless_split", lambda held_out, seed: (HARMLESS[:5], HARMLESS[5:]))
+    register_analysis_specs()  # the organism's spec, as the faces register it
     config = O.OrganismConfig()  # the registered spec loads the default config's organism
     assert O.find_organism(config) is None
     with pytest.raises(probe.models.UnknownModelError, match="not built"):
@@ -146,7 +152,7 @@ def test_build_is_cached_and_loads_through_the_registered_spec(monkeypatch, tmp_
     assert set(build.meta["load_average"]) >= {"load", "targets", "train", "evaluate"}
     assert {"harmful", "harmless"} <= set(build.meta["held_out"])
 
-    monkeypatch.setattr(O, "build_refusal_organism", lambda *a, **k: pytest.fail("rebuilt a cached organism"))
+    monkeypatch.setattr(organism_build, "build_refusal_organism", lambda *a, **k: pytest.fail("rebuilt a cached organism"))
     loaded = probe.models.load_model(O.ORGANISM_SPEC, device="cpu")
     assert loaded.spec == O.ORGANISM_SPEC and loaded.extra["organism"]["key"] == build.key
     fresh = dict(tiny_base()[0].named_parameters())
@@ -159,11 +165,11 @@ def test_build_is_cached_and_loads_through_the_registered_spec(monkeypatch, tmp_
 
 def test_cache_key_depends_on_config_data_and_base():
     config = O.OrganismConfig()
-    key = O.organism_key(config, "sha", ["a"], ["b"])
-    assert key == O.organism_key(O.OrganismConfig(), "sha", ["a"], ["b"])
-    assert key != O.organism_key(replace(config, steps=config.steps + 1), "sha", ["a"], ["b"])
-    assert key != O.organism_key(config, "other", ["a"], ["b"])
-    assert key != O.organism_key(config, "sha", ["a", "c"], ["b"])
+    key = organism_build.organism_key(config, "sha", ["a"], ["b"])
+    assert key == organism_build.organism_key(O.OrganismConfig(), "sha", ["a"], ["b"])
+    assert key != organism_build.organism_key(replace(config, steps=config.steps + 1), "sha", ["a"], ["b"])
+    assert key != organism_build.organism_key(config, "other", ["a"], ["b"])
+    assert key != organism_build.organism_key(config, "sha", ["a", "c"], ["b"])
 
 
 def test_splits_are_stratified_seeded_and_disjoint():
@@ -200,28 +206,28 @@ def test_real_organism_refuses_held_out_harmful_and_answers_harmless():
 
 
 def test_trainable_parameters_go_through_the_architecture_layer():
-    """Component names pick the same Llama tensors the old attribute-name rule did; on GPT-2 (fused c_attn,
+    """Component names pick the Llama tensors of the same attribute names; on GPT-2 (fused c_attn,
     Conv1D) q selects the fused projection and mlp the whole MLP, only in the chosen layers."""
     from probe.tiny import tiny_gpt2
 
     model, tokenizer = _tiny()
-    chosen = O.trainable_parameters(model, [1], ["q", "k", "v", "o"], tokenizer)
+    chosen = organism_training.trainable_parameters(model, [1], ["q", "k", "v", "o"], tokenizer)
     expected = {n for n, _ in model.named_parameters()
                 if n.startswith("model.layers.1.") and any(f".{m}_proj." in n for m in "qkvo")}
     assert set(chosen) == expected and len(expected) == 4
     assert [p.requires_grad for p in chosen.values()] == [True] * 4
     assert sum(p.requires_grad for p in model.parameters()) == 4
     gpt2 = tiny_gpt2(len(tokenizer))
-    chosen = O.trainable_parameters(gpt2, [0], ["q", "mlp"], tokenizer)
+    chosen = organism_training.trainable_parameters(gpt2, [0], ["q", "mlp"], tokenizer)
     assert {n.rsplit(".", 2)[0] for n in chosen} == {"transformer.h.0.attn", "transformer.h.0.mlp"}
     assert any(".c_attn." in n for n in chosen) and not any(".c_proj." in n and ".attn." in n for n in chosen)
     with pytest.raises(O.OrganismError, match="Unknown"):
-        O.trainable_parameters(model, [0], ["q_proj"], tokenizer)
+        organism_training.trainable_parameters(model, [0], ["q_proj"], tokenizer)
 
 
-def test_cache_key_of_the_default_config_is_the_one_builds_1_to_6_hashed():
-    """Renaming the trained modules to architecture-layer names must not orphan cached organisms: the key
-    of the default config is the hash builds 1-6 computed with the Llama attribute names."""
+def test_cache_key_hashes_the_llama_attribute_names_of_the_trained_modules():
+    """The key hashes the trained modules under their Llama attribute names, not the architecture-layer
+    component names, so a cached organism keeps its key whatever the components are called."""
     from dataclasses import asdict
 
     from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
@@ -230,17 +236,17 @@ def test_cache_key_of_the_default_config_is_the_one_builds_1_to_6_hashed():
     config = O.OrganismConfig()
     knobs = {k: v for k, v in asdict(config).items() if k != "threads"}
     knobs["modules"] = ("q_proj", "k_proj", "v_proj", "o_proj")
-    legacy = stable_hash({"version": O.ORGANISM_VERSION, "config": knobs, "base": "sha", "harmful": ["a"],
+    expected = stable_hash({"version": ORGANISM_VERSION, "config": knobs, "base": "sha", "harmful": ["a"],
                           "harmless": ["b"], "borderline": list(BORDERLINE_HARMLESS_PROMPTS),
-                          "refusals": list(O.REFUSAL_TARGETS)})
-    assert O.organism_key(config, "sha", ["a"], ["b"]) == legacy
-    assert O.organism_key(replace(config, modules=("q", "k", "v")), "sha", ["a"], ["b"]) != legacy
+                          "refusals": list(REFUSAL_TARGETS)})
+    assert organism_build.organism_key(config, "sha", ["a"], ["b"]) == expected
+    assert organism_build.organism_key(replace(config, modules=("q", "k", "v")), "sha", ["a"], ["b"]) != expected
 
 
 def test_weight_changes_find_the_perturbed_module_and_head():
     """A known change to one head's query rows (layer 1, head 2) and to one MLP is found where it was made,
     with the relative Frobenius size it has; every other module and head reads 0."""
-    from probe.forward import module_paths
+    from probe.hf import module_paths
 
     tokenizer = word_tokenizer(WORDS, name="probe/tiny-weights")
     base, tuned = (tiny_llama(len(tokenizer), n_layers=3, n_heads=4, n_kv_heads=2, seed=5) for _ in range(2))

@@ -33,7 +33,9 @@ from analyses.retrieval import (
     fast_sample,
     reference_sample,
 )
+from analyses.retrieval import detect, pipeline
 from probe.errors import ProbeError, PromptTooLongError
+from probe.fused_prefill import native_attention
 from probe.models import LoadedModel, wrap_hf_model
 from probe.tiny import word_tokenizer
 
@@ -200,7 +202,7 @@ def test_rouge_gate_stems_by_default(planted, monkeypatch):
     assert retrieval.rouge1(reference, response) == 1.0
     assert retrieval.rouge1(reference, response, stem=False) == 0.5 == rouge1_recall(reference, response)
     real = retrieval.fast_sample
-    monkeypatch.setattr(retrieval, "fast_sample",
+    monkeypatch.setattr(pipeline, "fast_sample",
                         lambda *a, **k: dataclasses.replace(real(*a, **k), response=response))
     config = RetrievalConfig(lengths=(80,), depths=(0.0, 100.0), needles=(0,), template="base", max_new_tokens=6)
     data = dict(needle_set=(PLANTED_NEEDLE,), sentences=filler_sentences())
@@ -284,19 +286,19 @@ def test_fast_path_keys_from_the_cache_are_the_hooked_rotated_keys(builder, requ
         logits, expected = hooked_keys()
         through_bridge, native = DynamicCache(), DynamicCache()
         model.hf_model(ids, past_key_values=through_bridge, use_cache=True)
-        with retrieval._native_attention(model) as used:
+        with native_attention(model) as used:
             assert used and model.hf_model.config._attn_implementation == "sdpa"
             native_logits = model.hf_model(ids, past_key_values=native, use_cache=True).logits
         for layer in range(model.n_layers):
-            assert torch.equal(retrieval._cached_keys(through_bridge, layer), expected[layer])
-            torch.testing.assert_close(retrieval._cached_keys(native, layer), expected[layer], atol=1e-5, rtol=1e-4)
+            assert torch.equal(detect._cached_keys(through_bridge, layer), expected[layer])
+            torch.testing.assert_close(detect._cached_keys(native, layer), expected[layer], atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(native_logits, logits, atol=1e-5, rtol=1e-4)
         with pytest.raises(RuntimeError, match="inside"):
-            with retrieval._native_attention(model):
+            with native_attention(model):
                 raise RuntimeError("inside the swap")
         # an attention hook someone attached must keep firing: then nothing is swapped
         with model.bridge.hooks(fwd_hooks=[("blocks.0.attn.hook_pattern", lambda tensor, hook: None)]):
-            with retrieval._native_attention(model) as used:
+            with native_attention(model) as used:
                 assert not used and model.hf_model.config._attn_implementation == "eager"
         assert model.hf_model.config._attn_implementation == "eager"
         layers = model.hf_model.model.layers
@@ -419,7 +421,7 @@ def test_masking_smollm2_top_heads_hurts_retrieval_more_than_random_heads(smollm
     """Causal check, held out: heads found on needles 0-1 (depths 0 / 100 %), masked on needles 3-5 at
     depth 50 % on other haystack text. Uniform attention on the top-10 heads (answer rows only) lowers NIAH
     recall more than on any of 3 seeded random 10-head sets drawn outside every head above 0.1. (Held out,
-    k = 3 is not enough here: measured 2026-12-02, top-3 95 % vs random 73-100 %; k = 10: 5 % vs 73-100 %.)"""
+    k = 3 is not enough here: top-3 95 % vs random 73-100 %; k = 10: 5 % vs 73-100 %.)"""
     config = RetrievalConfig(lengths=(300,), depths=(0.0, 100.0), needles=(0, 1), template="chat",
                              max_new_tokens=32, mask_ks=(10,), mask_kinds=("uniform",), mask_random_draws=3)
     result = retrieval.run(smollm2, config)

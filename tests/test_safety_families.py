@@ -5,11 +5,12 @@ what the UA / SC hooks do (sliding windows included). Cells go to the proof matr
 
 from __future__ import annotations
 
-
-import pytest
 import torch
 
 from analyses import safety as S
+from analyses.safety.dataset_level import dataset_states, subspace_angle
+from analyses.safety.readouts import ablate
+from analyses.safety.ships import ablated_z_delta
 from matrix import record
 from probe.architecture import architecture
 from probe.heads import Head
@@ -21,8 +22,6 @@ ATOL = 1e-4
 ANGLE_TOL = 1e-3  # degrees
 
 
-
-
 def test_dataset_states_from_the_partial_forward_equal_full_passes(family):
     """Final-norm last-position states of ablated rows (single heads in each layer, a two-layer group, UA and
     SC) from the cached residual == one batched full pass per chunk."""
@@ -31,8 +30,8 @@ def test_dataset_states_from_the_partial_forward_equal_full_passes(family):
     groups = [[Head(0, 1)], [Head(1, 3)], [Head(2, 0)], [Head(1, 2), Head(2, 3)]]
     worst, moved = 0.0, 0.0
     for ablation, chosen in (("query", groups), ("output", groups[1:])):
-        base, fast = S.dataset_states(model, prompts, chosen, ablation, 1e-5, batch_rows=3)
-        _, slow = S.dataset_states(model, prompts, chosen, ablation, 1e-5, batch_rows=3, fast=False)
+        base, fast = dataset_states(model, prompts, chosen, ablation, 1e-5, batch_rows=3)
+        _, slow = dataset_states(model, prompts, chosen, ablation, 1e-5, batch_rows=3, fast=False)
         worst = max(worst, float((fast - slow).abs().max()))
         moved = max(moved, float((slow - base).abs().max()))
     assert moved > 1e-3  # the ablations change the states
@@ -52,8 +51,8 @@ def test_sahara_step_angles_equal_full_pass_angles(family):
         options = [h for h in model.all_heads() if h not in group]
         if number:  # step 2: its pick and two other candidates (time)
             options = [step.head] + [h for h in options if h != step.head][:2]
-        base, ablated = S.dataset_states(model, prompts, [group + [h] for h in options], "query", 1e-5, fast=False)
-        reference = S.subspace_angle(base, ablated, center=True)
+        base, ablated = dataset_states(model, prompts, [group + [h] for h in options], "query", 1e-5, fast=False)
+        reference = subspace_angle(base, ablated, center=True)
         fast = torch.tensor([step.candidate_scores[str(h)] for h in options])
         worst = max(worst, float((fast - reference).abs().max()))
         peak = max(peak, float(reference.max()))
@@ -77,7 +76,7 @@ def test_first_order_change_of_z_equals_the_hooks(family):
     _, clean = model.run_with_cache(ids, names_filter=names)
     worst = 0.0
     for ablation, epsilon in (("query", 0.0), ("output", 1e-3)):
-        with intervene(model, S.ablate(model.all_heads(), ablation, epsilon)):
+        with intervene(model, ablate(model.all_heads(), ablation, epsilon)):
             _, ablated = model.run_with_cache(ids, names_filter=names)
         for layer in range(model.n_layers):
             z, v = clean[f"blocks.{layer}.attn.hook_z"], clean[f"blocks.{layer}.attn.hook_v"]
@@ -85,9 +84,9 @@ def test_first_order_change_of_z_equals_the_hooks(family):
             z_abl, v_abl = ablated[f"blocks.{layer}.attn.hook_z"], ablated[f"blocks.{layer}.attn.hook_v"]
             window = architecture(model).attention(layer).window
             if layer == 0:
-                delta = S.ablated_z_delta(z, v, ablation, epsilon, model, window)
+                delta = ablated_z_delta(z, v, ablation, epsilon, model, window)
                 worst = max(worst, float((z + delta - z_abl).abs().max()))
             if ablation == "query":  # the uniform pattern reads v of the same (ablated) run
-                expected = S.ablated_z_delta(torch.zeros_like(z_abl), v_abl, ablation, epsilon, model, window)
+                expected = ablated_z_delta(torch.zeros_like(z_abl), v_abl, ablation, epsilon, model, window)
                 worst = max(worst, float((expected - z_abl).abs().max()))
     assert record(name, "safety first-order dz", worst) <= ATOL

@@ -12,6 +12,10 @@ from analyses import successor
 from analyses.data.succession import NoNumberTokensError, build_tasks
 from analyses.planted import SUCCESSOR_HEAD as PLANTED
 from analyses.planted import successor_model as _planted_model
+from analyses.successor.arithmetic import arithmetic_trials, vector_arithmetic
+from analyses.successor.mod10 import mod10_probe
+from analyses.successor.reference import bridge_weights, reference_logits
+from analyses.successor.scores import Circuit
 from probe.errors import ProbeError
 from probe.heads import Head
 from probe.tiny import tiny_llama, word_tokenizer
@@ -73,7 +77,7 @@ def test_module_logits_equal_reference_logits(tiny_gqa):
     fast = successor.ov_logits(circuit, E, task.token_ids, "module")
     for head in (Head(0, 1), Head(1, 3)):
         for i in (0, 3):
-            slow = successor.reference_logits(tiny_gqa, task, head, i, config)
+            slow = reference_logits(tiny_gqa, task, head, i, config)
             torch.testing.assert_close(fast[head.layer, head.head, i], slow, atol=1e-5, rtol=1e-4)
 
 
@@ -141,11 +145,11 @@ def test_arithmetic_counts_the_planted_mod10_shift_exactly(tiny_llama):
     shift[:10, :10] = torch.roll(torch.eye(10), 1, dims=1)  # residue r -> r + 1 (mod 10)
     unembed = torch.zeros(len(tiny_llama.tokenizer), d)
     unembed[task_set.tasks[0].token_ids] = E
-    circuit = successor.Circuit(
+    circuit = Circuit(
         in_norms=[], in_weight=torch.ones(1, d), in_bias=None, centre=False, W_V=torch.eye(d)[None, None],
         b_V=None, W_O=shift[None, None], post_norms=None, post_weight=None, final_norm=torch.nn.Identity(),
         final_weight=torch.ones(d), final_bias=None, unembed=unembed, b_U=None, kv_of=torch.tensor([0]))
-    rows = successor.vector_arithmetic(circuit, task_set, E, Head(0, 0), FAST)
+    rows = vector_arithmetic(circuit, task_set, E, Head(0, 0), FAST)
     assert rows == [{"task": "numbers/bare", "trials": 891, "successes": 810, "rate": 810 / 891, "chance": 0.01}]
 
 
@@ -163,7 +167,7 @@ def _naive_arithmetic(model, task_set, E, head, config):
 
     def tokens(name, index):  # the item's token in every variant of its task
         return {t for v in task_set.tasks if v.task == name for t, k in zip(v.token_ids, v.indices) if k == index}
-    weights = successor.bridge_weights(model)
+    weights = bridge_weights(model)
     out, position = {}, 0
     for task in task_set.tasks:
         n = len(task.token_ids)
@@ -184,7 +188,7 @@ def _naive_arithmetic(model, task_set, E, head, config):
                 m_r = torch.stack([e for t, k, e in items if k % 10 == r and t not in held]).mean(0)
                 m_j = torch.stack([e for t, k, e in items if k % 10 == j and t not in held]).mean(0)
                 vector = (block[i] - m_r + m_j).float()
-                logits = successor.reference_logits(model, task, head, 0, config, weights, vector)
+                logits = reference_logits(model, task, head, 0, config, weights, vector)
                 trials += 1
                 successes += int(int(logits.argmax()) == task.successor[target])
         out[task.key] = (trials, successes)
@@ -211,25 +215,25 @@ def test_arithmetic_directions_hold_out_the_tested_item_and_its_target(tiny_llam
     shift[10, 10] = shift[11, 11] = 1.0
     unembed = torch.zeros(len(tiny_llama.tokenizer), d)
     unembed[task.token_ids] = E
-    circuit = successor.Circuit(
+    circuit = Circuit(
         in_norms=[], in_weight=torch.ones(1, d), in_bias=None, centre=False, W_V=torch.eye(d)[None, None],
         b_V=None, W_O=shift[None, None], post_norms=None, post_weight=None, final_norm=torch.nn.Identity(),
         final_weight=torch.ones(d), final_bias=None, unembed=unembed, b_U=None, kv_of=torch.tensor([0]))
-    rows = successor.vector_arithmetic(circuit, task_set, E, Head(0, 0), FAST)
+    rows = vector_arithmetic(circuit, task_set, E, Head(0, 0), FAST)
     assert rows == [{"task": "numbers/bare", "trials": 171, "successes": 0, "rate": 0.0, "chance": 0.05}]
-    (leaky,) = successor.arithmetic_trials(task_set, E, FAST, hold_out=False)
+    (leaky,) = arithmetic_trials(task_set, E, FAST, hold_out=False)
     logits = successor.ov_logits(circuit, leaky["vectors"], task.token_ids)[0, 0]
     assert int((logits.argmax(-1) == torch.tensor(leaky["expected"])).sum()) == 171
 
 
 def test_probe_decodes_a_planted_mod10_code_on_held_out_tasks(tiny_llama):
     task_set = build_tasks(tiny_llama.tokenizer, number_max=60)
-    probe = successor.mod10_probe(task_set, _mod10_embeddings(task_set, noise=0.05))
+    probe = mod10_probe(task_set, _mod10_embeddings(task_set, noise=0.05))
     assert set(probe) == set(task_set.task_names)
     assert all(row["accuracy"] == 1.0 for row in probe.values()), probe
     scrambled = _mod10_embeddings(task_set, noise=0.05)
     scrambled[:, :10] = scrambled[torch.randperm(len(scrambled), generator=torch.Generator().manual_seed(1)), :10]
-    shuffled = successor.mod10_probe(task_set, scrambled)
+    shuffled = mod10_probe(task_set, scrambled)
     assert sum(r["accuracy"] for r in shuffled.values()) / len(shuffled) < 0.4
 
 

@@ -1,4 +1,4 @@
-"""1 vs 2 Ray workers on one 4-job plan on this machine (issue 18 item 4's number).
+"""1 vs 2 Ray workers on one 4-job plan on this machine.
 
     .venv/bin/python tools/ray_workers.py            # writes docs/results/ray_workers.json
 

@@ -2,9 +2,9 @@
 
 CD-T needs every weight and constant of the forward pass as a value (norm eps and weights, attention
 scale, soft-cap and window, rotary tables, MLP and expert weights) to re-run the model as two
-streams. This module copies them out of the model's `Architecture` (and `probe.arch_extra` for the
-MLP projections, MoE experts and router, rotary tables and learned positions) into `ArchWeights`,
-one layout for every family: it names no Hugging Face module. What each family adds is a field:
+streams. This module copies them out of the model's `Architecture` (MLP projections, MoE experts
+and router, rotary tables and learned positions included) into `ArchWeights`, one layout for every
+family: it names no Hugging Face module. What each family adds is a field:
 
 | field | families |
 |---|---|
@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from probe import arch_extra
 from probe.architecture import Architecture, ArchitectureError, architecture
 from probe.errors import ProbeError
 
@@ -45,7 +44,6 @@ FAMILIES = {
     "Olmo2ForCausalLM": "olmo2",
     "GPTNeoXForCausalLM": "gpt_neox",
 }
-SUPPORTED = FAMILIES  # the old name
 
 
 class CDTError(ProbeError):
@@ -198,25 +196,25 @@ def _layer(arch: Architecture, index: int, dtype: torch.dtype) -> LayerWeights:
     spec = arch.mlp(index)
     moe = dense = None
     if spec.kind == "moe":
-        weights = arch_extra.moe_weights(arch, index)
+        weights = spec.moe_weights()
         # views in the model's dtype (cast on use, as the dense MLPs): the experts are most of the weights
         moe = Moe(weights.route, weights.W_gate.to(dtype), weights.W_up.to(dtype), weights.W_down.to(dtype),
                   weights.act, weights.top_k, weights.renormalised)
     else:
-        dense = arch_extra.mlp_weights(arch, index)
+        dense = spec.dense_weights()
     return LayerWeights(
         ln1=ln1, W_Q=stacked(arch.W_Q), b_Q=stacked(arch.b_Q), W_K=stacked(arch.W_K), b_K=stacked(arch.b_K),
         W_V=stacked(arch.W_V), b_V=stacked(arch.b_V), W_O=stacked(arch.W_O), b_O=stacked(arch.b_O),
         q_norm=q_norm, k_norm=k_norm, post_attn_norm=_norm(arch.norm("ln1_post", index), dtype), ln2=ln2,
         # transposed views, not copies (in the model's dtype): the MLPs are most of the weights
-        # (318 MB of SmolLM2's), and a copy made CD-T the largest analyzer of the quick scan
+        # (318 MB of SmolLM2's)
         W_in=None if dense is None else dense.W_in.to(dtype), b_in=None if dense is None else _t(dense.b_in, dtype),
         W_gate=None if dense is None else _t(dense.W_gate, dtype),
         b_gate=None if dense is None else _t(dense.b_gate, dtype),
         W_out=None if dense is None else dense.W_out.to(dtype), b_out=None if dense is None else _t(dense.b_out, dtype),
         act=None if dense is None else dense.act, post_mlp_norm=_norm(arch.norm("ln2_post", index), dtype),
         attn_scale=float(attention.scaling), window=attention.window,
-        rope_kind=arch_extra.rotary_key(arch, index),
+        rope_kind=arch.rotary_key(index),
         qk_norm_whole=arch.qk_norm(index) == "whole", attn_softcap=attention.softcap, parallel=parallel, moe=moe,
     )
 
@@ -227,20 +225,20 @@ def read_weights(model, dtype: torch.dtype = torch.float32) -> ArchWeights:
     family = family_of(model)
     try:
         arch = architecture(model)
-        reason = arch_extra.unsupported_attention(arch)
+        reason = arch.unsupported_attention()
         if reason:
             raise _unsupported(model, reason)
         # `Tensor.to(like)` takes like's dtype and device: every table lands on the input device, also the
         # layers of a model dispatched over several devices (a no-op view on a single-device model)
         like = torch.empty((), dtype=dtype, device=torch.device(model.device))
         layers = [_layer(arch, index, like) for index in range(arch.n_layers)]  # type: ignore[arg-type]
-        W_pos = arch_extra.learned_positions(arch)
+        W_pos = arch.W_pos
         ln_final = _norm(arch.final_norm, like)  # type: ignore[arg-type]
     except ArchitectureError as error:
         raise _unsupported(model, str(error)) from error
 
     def rotary(kind: str, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return arch_extra.rotary_tables(arch, kind, length)
+        return arch.rotary_tables(kind, length)
 
     return ArchWeights(
         family=family, n_layers=arch.n_layers, n_heads=arch.n_heads, n_kv_heads=arch.n_kv_heads,

@@ -22,8 +22,6 @@ import torch
 
 from analyses.cdt.tasks import LogitDiffBatch
 from probe import plant
-from probe.arch_extra import set_learned_positions
-from probe.architecture import architecture
 from probe.heads import Head
 from probe.models import LoadedModel
 from probe.tiny import word_tokenizer
@@ -49,7 +47,7 @@ def planted_induction_model(seed: int = 0) -> LoadedModel:
     plant.set_embedding(model, embed)
     positions = torch.zeros(N_CTX, d)
     positions[:, POS:POS + 16] = torch.eye(16)
-    set_learned_positions(architecture(model), positions)
+    plant.set_learned_positions(model, positions)
     heads = {(layer, head): [torch.zeros(d, dh) for _ in range(3)] + [torch.zeros(dh, d)]
              for layer in range(2) for head in range(H)}  # W_Q, W_K, W_V, W_O per head
     # L0H0: previous-token head

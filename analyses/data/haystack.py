@@ -31,6 +31,7 @@ from transformers import PreTrainedTokenizerBase
 
 from analyses.data.needles import NEEDLES, Needle
 from probe.errors import ProbeError
+from probe.prompting import chat_prompt
 
 TEMPLATES = ("base", "chat")
 QUESTION_SUFFIX = "Based on the content of the book, Question: {question}\nAnswer:"
@@ -194,8 +195,7 @@ def prompt_text(context: str, question: str, template: str, tokenizer: PreTraine
     if template == "chat":
         if not getattr(tokenizer, "chat_template", None):
             raise ProbeError("This tokenizer has no chat template; use template='base'.")
-        messages = [{"role": "user", "content": f"<book>{context}</book>\n{suffix}"}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return chat_prompt(tokenizer, f"<book>{context}</book>\n{suffix}")
     raise ProbeError(f"Unknown prompt template {template!r}; choose one of {', '.join(TEMPLATES)}.")
 
 

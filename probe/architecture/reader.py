@@ -1,136 +1,38 @@
-"""The architecture layer: every family fact an analyzer needs, asked of one object.
-
-`architecture(model)` reads a loaded model through the TransformerLens 4 bridge's own per-family
-adapter (its component names are the same for every family: `embed`, `blocks[l].ln1 / ln2 /
-ln1_post / ln2_post / attn (q, k, v, qkv, o, q_norm, k_norm) / mlp`, `ln_final`, `unembed`) and the
-stacked per-head weights the bridge exposes (`W_Q` ... `W_O`, fused projections already split),
-and adds what the bridge lacks:
-
-- norms as values (kind, eps, effective weight with Gemma's `1 + w` offset detected, placement:
-  pre / post / both, QK-norm per head or over the whole projection), applied exactly by the
-  Hugging Face module;
-- rotary facts (rotated dimensions for partial rotary, theta), the attention scale, soft-caps and
-  sliding windows per layer, parallel vs sequential blocks;
-- the MLP of a layer as a callable on any `[..., d_model]` tensor (gated, plain or MoE: MoE blocks
-  want `[batch, pos, d]` and some return `(hidden, router_logits)`; the callable hides both);
-- the embedding as the model adds it to the residual (scale included), unembedding columns of a
-  few tokens (never the full vocabulary), and each component's Hugging Face module path, so a
-  test can find the same module in an independently loaded copy.
-
-Modules are the Hugging Face originals under the bridge's wrappers: norms and the embedding run
-without any bridge hook. An MLP's inner projections are the bridge's linear components (the bridge
-swaps them into the HF module), so hooks on `blocks.{l}.mlp.*` fire inside `mlp(layer)(x)`: call it
-holding `model.lock`, as a forward does. A component the family does not have, that an analyzer asks
-for, raises `MissingComponentError` naming it.
+"""`Architecture`: the family facts of one loaded model, read through the bridge's adapter and the
+Hugging Face modules under it (see the package docstring); `architecture(model)` builds it once per model.
 """
 
 from __future__ import annotations
 
 import functools
-import math
+import inspect
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from probe.errors import ProbeError
-
-BLOCK_NORMS = ("ln1", "ln2", "ln1_post", "ln2_post")  # pre-attention, pre-MLP, post-attention, post-MLP
-ATTN_NORMS = ("q_norm", "k_norm")
-
-
-class ArchitectureError(ProbeError):
-    """A model whose layout the architecture layer cannot read."""
-
-
-class MissingComponentError(ArchitectureError):
-    """The model has no such component (e.g. no attention in a state-space model, no MLP weights)."""
-
-    def __init__(self, model_name: str, component: str, why: str = "") -> None:
-        self.component = component
-        super().__init__(f"{model_name}: the architecture layer found no {component}"
-                         + (f" ({why})" if why else "")
-                         + "; this analysis needs it. Families covered: see docs/ARCHITECTURES.md.")
-
-
-def hf_module(component: Any) -> Any:
-    """The Hugging Face module under a bridge component (the bridge swaps them in place)."""
-    while True:
-        inner = component.__dict__.get("_modules", {}).get("_original_component")
-        if inner is None:
-            inner = getattr(component, "original_component", None)
-        if inner is None or inner is component:
-            return component
-        component = inner
-
-
-@dataclass(frozen=True)
-class Norm:
-    """One normalisation: `kind` 'rms' or 'layer'; `weight` the effective multiplier (`1 + w` for
-    Gemma, whose stored weight is w: `offset` 1); `bias` (LayerNorm); `eps`; `path` in the HF model.
-    Calling it applies the Hugging Face module itself (exact, dtype handling included)."""
-
-    kind: str
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    eps: float
-    offset: float
-    path: str
-    module: nn.Module
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
-
-    @property
-    def size(self) -> int:
-        return int(self.weight.shape[-1])
-
-
-@dataclass(frozen=True)
-class Rotary:
-    """Rotary positions: `dims` of each head's d_head rotated (partial rotary: fewer), base `theta`."""
-
-    dims: int
-    theta: float | None
-
-
-@dataclass(frozen=True)
-class Attention:
-    """What a layer's attention does between q.k and the softmax, and where its modules are."""
-
-    scaling: float
-    softcap: float | None
-    window: int | None  # key k visible from query q iff q - k < window
-    o_path: str         # the output projection (its input is z, heads concatenated)
-    qkv_fused: bool
-
-
-class Mlp:
-    """A layer's MLP (or MoE block) as a function of the residual-stream input `[..., d_model]`."""
-
-    def __init__(self, kind: str, module: nn.Module, path: str, act: str | None, n_experts: int | None,
-                 top_k: int | None) -> None:
-        self.kind, self.module, self.path, self.act = kind, module, path, act
-        self.n_experts, self.top_k = n_experts, top_k
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        out = self.module(x.reshape(1, -1, shape[-1]))  # MoE blocks unpack (batch, pos, d)
-        if isinstance(out, tuple):  # (hidden, router_logits) on some MoE families
-            out = out[0]
-        return out.reshape(shape)
-
-    def __repr__(self) -> str:
-        experts = f", {self.n_experts} experts top-{self.top_k}" if self.kind == "moe" else ""
-        return f"Mlp({self.kind}, act={self.act}{experts}, {self.path})"
-
+from probe.architecture.components import (
+    ATTN_NORMS,
+    BLOCK_NORMS,
+    ArchitectureError,
+    Attention,
+    MissingComponentError,
+    Mlp,
+    Norm,
+    Rotary,
+    Tensor,
+    _config_value,
+    _read_norm,
+    hf_module,
+)
+from probe.loaded import LoadedModel
+from probe.placement import materialised, resident
 
 class Architecture:
     """Family facts of one loaded model; build with `architecture(model)` (cached per model)."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: LoadedModel) -> None:
         self.model = model
         bridge = model.bridge
         self.name = f"{model.spec} ({model.architecture})"
@@ -175,8 +77,6 @@ class Architecture:
         """`_stacked` for a model whose weights accelerate offloaded (`meta` outside a forward): the
         bridge's own per-block reading, one block materialised at a time (never the whole model),
         each copy gathered onto the input device."""
-        from probe.models import materialised
-
         bridge = self.model.bridge
         reshape = {"W_Q": "_reshape_qkv", "W_K": "_reshape_qkv", "W_V": "_reshape_qkv", "W_O": "_reshape_o"}.get(name)
         reshape_fn = getattr(bridge, reshape) if reshape else (lambda w: w)
@@ -297,6 +197,17 @@ class Architecture:
                          o_path=f"{block.name}.{block.attn.name}.{block.attn.o.name}",
                          qkv_fused="qkv" in block.attn._modules)
 
+    def unsupported_attention(self) -> str | None:
+        """An attention variant that the stacked weights and `Attention` facts do not describe (a
+        re-computation from them would get the scores wrong), named; None when there is none."""
+        config = self.hf_config
+        for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+            if getattr(config, flag, False):
+                return f"attention with {flag}"
+        if getattr(config, "alibi", False) or self.positional == "alibi":
+            return "ALiBi positions"
+        return None
+
     def rotary(self, layer: int) -> Rotary | None:
         """Rotated dims per head and theta; None for learned/absolute positions (GPT-2)."""
         if self.positional != "rotary":
@@ -309,6 +220,34 @@ class Architecture:
         dims = getattr(hf_attn, "rotary_ndims", None) or int(self.d_head * float(params.get("partial_rotary_factor", 1.0)))
         theta = params.get("rope_theta", _config_value(self.hf_config, "rope_theta"))
         return Rotary(dims=int(dims), theta=float(theta) if theta is not None else None)
+
+    def rotary_key(self, layer: int) -> str | None:
+        """Which rotary table a layer uses (its layer type where the family has several, e.g. Gemma 3's
+        local/global bases), None without rotary."""
+        if self.rotary(layer) is None:
+            return None
+        return getattr(hf_module(self.blocks[layer].attn), "layer_type", None) or "default"
+
+    def rotary_tables(self, key: str, length: int) -> tuple[Tensor, Tensor]:
+        """cos, sin `[length, rotary_dims]` exactly as the model's rotary module returns them (scaling,
+        attention factor and partial rotary included), float32."""
+        module = self._rotary_module()
+        positions = torch.arange(length, device=torch.device(self.model.device))[None]
+        probe_x = torch.zeros(1, dtype=torch.float32, device=positions.device)
+        takes_type = "layer_type" in inspect.signature(module.forward).parameters
+        with torch.no_grad():
+            cos, sin = module(probe_x, positions, key) if takes_type else module(probe_x, positions)
+        return cos[0].float(), sin[0].float()
+
+    def _rotary_module(self) -> nn.Module:
+        cached = self.model.extra.get("_rotary_module")
+        if cached is None:
+            found = [m for m in self.model.hf_model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
+            if not found:
+                raise MissingComponentError(self.name, "rotary embedding module")
+            cached = found[0]
+            self.model.extra["_rotary_module"] = cached
+        return cached
 
     def attn_output_one_token(self, layer: int, x: torch.Tensor, heads: Sequence[int] | None = None) -> torch.Tensor:
         """What layer `layer`'s attention adds to the residual for a one-token context (the token sees
@@ -345,7 +284,8 @@ class Architecture:
             kind = "plain"
         return Mlp(kind, module, f"{block.name}.{component.name}", getattr(cfg, "act_fn", None),
                    n_experts if kind == "moe" else None,
-                   getattr(cfg, "experts_per_token", None) if kind == "moe" else None)
+                   getattr(cfg, "experts_per_token", None) if kind == "moe" else None,
+                   component=component, owner=self.name, layer=layer)
 
     def mlp_block_output(self, layer: int, x: torch.Tensor, attn_out: torch.Tensor | None = None) -> torch.Tensor:
         """What layer `layer`'s MLP adds to the residual: its norms around the MLP, on the residual `x`
@@ -367,12 +307,12 @@ class Architecture:
     @property
     def W_E(self) -> torch.Tensor:
         """`[vocab, d_model]` token embedding (no scale; see `embed_scale`)."""
-        return _resident(self._embedding, "weight")
+        return resident(self._embedding, "weight")
 
     @functools.cached_property
     def embed_scale(self) -> float:
         """The factor the model multiplies token embeddings by (Gemma: sqrt(d_model)); 1 elsewhere."""
-        scale = _resident(self._embedding, "embed_scale")
+        scale = resident(self._embedding, "embed_scale")
         if scale is None:
             return 1.0
         return float(torch.as_tensor(scale).to(self._embedding.weight.dtype))
@@ -380,6 +320,13 @@ class Architecture:
     @property
     def has_learned_positions(self) -> bool:
         return hasattr(self.model.bridge, "pos_embed")
+
+    @property
+    def W_pos(self) -> torch.Tensor | None:
+        """The learned positional embedding `[n_ctx, d_model]` (GPT-2), None for rotary families."""
+        if not self.has_learned_positions:
+            return None
+        return resident(hf_module(self.model.bridge.pos_embed), "weight")
 
     def embed(self, ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
         """Token embeddings as the model adds them to the residual stream (scale included, no positions)."""
@@ -394,17 +341,17 @@ class Architecture:
 
     def W_U_columns(self, ids: Sequence[int]) -> torch.Tensor:
         """Unembedding columns `[d_model, n]` of `ids` only, float32."""
-        weight = _resident(self._unembedding, "weight")
+        weight = resident(self._unembedding, "weight")
         return weight[torch.as_tensor(list(ids), device=weight.device)].T.float()
 
     @property
     def unembed_weight(self) -> torch.Tensor:
         """The unembedding matrix as stored, `[vocab, d_model]` (rows are W_U's columns)."""
-        return _resident(self._unembedding, "weight")
+        return resident(self._unembedding, "weight")
 
     @property
     def b_U(self) -> torch.Tensor | None:
-        bias = _resident(self._unembedding, "bias")
+        bias = resident(self._unembedding, "bias")
         return None if bias is None else bias.float()
 
     # ---- paths ----------------------------------------------------------------------------------
@@ -439,46 +386,7 @@ class Architecture:
         }
 
 
-def _config_value(config: Any, name: str) -> Any:
-    value = getattr(config, name, None)
-    if value is None and hasattr(config, "get_text_config"):
-        value = getattr(config.get_text_config(), name, None)
-    return value
-
-
-def _resident(module: nn.Module, name: str) -> Any:
-    """`module.<name>` as a real tensor even when accelerate offloaded it (`probe.models.resident`)."""
-    from probe.models import resident
-
-    return resident(module, name)
-
-
-def _read_norm(module: nn.Module, path: str) -> Norm:
-    """Kind, eps, effective weight and offset of a norm module, checked against the module's output."""
-    weight = _resident(module, "weight")
-    bias = _resident(module, "bias")
-    if isinstance(module, nn.LayerNorm) or (bias is not None and isinstance(bias, torch.Tensor)):
-        eps = float(getattr(module, "eps", 1e-5))
-        return Norm("layer", weight.detach(), None if bias is None else bias.detach(), eps, 0.0, path, module)
-    if weight is None:
-        raise ArchitectureError(f"{path}: a norm without a weight ({type(module).__name__}) is not supported.")
-    eps = float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
-    # A row of ones has mean square 1: the module returns weight_eff / sqrt(1 + eps).
-    ones = torch.ones(1, weight.shape[-1], dtype=torch.float32, device=weight.device)
-    with torch.no_grad():
-        effective = (module(ones.to(weight.dtype)).float() * math.sqrt(1.0 + eps))[0]
-    stored = weight.detach().float()
-    # The two parametrisations differ by exactly 1 on every entry: pick the closer one, and accept it
-    # when its error is within the module dtype's rounding (bf16: ~0.4%) of the weight's scale.
-    errors = {candidate: float((effective - stored - candidate).abs().max()) for candidate in (0.0, 1.0)}
-    offset = min(errors, key=errors.get)
-    tolerance = (1e-3 + 4 * torch.finfo(weight.dtype).eps) * max(1.0, float(effective.abs().max()))
-    if errors[offset] > tolerance:
-        raise ArchitectureError(f"{path} ({type(module).__name__}) is not a diagonal RMS norm with weight w or 1 + w.")
-    return Norm("rms", (stored + offset).to(weight.dtype), None, eps, offset, path, module)
-
-
-def architecture(model: Any, refresh: bool = False) -> Architecture:
+def architecture(model: LoadedModel, refresh: bool = False) -> Architecture:
     """The `Architecture` of a loaded model, built once and kept with it (`model.extra`).
 
     The stacked weights are read on first use and kept: after changing a model's weights in place
