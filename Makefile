@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU build of torch pinned for this machine kind (a range would pull CUDA wheels)
 	$(BIN)/pip install -q "torch==2.13.0" || $(BIN)/pip install -q "torch>=2.4"
-	$(BIN)/pip install -q -e ".[test,cluster]"  # cluster: Ray, for tests/test_cluster.py
+	$(BIN)/pip install -q -e ".[test,cluster]"  # cluster: Ray, for tests/analyses/scan/test_cluster.py
 	touch $(STAMP)
 
 install: $(STAMP)

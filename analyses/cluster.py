@@ -267,14 +267,14 @@ class Plan:
 
 def check_spec(spec: str) -> str:
     """A model spec the nodes can load by name (`probe models`; hf:/gguf: paths are checked on the node)."""
-    from probe.models import EXTRA_SPECS, PATH_PREFIXES, SPECS
+    from probe.models import PATH_PREFIXES, REGISTERED_SPECS, SPECS
 
-    if spec in SPECS or spec in EXTRA_SPECS or spec.startswith(PATH_PREFIXES):
+    if spec in SPECS or spec in REGISTERED_SPECS or spec.startswith(PATH_PREFIXES):
         return spec
-    close = difflib.get_close_matches(spec, [*SPECS, *EXTRA_SPECS], 1)
+    close = difflib.get_close_matches(spec, [*SPECS, *REGISTERED_SPECS], 1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ProbeError(f"Unknown model spec {spec!r}{hint}; valid: {', '.join([*SPECS, *EXTRA_SPECS])}, hf:<dir or hub id>, "
-                     "gguf:<file>.")
+    raise ProbeError(f"Unknown model spec {spec!r}{hint}; valid: {', '.join([*SPECS, *REGISTERED_SPECS])}, "
+                     "hf:<dir or hub id>, gguf:<file>.")
 
 
 def _slug(text: str) -> str:

@@ -37,7 +37,7 @@ def provenance(model: LoadedModel, analyzer: str, version: str, config: Any, dat
 def random_head_sets(model: LoadedModel, size: int, draws: int, exclude: Sequence[Head], seed: int) -> list[list[Head]]:
     """`draws` seeded random sets of `size` heads from the model's real shape, never touching `exclude`.
 
-    (The retrieval-heads reference code compared tuples with lists, so its 'random' heads could
+    (The retrieval-heads authors' code compared tuples with lists, so its 'random' heads could
     include the heads under test; here the pool is the complement of `exclude`.)
     """
     excluded = set(exclude)

@@ -62,7 +62,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from probe.compare import check_room, compare
+    from probe.effects import check_room, intervention_effects
 
     check_text("--prompt", args.prompt)
     check_ablate(args.ablate)
@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_room(model, int(model.encode(args.prompt).shape[-1]), args.generate)  # before any (mean-ablation) pass
     interventions = build_interventions(model, args.ablate, args.ablate_method, args.scale)
     with console.status("Running original and intervened passes ..."):
-        result = compare(model, args.prompt, interventions, top_k=args.top, generate=args.generate)
+        result = intervention_effects(model, args.prompt, interventions, top_k=args.top, generate=args.generate)
     _, non_finite = finite_json(result.to_json())
     if args.json:
         print(dumps_json(result.to_json()))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from probe.errors import InterventionError, ProbeError
 from probe.heads import parse_heads
-from probe.interventions import Intervention, ablation, head_means, reference_prompts, scale
+from probe.interventions import Intervention, ablation, head_means, mean_source_prompts, scale
 from probe.models import LoadedModel
 
 
@@ -56,7 +56,7 @@ def build_interventions(model: LoadedModel, ablate: Sequence[str], method: str,
         heads = parse_heads(",".join(ablate), model)
         if not heads:
             raise InterventionError(f"--ablate {', '.join(map(repr, ablate))} names no head; give heads such as L5H3.")
-        means = head_means(model, reference_prompts(model), heads) if method == "mean" else None
+        means = head_means(model, mean_source_prompts(model), heads) if method == "mean" else None
         interventions.append(ablation(heads, method, means))
     interventions.extend(parse_scale(text, model) for text in scales)
     return interventions

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
-from probe.compare import compare
+from probe.effects import intervention_effects
 from probe.errors import ProbeError
 from probe.heads import parse_heads
-from probe.interventions import ablation, head_means, reference_prompts, scale
+from probe.interventions import ablation, head_means, mean_source_prompts, scale
 from probe.models import DEFAULT_MODEL, facts, load_model
 
 PROMPT = "The capital of France is"
@@ -25,7 +25,7 @@ def run_demo(spec: str, out: Path) -> dict:
     model = load_model(spec, progress=lambda m: print(m, file=sys.stderr))
     load_s = time.perf_counter() - start
     early = parse_heads("L0H*,L1H*,L2H*", model)
-    means = head_means(model, reference_prompts(model), early)
+    means = head_means(model, mean_source_prompts(model), early)
     setups = {
         "zero-ablate all heads of layers 0-2": [ablation(early, "zero")],
         "mean-ablate all heads of layers 0-2": [ablation(early, "mean", means)],
@@ -35,7 +35,7 @@ def run_demo(spec: str, out: Path) -> dict:
     runs = {}
     for label, interventions in setups.items():
         print(f"running: {label}", file=sys.stderr)
-        runs[label] = compare(model, PROMPT, interventions, top_k=5, generate=8).to_json()
+        runs[label] = intervention_effects(model, PROMPT, interventions, top_k=5, generate=8).to_json()
     report = {"model": facts(model), "load_seconds": round(load_s, 1), "prompt": PROMPT, "runs": runs}
     out.mkdir(parents=True, exist_ok=True)
     (out / "demo.json").write_text(json.dumps(report, indent=2))

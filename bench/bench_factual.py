@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from analyses import factual as F  # noqa: E402
 from analyses.data.counterfactual import build_counterfactuals, default_pool  # noqa: E402
-from analyses.factual_planted import PLANTED_TABLE, planted_factual_model  # noqa: E402
+from analyses.planted.factual import PLANTED_TABLE, planted_factual_model  # noqa: E402
 from analyses.data.capitals import Capital  # noqa: E402
 from probe.models import load_model  # noqa: E402
 

@@ -206,7 +206,7 @@ PAGE = ROOT / "docs" / "BENCHMARKS.md"
 
 
 def render(results: Path = RESULTS) -> str:
-    """The page for the result files in `results`, written nowhere: tests/test_benchmarks_page.py compares it
+    """The page for the result files in `results`, written nowhere: tests/docs/test_benchmarks_page.py compares it
     with the committed page, so a number on it cannot drift from its result file."""
     parts = [INTRO]
     for path in sorted(results.glob("*.json")):

@@ -32,7 +32,7 @@ QUICKSTART = [
            "`PROBE_NOTEBOOK_SMALL=1`), read an attention pattern through a TransformerLens hook, then ablate "
            "heads with probe's typed interventions and compare next-token distributions."),
     ("code", "import os\nfrom probe.models import load_model\nfrom probe.heads import parse_heads\n"
-             "from probe.interventions import intervene, zero_ablation, scale\nfrom probe.compare import compare\n\n"
+             "from probe.interventions import intervene, zero_ablation, scale\nfrom probe.effects import intervention_effects\n\n"
              "SMALL = os.environ.get('PROBE_NOTEBOOK_SMALL') == '1'\n"
              "model = load_model('tiny-gqa' if SMALL else 'smollm2-135m')\n"
              "prompt = 'the capital of mary is' if SMALL else 'The capital of France is'\n"
@@ -45,7 +45,7 @@ QUICKSTART = [
              "assert abs(float(pattern[-1].sum()) - 1) < 1e-5  # one attention row sums to 1"),
     ("md", "## Interventions: ablate the first three layers"),
     ("code", "early = parse_heads('L0H*,L1H*' if SMALL else 'L0H*,L1H*,L2H*', model)\n"
-             "result = compare(model, prompt, [zero_ablation(early)], top_k=5)\n"
+             "result = intervention_effects(model, prompt, [zero_ablation(early)], top_k=5)\n"
              "for a, b in zip(result.original.top, result.intervened.top):\n"
              "    print(f'{a.token!r:>12} {a.prob:.3f}   |   {b.token!r:>12} {b.prob:.3f}')\n"
              "print('total variation', round(result.total_variation, 3))\n"
@@ -311,9 +311,9 @@ DUO = method_notebook(
             errors, agreement = [], []
             for sample in samples:
                 positions = sample.loss_positions
-                full_states, full_next = module.final_states(model, sample.ids)[positions], model.logits(sample.ids)[0, positions].argmax(-1)
+                full_states, full_next = module.distillation_states(model, sample.ids)[positions], model.logits(sample.ids)[0, positions].argmax(-1)
                 with intervene(model, [streaming_attention(heads, config.sink, config.recent)]):
-                    states, next_ids = module.final_states(model, sample.ids)[positions], model.logits(sample.ids)[0, positions].argmax(-1)
+                    states, next_ids = module.distillation_states(model, sample.ids)[positions], model.logits(sample.ids)[0, positions].argmax(-1)
                 errors.append(float((states - full_states).pow(2).mean() / full_states.pow(2).mean()))
                 agreement.append(float((next_ids == full_next).float().mean()))
             return sum(errors) / len(errors), sum(agreement) / len(agreement)

@@ -22,7 +22,7 @@ Face module list), and the final norm is the module the full forward calls, so e
 `start` runs, and no hook fires while the arguments are recorded (the modules the decoder calls
 before its loop, e.g. GPT-2's position embedding, have their hooks held back for that moment).
 
-`final_normalized` reads one forward's final-norm states (the unembedding skipped on the fused path), for
+`model_final_states` reads one forward's final-norm states (the unembedding skipped on the fused path), for
 read-outs of many interventions in one product (`probe.readout`). Which path a forward takes is
 `probe.routing`'s decision.
 """
@@ -42,7 +42,8 @@ from probe.errors import ProbeError
 from probe.loaded import LoadedModel, Positions
 from probe.routing import _pick_positions, forward_for_hooks, on_fused_path
 
-__all__ = ["ForwardError", "final_normalized", "forward_for_hooks", "layer_calls", "on_fused_path", "run_from_layer"]
+__all__ = ["ForwardError", "forward_for_hooks", "layer_calls", "model_final_states", "on_fused_path",
+           "run_from_layer"]
 
 
 class ForwardError(ProbeError):
@@ -170,7 +171,7 @@ def run_from_layer(model: LoadedModel, resid: torch.Tensor, start: int) -> torch
 
 
 @torch.no_grad()
-def final_normalized(model: LoadedModel, ids: torch.Tensor, positions: Positions = "last") -> torch.Tensor:
+def model_final_states(model: LoadedModel, ids: torch.Tensor, positions: Positions = "last") -> torch.Tensor:
     """The final norm's output `[batch, n_positions, d_model]` of one forward (hooks and `intervene()` blocks
     in effect), read at `ln_final.hook_out`; on the fused path the unembedding never runs.
 

@@ -62,7 +62,6 @@ from torch import nn
 from probe.architecture import architecture
 from probe.errors import InterventionError, ProbeError
 from probe.fused_checks import (
-    ON_OUTPUT,
     ON_QUERY,
     FusedPathError,
     _configs,
@@ -71,7 +70,7 @@ from probe.fused_checks import (
     implementation,
     unserved_reason,
 )
-from probe.head_ops import Intervention, Kind, _position_window, _row_index, apply_z_ops, streaming_keep
+from probe.head_ops import ON_Z, Intervention, Kind, _position_window, _row_index, apply_z_ops, streaming_keep
 from probe.heads import Head, validate_heads
 from probe.loaded import LoadedModel, Positions
 
@@ -96,7 +95,7 @@ def _group(interventions: Sequence[Intervention]) -> tuple[Ops, Ops, Ops]:
     on_mask: Ops = defaultdict(list)
     on_query: Ops = defaultdict(list)
     for intervention in interventions:
-        if intervention.kind in ON_OUTPUT:
+        if intervention.kind in ON_Z:
             target = on_output
         elif intervention.kind in ON_QUERY:
             target = on_query

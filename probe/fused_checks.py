@@ -20,10 +20,9 @@ from torch import nn
 
 from probe.architecture import architecture
 from probe.errors import ProbeError
-from probe.head_ops import Intervention, Kind
+from probe.head_ops import ON_Z, Intervention, Kind
 from probe.loaded import LoadedModel
 
-ON_OUTPUT = frozenset({Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT})
 # uniform attention and query scaling act on the query the kernel receives (after the family's norms and
 # rotary): a zero query gives every visible key the score 0 (exact uniform attention, the running mean of
 # the visible values); a query scaled by s scales every score by s (before a soft-cap, as the bridge's)
@@ -181,7 +180,7 @@ def _hooks_before_the_head_ops(model: LoadedModel, interventions: Sequence[Inter
     hooks run in registration order with the interventions' own (a hook attached before `intervene` sees
     the z before the intervention); here the interventions run first, at the output projection's input."""
     structure = structure or _structure(model)
-    layers = sorted({h.layer for i in interventions if i.kind in ON_OUTPUT for h in i.heads})
+    layers = sorted({h.layer for i in interventions if i.kind in ON_Z for h in i.heads})
     allowed = handed_over_points(model)
     found = []
     for layer in layers:

@@ -3,7 +3,7 @@
 Left padding keeps every row's last prompt token at the end of the batch, so one Hugging Face
 `generate` call with a KV cache continues all rows at once; the attention mask hides the padding and
 the model derives positions from it (rotary and learned positions both see each row from 0), so a
-row continues exactly as it would alone (tests/test_generation.py checks this per family).
+row continues exactly as it would alone (tests/core/test_generation.py checks this per family).
 
 `greedy_continuations` works on any Hugging Face causal LM (the organism trains a raw one);
 `greedy_generate` runs a `LoadedModel` holding its lock, so the interventions attached to it are in effect
@@ -24,10 +24,12 @@ from collections.abc import Callable, Collection, Container, Sequence
 from typing import Any
 
 import torch
+from transformers import PreTrainedModel
 
 from probe import prompting
 from probe.errors import ProbeError
 from probe.interventions import intervene
+from probe.loaded import LoadedModel
 from probe.routing import on_fused_path
 
 
@@ -130,7 +132,7 @@ def growing_cache() -> Any:
     return cache
 
 
-def _pad_id(hf_model: Any, tokenizer: Any, stops: Collection[int]) -> int:
+def _pad_id(hf_model: PreTrainedModel, tokenizer: Any, stops: Collection[int]) -> int:
     """The id to pad with: the tokenizer's pad, else its eos, else the model config's pad / eos, else a
     stop id, else 0 (padding is masked out, so any id works; a real one keeps embeddings in range)."""
     candidates = [getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)]
@@ -154,7 +156,7 @@ def _cut(row: list[int], stops: Collection[int]) -> list[int]:
 
 
 @torch.no_grad()
-def greedy_continuations(hf_model: Any, tokenizer: Any, texts: Sequence[str], max_new_tokens: int,
+def greedy_continuations(hf_model: PreTrainedModel, tokenizer: Any, texts: Sequence[str], max_new_tokens: int,
                          batch_size: int = 16, add_special_tokens: bool = False,
                          stop_ids: Collection[int] | None = None) -> list[list[int]]:
     """Greedy continuations (new token ids per text, cut after the first stop id, which is kept) of
@@ -186,7 +188,7 @@ def greedy_continuations(hf_model: Any, tokenizer: Any, texts: Sequence[str], ma
     return out
 
 
-def greedy_generate(model: Any, texts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
+def greedy_generate(model: LoadedModel, texts: Sequence[str], max_new_tokens: int, batch_size: int = 16,
                     add_special_tokens: bool = False, stop_ids: Collection[int] | None = None) -> list[list[int]]:
     """`greedy_continuations` on a `LoadedModel`, holding `model.lock` for all batches: interventions
     attached to the model (`probe.interventions.intervene`) apply, and no other thread's hooks do."""
@@ -198,7 +200,7 @@ def greedy_generate(model: Any, texts: Sequence[str], max_new_tokens: int, batch
 
 
 @torch.no_grad()
-def greedy_steps(hf_model: Any, cache: Any, max_new_tokens: int, stops: Container[int], device: Any, *,
+def greedy_steps(hf_model: PreTrainedModel, cache: Any, max_new_tokens: int, stops: Container[int], device: Any, *,
                  logits: torch.Tensor | None = None, tokens: torch.Tensor | None = None, rows: int = 1,
                  shrink: bool = False,
                  context: Callable[[list[int]], contextlib.AbstractContextManager[Any]] | None = None,
@@ -260,7 +262,7 @@ def greedy_steps(hf_model: Any, cache: Any, max_new_tokens: int, stops: Containe
 
 
 @torch.no_grad()
-def greedy_decode(hf_model: Any, ids: torch.Tensor, max_new_tokens: int, stops: Collection[int]) -> torch.Tensor:
+def greedy_decode(hf_model: PreTrainedModel, ids: torch.Tensor, max_new_tokens: int, stops: Collection[int]) -> torch.Tensor:
     """Greedy continuation `[1, n_new]` of one prompt with a full `DynamicCache`, stopping before a stop id.
 
     The one decode behind `LoadedModel.generate` on either path (bridge or fused): a full cache keeps
@@ -273,14 +275,14 @@ def greedy_decode(hf_model: Any, ids: torch.Tensor, max_new_tokens: int, stops: 
 
 
 @torch.no_grad()
-def decode_variants(model: Any, ids: torch.Tensor, variants: Sequence[Sequence[Any]], max_new_tokens: int,
+def decode_variants(model: LoadedModel, ids: torch.Tensor, variants: Sequence[Sequence[Any]], max_new_tokens: int,
                     stop_ids: Collection[int] | None = None) -> list[list[int]]:
     """Greedy continuations of one prompt under each of several intervention sets that leave the prompt
     itself alone (every intervention starts at or after the prompt's end: DuoAttention's decode-only
     streaming heads, for one). Why: the prompt's KV cache is then the same for every variant, so it is
     prefilled once, copied to one batch row per variant, and all variants decode together, each row under
     its own interventions (`rows=(r,)`), on the fused path where exact. Each row equals
-    `model.generate` under its set alone up to batched float rounding (tests/test_generation.py). Interventions
+    `model.generate` under its set alone up to batched float rounding (tests/core/test_generation.py). Interventions
     already open on the model (`intervene()` blocks) apply to every row, prompt included."""
     from dataclasses import replace
 

@@ -31,6 +31,7 @@ class Kind(Enum):
 
 
 ON_SCORES = {Kind.UNIFORM, Kind.SCALE_QUERY, Kind.STREAMING}
+# kinds that act on a head's output z: at hook_z on the bridge, at the output projection's input on the fused path
 ON_Z = {Kind.ZERO, Kind.MEAN, Kind.RESAMPLE, Kind.SCALE_VALUE, Kind.SCALE_OUTPUT}
 SCALE_KINDS = {"query": Kind.SCALE_QUERY, "value": Kind.SCALE_VALUE, "output": Kind.SCALE_OUTPUT}
 ABLATION_KINDS = {"zero": Kind.ZERO, "mean": Kind.MEAN, "resample": Kind.RESAMPLE, "uniform": Kind.UNIFORM}
@@ -69,7 +70,7 @@ def mean_ablation(heads: Sequence[Head], means: Mapping[Head, torch.Tensor], **w
     """`means[head]` is `[d_head]` (averaged over positions) or `[pos, d_head]` (per position)."""
     missing = [h for h in heads if h not in means]
     if missing:
-        raise InterventionError(f"No reference mean for {format_heads(missing)}; compute them with head_means().")
+        raise InterventionError(f"No mean-ablation mean for {format_heads(missing)}; compute them with head_means().")
     return Intervention(Kind.MEAN, tuple(heads), values=dict(means), **where)
 
 
@@ -112,7 +113,7 @@ def ablation(heads: Sequence[Head], method: str, means: Mapping[Head, torch.Tens
         return zero_ablation(heads, **where)
     if method == "mean":
         if means is None:
-            raise InterventionError("Mean ablation needs reference means (head_means()).")
+            raise InterventionError("Mean ablation needs the heads' means (head_means()).")
         return mean_ablation(heads, means, **where)
     if method == "uniform":
         return uniform_attention(heads, **where)

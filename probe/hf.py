@@ -3,7 +3,7 @@
 `wrap_hf_model` boots a TransformerBridge around an already-built Hugging Face model (loaded, tiny or
 planted) and reads the facts a `LoadedModel` carries; importing it installs the routes every model
 takes (`probe.routing`: fused path or bridge). The helpers below it serve training on a plain Hugging Face
-model (the refusal organism), where no bridge exists: `final_states`, `output_logits`, `module_paths`.
+model (the refusal organism), where no bridge exists: `hf_final_states`, `output_logits`, `module_paths`.
 """
 
 from __future__ import annotations
@@ -90,13 +90,14 @@ def wrap_hf_model(hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         d_head=int(cfg.d_head), d_model=int(cfg.d_model), d_vocab=int(cfg.d_vocab), n_ctx=n_ctx,
         architecture=hf_model.config.architectures[0], fingerprint=_fingerprint(spec, hf_model, torch_dtype),
     )
-    model.extra["hub_name"] = hub_name or spec
+    model.memo["hub_name"] = hub_name or spec
     return model
 
 
 # ==== plain Hugging Face models (training, where no bridge exists) ===================================
 
-def final_states(hf_model: PreTrainedModel, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def hf_final_states(hf_model: PreTrainedModel, ids: torch.Tensor,
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Final-norm hidden states `[B, T, d]` of a plain Hugging Face causal LM (no unembedding)."""
     return hf_model.get_decoder()(input_ids=ids, attention_mask=attention_mask).last_hidden_state
 
@@ -112,8 +113,8 @@ def output_logits(hf_model: PreTrainedModel, states: torch.Tensor) -> torch.Tens
 
 
 # Per-layer components `module_paths` resolves, as architecture-layer paths. q/k/v fall back to the
-# fused projection where the family has one (GPT-2 `c_attn`, GPT-NeoX, Phi-3): the bridge's split q/k/v
-# modules exist only in a bridged model, so training "q" there trains the fused q/k/v tensor.
+# packed projection where the family has one (GPT-2 `c_attn`, GPT-NeoX, Phi-3): the bridge's split q/k/v
+# modules exist only in a bridged model, so training "q" there trains the packed q/k/v tensor.
 COMPONENTS = {"q": "attn.q", "k": "attn.k", "v": "attn.v", "qkv": "attn.qkv", "o": "attn.o", "attn": "attn",
               "mlp": "mlp", "ln1": "ln1", "ln2": "ln2", "ln1_post": "ln1_post", "ln2_post": "ln2_post"}
 
@@ -145,7 +146,7 @@ def module_paths(hf_model: PreTrainedModel, components: Sequence[str], layers: S
         for component in components:
             path = arch.path(COMPONENTS[component], layer)
             if path not in plain and component in ("q", "k", "v"):
-                path = arch.path("attn.qkv", layer)  # a fused projection (only the bridge splits it)
+                path = arch.path("attn.qkv", layer)  # a packed projection (only the bridge splits it)
             if path not in plain:
                 raise MissingComponentError(arch.name, f"blocks.{layer}.{COMPONENTS[component]} as a module of "
                                                        "the plain model")

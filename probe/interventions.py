@@ -6,7 +6,7 @@ heads that share the key/value head are left alone):
 | kind           | hook                           | operation on head h                                      |
 |----------------|--------------------------------|----------------------------------------------------------|
 | ZERO           | `blocks.{l}.attn.hook_z`       | z[h] = 0 (the head adds nothing to the residual stream)   |
-| MEAN           | `blocks.{l}.attn.hook_z`       | z[h] = its mean over a reference prompt set               |
+| MEAN           | `blocks.{l}.attn.hook_z`       | z[h] = its mean over a mean-source prompt set             |
 | RESAMPLE       | `blocks.{l}.attn.hook_z`       | z[h] = z[h] from another prompt, position by position     |
 | UNIFORM        | `blocks.{l}.attn.hook_attn_scores` | visible scores = 0, so the pattern is 1/n_visible     |
 | SCALE_QUERY    | `blocks.{l}.attn.hook_attn_scores` | visible scores × s (== scaling the rotated query by s; soft-capped: cap·tanh(s·atanh(c/cap))) |
@@ -68,9 +68,9 @@ from probe.heads import Head, validate_heads
 from probe.loaded import LoadedModel
 from probe.routing import forward_for_hooks
 
-__all__ = ["ABLATION_KINDS", "ON_SCORES", "ON_Z", "REFERENCE_SENTENCES", "SCALE_KINDS", "Attached", "Intervention",
+__all__ = ["ABLATION_KINDS", "MEAN_SOURCE_SENTENCES", "ON_SCORES", "ON_Z", "SCALE_KINDS", "Attached", "Intervention",
            "Kind", "ablation", "active_hook_count", "apply_z_ops", "build_hooks", "capture_z", "head_means",
-           "intervene", "mean_ablation", "reference_prompts", "resample_ablation", "scale", "streaming_attention",
+           "intervene", "mean_ablation", "mean_source_prompts", "resample_ablation", "scale", "streaming_attention",
            "streaming_keep", "streaming_mask", "uniform_attention", "z_capture_hooks", "zero_ablation"]
 
 
@@ -200,10 +200,10 @@ def active_hook_count(model: LoadedModel) -> int:
     return sum(len(point._forward_hooks) for point in model.bridge.hook_dict.values())
 
 
-# ---- reference activations ---------------------------------------------------------------------
+# ---- mean-ablation source prompts ---------------------------------------------------------------
 
-# Plain sentences written by the project: the default reference set for mean ablation.
-REFERENCE_SENTENCES: tuple[str, ...] = (
+# Plain sentences written by the project: the default texts mean-ablation means are taken over.
+MEAN_SOURCE_SENTENCES: tuple[str, ...] = (
     "The weather was mild, so we walked to the market after lunch.",
     "She opened the window and listened to the rain on the roof.",
     "Our train left the station a few minutes later than planned.",
@@ -215,8 +215,8 @@ REFERENCE_SENTENCES: tuple[str, ...] = (
 )
 
 
-def reference_prompts(model: LoadedModel, texts: Sequence[str] = REFERENCE_SENTENCES) -> list[torch.Tensor]:
-    """Token ids of the reference sentences, ready for `head_means`."""
+def mean_source_prompts(model: LoadedModel, texts: Sequence[str] = MEAN_SOURCE_SENTENCES) -> list[torch.Tensor]:
+    """Token ids of the mean-source sentences, ready for `head_means`."""
     return [model.encode(text) for text in texts]
 
 
@@ -249,14 +249,14 @@ def capture_z(model: LoadedModel, ids: torch.Tensor, heads: Sequence[Head]) -> d
 @torch.no_grad()
 def head_means(model: LoadedModel, prompts: Sequence[torch.Tensor], heads: Sequence[Head],
                per_position: bool = False) -> dict[Head, torch.Tensor]:
-    """Mean z of each head over a reference set: `[d_head]`, or `[pos, d_head]` if `per_position`.
+    """Mean z of each head over a mean-source prompt set: `[d_head]`, or `[pos, d_head]` if `per_position`.
 
     Per-position means need prompts of one length (they are averaged position by position).
     """
     if not prompts:
-        raise InterventionError("Mean ablation needs at least one reference prompt.")
+        raise InterventionError("Mean ablation needs at least one mean-source prompt.")
     if per_position and len({p.shape[-1] for p in prompts}) != 1:
-        raise InterventionError("Per-position means need reference prompts of one token length.")
+        raise InterventionError("Per-position means need mean-source prompts of one token length.")
     sums: dict[Head, torch.Tensor] = {}
     count = 0
     for ids in prompts:

@@ -75,7 +75,9 @@ class LoadedModel:
     n_ctx: int
     architecture: str
     fingerprint: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
+    # Objects derived from the model, kept with it (the architecture reader, the offload flag, the hub name,
+    # an organism's build record); `probe.models.converted` carries over the keys without a leading "_".
+    memo: dict[str, Any] = field(default_factory=dict)
     # Held while hooks are attached and while running: a model shared between threads (the app's
     # sessions) never runs one session's prompt through another session's interventions.
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
@@ -102,9 +104,9 @@ class LoadedModel:
     def offloaded(self) -> bool:
         """Whether some weights sit on the `meta` device until used (CPU/disk offload): readers must
         go through `probe.placement.materialised` / `resident` (the architecture layer does)."""
-        cached = self.extra.get("_offloaded")
+        cached = self.memo.get("_offloaded")
         if cached is None:
-            cached = self.extra["_offloaded"] = any(_has_offload_hook(m) for m in self.hf_model.modules())
+            cached = self.memo["_offloaded"] = any(_has_offload_hook(m) for m in self.hf_model.modules())
         return bool(cached)
 
     # ---- heads ------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Model specs → a loaded model: `load_model(spec)` and the loaders behind it.
 
 A spec (`probe.specs`: embedded GGUF assets, tiny random models, `hf:` folders or hub ids, `gguf:`
-files, registered extras) is loaded with transformers, placed (`probe.placement`: one device, or a
+files, registered specs) is loaded with transformers, placed (`probe.placement`: one device, or a
 device map with CPU/disk offload) and wrapped (`probe.hf.wrap_hf_model`) as a `LoadedModel`
 (`probe.loaded`). `converted` gives the same weights in another dtype or placement; `facts` the
 architecture facts as a plain dict.
@@ -38,19 +38,19 @@ from probe.placement import (
 from probe.routing import FUSED_ENV
 from probe.specs import (
     DEFAULT_MODEL,
-    EXTRA_SPECS,
     PATH_PREFIXES,
+    REGISTERED_SPECS,
     SPECS,
-    ExtraSpec,
     ModelSpec,
+    RegisteredSpec,
     list_specs,
     register_spec,
     spec_summary,
 )
 
 # What code outside the core imports from here: the loaders, and the names a caller of them needs.
-__all__ = ["DEFAULT_MODEL", "DTYPES", "EXTRA_SPECS", "FUSED_ENV", "PATH_PREFIXES", "SPECS", "ExtraSpec", "LoadedModel",
-           "ModelSpec", "converted", "facts", "facts_json", "list_specs", "load_model", "parse_device_map",
+__all__ = ["DEFAULT_MODEL", "DTYPES", "FUSED_ENV", "PATH_PREFIXES", "REGISTERED_SPECS", "SPECS", "LoadedModel",
+           "ModelSpec", "RegisteredSpec", "converted", "facts", "facts_json", "list_specs", "load_model", "parse_device_map",
            "parse_max_memory", "plain_copy", "register_spec", "spec_summary", "wrap_hf_model"]
 
 
@@ -79,15 +79,15 @@ def converted(model: LoadedModel, dtype: str | None = None, device: str | None =
               offload_folder: str | Path | None = None) -> LoadedModel:
     """The same weights as a new `LoadedModel` in another dtype, on another device or dispatched over
     devices (planted and organism models are built in memory, so this is how they run in bf16 or
-    offloaded); `model` itself is left as it is. Public `extra` entries are carried over."""
+    offloaded); `model` itself is left as it is. Public `memo` entries are carried over."""
     dtype = dtype or _dtype_name(model.dtype)
     _check_placement(device, dtype, device_map, max_memory, offload_folder)
     hf = plain_copy(model).to(DTYPES[dtype])
     if device_map is not None:
         hf = place(hf, device_map, max_memory, offload_folder)
-    copy = wrap_hf_model(hf, model.tokenizer, model.spec, hub_name=model.extra.get("hub_name", model.spec),
+    copy = wrap_hf_model(hf, model.tokenizer, model.spec, hub_name=model.memo.get("hub_name", model.spec),
                          device=None if device_map is not None else (device or model.device), dtype=dtype)
-    copy.extra.update({k: v for k, v in model.extra.items() if not k.startswith("_") and k != "hub_name"})
+    copy.memo.update({k: v for k, v in model.memo.items() if not k.startswith("_") and k != "hub_name"})
     return copy
 
 
@@ -185,14 +185,14 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         path = assets.asset_file(named.asset)
         say(f"loading {spec} from {path} (de-quantising GGUF; ~15-40 s on CPU)")
         return _load_pretrained(str(path.parent), spec, named.gguf_file, named.hub_name, device, dtype, placement)
-    if spec in EXTRA_SPECS:
-        extra = EXTRA_SPECS[spec]
-        if not extra.available():
-            raise UnknownModelError(f"{spec} is not built yet: {extra.missing_hint or extra.description}")
+    if spec in REGISTERED_SPECS:
+        registered = REGISTERED_SPECS[spec]
+        if not registered.available():
+            raise UnknownModelError(f"{spec} is not built yet: {registered.missing_hint or registered.description}")
         say(f"loading {spec}")
         if device_map is None:
-            return extra.loader(device, dtype)
-        return converted(extra.loader("cpu", dtype), device_map=device_map, max_memory=max_memory,
+            return registered.loader(device, dtype)
+        return converted(registered.loader("cpu", dtype), device_map=device_map, max_memory=max_memory,
                          offload_folder=offload_folder)
     if spec.startswith("hf:"):
         source = spec[3:]
@@ -206,7 +206,7 @@ def load_model(spec: str = DEFAULT_MODEL, device: str | None = None, dtype: str 
         say(f"loading {path} (de-quantising GGUF)")
         return _load_pretrained(str(path.parent), spec, path.name, "", device, dtype, placement)
     raise UnknownModelError(
-        f"Unknown model spec {spec!r}. Valid specs: {', '.join([*SPECS, *EXTRA_SPECS])}, "
+        f"Unknown model spec {spec!r}. Valid specs: {', '.join([*SPECS, *REGISTERED_SPECS])}, "
         "or hf:<local dir or hub id>, or gguf:<path to .gguf>."
     )
 

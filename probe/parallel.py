@@ -30,14 +30,14 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 R = TypeVar("R")
-# (items done, items in all): the caller turns the counts into its own `probe.progress.Progress` lines
-MapProgress = Callable[[int, int], None]
+# on_count(items done, items in all): the caller turns the counts into its own `probe.progress.Progress` lines
+CountCallback = Callable[[int, int], None]
 RAY_MISSING = "Ray is not installed: `pip install probe[cluster]` (or `pip install 'ray[default]'`) for --ray and probe sweep."
 
 
 class Mapper(Protocol):
     def map(self, model: LoadedModel, fn: Callable[[LoadedModel, T], R], items: Sequence[T],
-            progress: MapProgress | None = None) -> list[R]:
+            on_count: CountCallback | None = None) -> list[R]:
         """`[fn(model, item) for item in items]`, wherever it runs; results in item order."""
         ...
 
@@ -46,14 +46,14 @@ class SerialMapper:
     """The loop in this process on the caller's model (the default everywhere)."""
 
     def map(self, model: LoadedModel, fn: Callable[[LoadedModel, T], R], items: Sequence[T],
-            progress: MapProgress | None = None) -> list[R]:
+            on_count: CountCallback | None = None) -> list[R]:
         results = []
         for index, item in enumerate(items):
-            if progress is not None:
-                progress(index, len(items))
+            if on_count is not None:
+                on_count(index, len(items))
             results.append(fn(model, item))
-        if progress is not None:
-            progress(len(items), len(items))
+        if on_count is not None:
+            on_count(len(items), len(items))
         return results
 
 
@@ -75,9 +75,9 @@ def using(mapper: Mapper) -> Iterator[Mapper]:
 
 
 def map_items(model: LoadedModel, fn: Callable[[LoadedModel, T], R], items: Sequence[T],
-              progress: MapProgress | None = None) -> list[R]:
+              on_count: CountCallback | None = None) -> list[R]:
     """What analyzers call for their natural shards: the current mapper's `map` (serial by default)."""
-    return current().map(model, fn, list(items), progress)
+    return current().map(model, fn, list(items), on_count)
 
 
 # ---- models rebuilt elsewhere ------------------------------------------------------------------------
@@ -167,7 +167,7 @@ class RayMapper:
         return self._actors
 
     def map(self, model: LoadedModel, fn: Callable[[LoadedModel, T], R], items: Sequence[T],
-            progress: MapProgress | None = None) -> list[R]:
+            on_count: CountCallback | None = None) -> list[R]:
         items = list(items)
         if not items:
             return []
@@ -186,16 +186,16 @@ class RayMapper:
             self.items_per_actor[i % len(actors)] += len(part)
         results: list[list[R] | None] = [None] * len(parts)
         done = 0
-        if progress is not None:
-            progress(0, len(items))
+        if on_count is not None:
+            on_count(0, len(items))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 index = pending.pop(ref)
                 results[index] = ray.get(ref)
                 done += len(parts[index])
-                if progress is not None:
-                    progress(done, len(items))
+                if on_count is not None:
+                    on_count(done, len(items))
         return [r for part in results for r in part]  # type: ignore[union-attr]
 
     def close(self) -> None:

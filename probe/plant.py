@@ -12,23 +12,23 @@ and writes them into the Hugging Face module tensors in place, in each family's 
 | projection | layout in the HF tensor | families |
 |---|---|---|
 | separate q/k/v/o `nn.Linear` | weight `[out, in]`, head h = rows h*d_head ... | Llama, Mistral, Mixtral, Qwen2/3, Gemma 2/3, OLMo-2 |
-| fused `query_key_value` (`nn.Linear`) | rows interleaved per head: [q_h, k_h, v_h] for h = 0, 1, ... | GPT-NeoX / Pythia |
-| fused `qkv_proj` (`nn.Linear`) | rows concatenated: all q, then all k, then all v (GQA sizes) | Phi-3 |
-| fused `c_attn` (`Conv1D`) | weight `[in, 3 * d_model]`, columns q, k, v | GPT-2 |
+| packed `query_key_value` (`nn.Linear`) | rows interleaved per head: [q_h, k_h, v_h] for h = 0, 1, ... | GPT-NeoX / Pythia |
+| packed `qkv_proj` (`nn.Linear`) | rows concatenated: all q, then all k, then all v (GQA sizes) | Phi-3 |
+| packed `c_attn` (`Conv1D`) | weight `[in, 3 * d_model]`, columns q, k, v | GPT-2 |
 | output `c_proj` (`Conv1D`) | weight `[in, out]` (the transpose of `nn.Linear`) | GPT-2 |
 
-What the bridge caches (measured on transformers 5 / TransformerLens 4, tests/test_planted_families.py):
-the bridge splits a fused qkv projection once, at boot, into its own q/k/v linear modules and its
-forward runs those, not the fused HF module. On GPT-2 (`torch.tensor_split` of `c_attn`) and Phi-3
-(`torch.split` of `qkv_proj`) the split modules are views of the fused tensor, so an in-place write is
-seen at once. On GPT-NeoX the split re-arranges the interleaved rows into new tensors: a write into
-`query_key_value` changes neither the forward nor `bridge.W_Q` (measured: replacing a layer's fused
-weight w by 3w + 0.5 moved the logits by exactly 0, where the same change to the split q moved them
-by 2e-4, to the split v by 0.14). Every write here therefore ends by re-running the bridge's own
-split function on the fused module and copying its result into the split modules where they do not
-share memory (`_resync`); the read-back `architecture(model, refresh=True).W_Q`
-then goes through the bridge's split, an independent check of the layouts above. Everything else
-(separate projections, MLPs, norms, embeddings) is one tensor that the bridge and the HF module share.
+What the bridge caches (measured on transformers 5 / TransformerLens 4, tests/families/test_planted_families.py):
+the bridge splits a packed qkv projection (q, k and v in one matrix) once, at boot, into its own q/k/v
+linear modules and its forward runs those, not the packed HF module. On GPT-2 (`torch.tensor_split` of
+`c_attn`) and Phi-3 (`torch.split` of `qkv_proj`) the split modules are views of the packed tensor, so
+an in-place write is seen at once. On GPT-NeoX the split re-arranges the interleaved rows into new
+tensors: a write into `query_key_value` changes neither the forward nor `bridge.W_Q` (measured:
+replacing a layer's packed weight w by 3w + 0.5 moved the logits by exactly 0, where the same change to
+the split q moved them by 2e-4, to the split v by 0.14). Every write here therefore ends by re-running
+the bridge's own split function on the packed module and copying its result into the split modules where
+they do not share memory (`_resync`); the read-back `architecture(model, refresh=True).W_Q` then goes
+through the bridge's split, an independent check of the layouts above. Everything else (separate
+projections, MLPs, norms, embeddings) is one tensor that the bridge and the HF module share.
 `architecture(model)` keeps the stacked weights it read: after writing, pass `refresh=True` (the
 functions here drop the cached one, and recompute `model.fingerprint`, under which results are cached,
 from the written weights: a model built by writes has the fingerprint it would have if loaded so).
@@ -57,13 +57,13 @@ __all__ = ["PlantError", "Shape", "FAMILIES", "new_model", "set_q", "set_k", "se
            "set_head_qk", "set_head_ov", "zero_attention", "zero_mlp", "set_mlp", "set_embedding",
            "zero_positions", "set_learned_positions", "set_unembedding", "set_norm", "reset_norms", "zero_all"]
 
-# HF class -> layout of a fused qkv nn.Linear (Conv1D is recognised by its type).
-FUSED_LINEAR = {"GPTNeoXForCausalLM": "per-head", "Phi3ForCausalLM": "concat"}
+# HF class -> layout of a packed qkv nn.Linear (Conv1D is recognised by its type).
+PACKED_QKV_LAYOUT = {"GPTNeoXForCausalLM": "per-head", "Phi3ForCausalLM": "concat"}
 QKV = ("q", "k", "v")
 
 
 class PlantError(ProbeError):
-    """A write the planting layer cannot do on this model (unknown fused layout, wrong shape)."""
+    """A write the planting layer cannot do on this model (unknown packed layout, wrong shape)."""
 
 
 # ---- building a model of a family ------------------------------------------------------------------
@@ -191,22 +191,22 @@ def _attn(model: LoadedModel, layer: int) -> Any:
     return _arch(model).blocks[layer].attn
 
 
-def _fused(model: LoadedModel, layer: int) -> tuple[nn.Module, str] | None:
-    """The fused qkv HF module of a layer and its layout, or None (separate projections)."""
+def _packed_qkv(model: LoadedModel, layer: int) -> tuple[nn.Module, str] | None:
+    """The packed qkv HF module of a layer and its layout, or None (separate projections)."""
     attn = _attn(model, layer)
     if "qkv" not in attn._modules:
         return None
     module = hf_module(attn.qkv)
     if isinstance(module, Conv1D):
         return module, "conv1d"
-    layout = FUSED_LINEAR.get(model.architecture)
+    layout = PACKED_QKV_LAYOUT.get(model.architecture)
     if layout is None:
-        raise PlantError(f"{model.spec} ({model.architecture}): fused qkv projection of unknown layout; "
-                         f"the planting layer knows {', '.join(FUSED_LINEAR)} and GPT-2's Conv1D.")
+        raise PlantError(f"{model.spec} ({model.architecture}): packed qkv projection of unknown layout; "
+                         f"the planting layer knows {', '.join(PACKED_QKV_LAYOUT)} and GPT-2's Conv1D.")
     return module, layout
 
 
-def _fused_index(model: LoadedModel, which: str, index: int, layout: str) -> torch.Tensor:
+def _packed_index(model: LoadedModel, which: str, index: int, layout: str) -> torch.Tensor:
     """Output indices (rows of an nn.Linear, columns of a Conv1D) of head `index`'s q, k or v."""
     dh, H, K = model.d_head, model.n_heads, model.n_kv_heads
     part = QKV.index(which)
@@ -251,21 +251,21 @@ def _set_qkv(model: LoadedModel, layer: int, which: str, index: int, W: torch.Te
     W = _check(W, (model.d_model, model.d_head), what)
     if bias is not None:
         bias = _check(bias, (model.d_head,), what + " bias")
-    fused = _fused(model, layer)
-    if fused is None:
+    packed = _packed_qkv(model, layer)
+    if packed is None:
         module = hf_module(getattr(_attn(model, layer), which))
         _write_linear(module, index * model.d_head + torch.arange(model.d_head), W, bias, what)
     else:
-        module, layout = fused
-        _write_linear(module, _fused_index(model, which, index, layout), W, bias, what)
+        module, layout = packed
+        _write_linear(module, _packed_index(model, which, index, layout), W, bias, what)
         _resync(model, layer)
     _stale(model)
 
 
 @torch.no_grad()
 def _resync(model: LoadedModel, layer: int) -> None:
-    """Re-split a fused qkv module with the bridge's own split and copy it into the bridge's q/k/v
-    modules that do not share memory with the fused tensor (GPT-NeoX; GPT-2 and Phi-3 are views)."""
+    """Re-split a packed qkv module with the bridge's own split and copy it into the bridge's q/k/v
+    modules that do not share memory with the packed tensor (GPT-NeoX; GPT-2 and Phi-3 are views)."""
     attn = _attn(model, layer)
     fresh = attn.split_qkv_matrix(hf_module(attn))
     for which, new in zip(QKV, fresh):
@@ -284,7 +284,7 @@ def _shares(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _stale(model: LoadedModel) -> None:
     """After a write: the cached architecture's stacked weights are old, and the fingerprint (results
     are cached under it) must name the new weights, as if the model had been loaded with them."""
-    model.extra.pop("_architecture", None)
+    model.memo.pop("_architecture", None)
     model.fingerprint = _fingerprint(model.spec, model.hf_model)
 
 
@@ -336,7 +336,7 @@ def set_head_ov(model: LoadedModel, layer: int, head: int, W_V: torch.Tensor | N
 
 @torch.no_grad()
 def zero_attention(model: LoadedModel, layer: int) -> None:
-    """Every weight and bias of a layer's attention (q/k/v/o, fused or not); QK-norm weights are kept."""
+    """Every weight and bias of a layer's attention (q/k/v/o, packed or not); QK-norm weights are kept."""
     for tensor in _attention_tensors(model, layer):
         tensor.zero_()
     _stale(model)
@@ -351,7 +351,7 @@ def _attention_tensors(model: LoadedModel, layer: int) -> Iterator[torch.Tensor]
             if isinstance(tensor, torch.Tensor):
                 yield tensor
     if "qkv" in attn._modules:
-        for name in QKV:  # split copies (GPT-NeoX) go with the fused tensor
+        for name in QKV:  # split copies (GPT-NeoX) go with the packed tensor
             module = hf_module(getattr(attn, name))
             for tensor in (module.weight, getattr(module, "bias", None)):
                 if isinstance(tensor, torch.Tensor):

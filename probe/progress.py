@@ -3,7 +3,8 @@
 `progress(fraction, message)`: `fraction` done in [0, 1] and a line saying what is running. Analyzers
 report through it (`analyses.common` re-exports it), faces turn it into a bar or a printed line, and a
 callback may raise to cancel the work. A mapper over items (`probe.parallel.map_items`) reports item
-counts instead (`MapProgress`), which its caller turns into its own `Progress` lines.
+counts instead (`probe.parallel.CountCallback`, `on_count(done, total)`), which its caller turns into its
+own `Progress` lines.
 """
 
 from __future__ import annotations

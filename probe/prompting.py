@@ -8,7 +8,7 @@ under a named policy:
 - `"eos"`: the tokenizer's end-of-sequence id (no id when it has none): generation, the fused path,
   the analyzers' batched answers;
 - `"special_and_newline"`: every special id (end of turn included) and any token whose decoded text
-  holds a line break: retrieval's answers, as the reference decode loop stops at a newline.
+  holds a line break: retrieval's answers, as the authors' decode loop stops at a newline.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Two uses, two functions:
 
-- the exact read-out of a final residual: `final_norm` (the family's own final norm module) then
+- the exact read-out of a final residual: `apply_final_norm` (the family's own final norm module) then
   `logits_from_normalized` (unembedding, its bias, the family's final logit soft-cap): together they
   are the model's logits, on every family;
 - direct logit attribution needs the final norm as a *linear* map: its scale is taken from the clean
@@ -66,7 +66,7 @@ def direction_logits(model: LoadedModel, x: torch.Tensor, scale: torch.Tensor) -
     return unembed(model, frozen_final_norm(model, x, scale))
 
 
-def final_norm(model: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
+def apply_final_norm(model: LoadedModel, resid: torch.Tensor) -> torch.Tensor:
     """The final residual `[..., d_model]` through the family's own final norm module (exact)."""
     norm = architecture(model).final_norm
     return norm(resid.to(norm.weight.dtype))

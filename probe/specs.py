@@ -51,7 +51,7 @@ PATH_PREFIXES = ("hf:", "gguf:")
 
 
 @dataclass(frozen=True)
-class ExtraSpec:
+class RegisteredSpec:
     """A spec registered from outside the core (e.g. a model organism built by an analyzer module),
     so the core can load it without importing the code that builds it."""
 
@@ -62,13 +62,13 @@ class ExtraSpec:
     missing_hint: str = ""
 
 
-EXTRA_SPECS: dict[str, ExtraSpec] = {}
+REGISTERED_SPECS: dict[str, RegisteredSpec] = {}
 
 
 def register_spec(name: str, description: str, loader: Callable[[str | None, str], LoadedModel],
                   available: Callable[[], bool], missing_hint: str = "") -> None:
     """Make `load_model(name)` call `loader(device, dtype)`; `available()` says whether it loads offline now."""
-    EXTRA_SPECS[name] = ExtraSpec(name, description, loader, available, missing_hint)
+    REGISTERED_SPECS[name] = RegisteredSpec(name, description, loader, available, missing_hint)
 
 
 def list_specs() -> list[tuple[ModelSpec, bool]]:
@@ -86,8 +86,8 @@ def _asset_state_text(asset: str | None) -> str:
 def spec_summary() -> str:
     """Text for `probe models`: each spec, what it is, and whether it is available offline now."""
     rows = [(spec.name, _asset_state_text(spec.asset), spec.description) for spec in SPECS.values()]
-    rows += [(extra.name, "ready" if extra.available() else f"missing: {extra.missing_hint}", extra.description)
-             for extra in EXTRA_SPECS.values()]
+    rows += [(registered.name, "ready" if registered.available() else f"missing: {registered.missing_hint}",
+              registered.description) for registered in REGISTERED_SPECS.values()]
     rows += [("hf:<dir|id>", "", "any Hugging Face causal LM (local folder, or hub id with network)"),
              ("gguf:<path>", "", "any GGUF file transformers can read")]
     name_width = max(len(name) for name, _, _ in rows)  # columns fit the longest name (e.g. an organism's)

@@ -1,10 +1,21 @@
-"""Shared fixtures: tiny models (milliseconds) and the embedded models (loaded once per session)."""
+"""Shared fixtures: tiny models (milliseconds) and the embedded models (loaded once per session).
+
+Tests live by area: core/ (probe's maths and routes), families/ (the architecture proof matrix),
+analyses/<name>/ (each analyzer), faces/ (CLI, app, browser, notebooks), docs/ (numbers in docs/ against
+their result files), bench/ (the benchmark scripts). The helpers every area shares — the tiny family
+models (`families`), the proof-matrix recorder (`matrix`) and the per-topic helpers — are in support/,
+put on `sys.path` here so a test file imports them by name.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -127,14 +138,14 @@ def tiny_gpt2() -> LoadedModel:
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory: pytest.TempPathFactory):
-    """A folder for the tiny family models of tests/families.py that a module builds."""
+    """A folder for the tiny family models of tests/support/families.py that a module builds."""
     return tmp_path_factory.mktemp("families")
 
 
 @pytest.fixture(params=_family_names())
 def family(request: pytest.FixtureRequest, root):
-    """(name, model loaded as `hf:<folder>`) for every family of tests/families.py, built once per process
-    (tests/matrix.py); modules that need the independent copy too define their own `family`."""
+    """(name, model loaded as `hf:<folder>`) for every family of tests/support/families.py, built once per process
+    (tests/support/matrix.py); modules that need the independent copy too define their own `family`."""
     from matrix import loaded_family
 
     model, _, _ = loaded_family(request.param, root)

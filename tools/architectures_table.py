@@ -1,13 +1,13 @@
 """Write docs/ARCHITECTURES.md's matrix tables from a proof-matrix run, so they cannot drift from the code.
 
-    PROBE_MATRIX_OUT=docs/results/architectures_matrix.json pytest tests/test_architectures.py [tests/test_*_families.py ...]
+    PROBE_MATRIX_OUT=docs/results/architectures_matrix.json pytest tests/families/test_architectures_*.py [tests/families/test_*_families.py ...]
     python tools/architectures_table.py docs/results/architectures_matrix.json           # rewrite the tables in place
     python tools/architectures_table.py docs/results/architectures_matrix.json --check   # exit 1 if the docs differ
 
 The matrix the committed tables come from is committed as docs/results/architectures_matrix.json (the full
-command is in docs/ARCHITECTURES.md); tests/test_doc_numbers.py checks that `render` on it leaves the doc unchanged.
+command is in docs/ARCHITECTURES.md); tests/docs/test_doc_numbers.py checks that `render` on it leaves the doc unchanged.
 
-The JSON is tests/matrix.py's (`checks`, `cells`, `bounds`, `facts`). Four tables are replaced, each between
+The JSON is tests/support/matrix.py's (`checks`, `cells`, `bounds`, `facts`). Four tables are replaced, each between
 `<!-- matrix:NAME:begin -->` and `<!-- matrix:NAME:end -->` (the prose around them stays):
 
 - `facts`: family × component, from the architecture layer's facts (`Architecture.summary()`);
@@ -17,7 +17,7 @@ The JSON is tests/matrix.py's (`checks`, `cells`, `bounds`, `facts`). Four table
   that must move the output), with each check's minimum.
 
 Whatever checks the JSON holds are included (other family test files add theirs); a cell held to
-another bound than its row's shows it in brackets, a cell outside its bound is marked ✗. `parse_tables` reads the two number tables back (tests/test_architectures.py checks
+another bound than its row's shows it in brackets, a cell outside its bound is marked ✗. `parse_tables` reads the two number tables back (tests/families/test_architectures_components.py checks
 the committed docs cell by cell against the bounds).
 """
 
@@ -33,7 +33,7 @@ from typing import Any
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "ARCHITECTURES.md"
 
-# family key (tests/families.py) -> label, in the docs' order; unknown families follow, sorted
+# family key (tests/support/families.py) -> label, in the docs' order; unknown families follow, sorted
 LABELS = {
     "llama": "Llama", "mistral": "Mistral", "mixtral": "Mixtral", "qwen2": "Qwen2", "qwen3": "Qwen3",
     "qwen3_moe": "Qwen3-MoE", "gemma2": "Gemma 2", "gemma3": "Gemma 3", "phi3": "Phi-3", "olmo2": "OLMo-2",
@@ -66,7 +66,7 @@ ANALYZERS = (
     ("planted", ("plant",)),
 )
 FACT_COLUMNS = ("family", "block", "norm", "placement", "QK-norm", "Gemma offset", "rotary dims / d_head", "MLP",
-                "fused qkv", "KV heads", "embed scale", "soft-caps (attn / final)", "windows")
+                "packed qkv", "KV heads", "embed scale", "soft-caps (attn / final)", "windows")
 
 
 def families_of(matrix: dict[str, Any]) -> list[str]:

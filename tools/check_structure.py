@@ -2,7 +2,7 @@
 
 Every import in `probe/` counts, the ones inside functions too (an import moved into a function only
 to dodge a cycle is still a cycle). Run `python -m tools.check_structure` for a report; exit 1 when a
-rule is broken. `tests/test_structure.py` runs the same checks.
+rule is broken. `tests/core/test_structure.py` runs the same checks.
 """
 
 from __future__ import annotations

@@ -5,14 +5,14 @@
     .venv/bin/python -m tools.scale_agreement --table                      # docs/SCALE.md's tables
 
 Each analyzer runs end to end (its `run`, settings sized for a 2-core CPU) on the planted model of
-analyses/planted.py three times: fp32 on one device (the reference), the same weights in bfloat16
+analyses/planted/ three times: fp32 on one device (the reference), the same weights in bfloat16
 (`probe.models.converted(model, dtype="bfloat16")`; float16 too, recorded beside it under "float16"), and
 the same fp32 weights dispatched by accelerate
 with the last decoder layer and the unembedding on "disk" (an offload folder in a temporary
 directory; `converted(model, device_map=...)`). Per analyzer it records the largest |score
 difference| over all heads, the Spearman rank correlation of the scores over all heads, and the
 planted head's rank (1 = top) in each run; into docs/results/bf16_agreement.json and
-docs/results/offload_agreement.json. docs/SCALE.md shows the tables (tests/test_dtype.py checks
+docs/results/offload_agreement.json. docs/SCALE.md shows the tables (tests/core/test_dtype.py checks
 them against these files).
 """
 
@@ -149,7 +149,7 @@ def resolved(values: list[float], scale: float) -> list[float]:
     return [0.0 if abs(v) < RESOLUTION * scale else v for v in values]
 
 
-def compare(reference: torch.Tensor, other: torch.Tensor, head: Any) -> dict[str, Any]:
+def agreement(reference: torch.Tensor, other: torch.Tensor, head: Any) -> dict[str, Any]:
     """Max |difference|, Spearman over the heads both score (NaN = not scored) raw and with scores under
     float32 resolution tied at 0 (`spearman_resolved`), planted head ranks."""
     ref, oth = reference.double().cpu(), other.double().cpu()
@@ -211,17 +211,17 @@ def run_case(case: Case, say: Callable[[str], None] = print) -> dict[str, dict[s
     bf16 = converted(reference_model, dtype="bfloat16")
     start = time.perf_counter()
     torch.manual_seed(0)
-    out["bf16"] = {**compare(reference, case.scores(bf16), case.planted), "settings": case.settings,
+    out["bf16"] = {**agreement(reference, case.scores(bf16), case.planted), "settings": case.settings,
                    "seconds_fp32": round(seconds, 2), "seconds_bf16": round(time.perf_counter() - start, 2)}
     fp16 = converted(reference_model, dtype="float16")
     torch.manual_seed(0)
-    out["fp16"] = {**compare(reference, case.scores(fp16), case.planted), "settings": case.settings}
+    out["fp16"] = {**agreement(reference, case.scores(fp16), case.planted), "settings": case.settings}
     with tempfile.TemporaryDirectory(prefix="probe-offload-") as folder:
         mapping = split_map(reference_model)
         offloaded = converted(reference_model, device_map=mapping, offload_folder=folder)
         start = time.perf_counter()
         torch.manual_seed(0)
-        out["offload"] = {**compare(reference, case.scores(offloaded), case.planted), "settings": case.settings,
+        out["offload"] = {**agreement(reference, case.scores(offloaded), case.planted), "settings": case.settings,
                           "on_disk": sorted(k for k, v in mapping.items() if v == "disk"),
                           "seconds_offload": round(time.perf_counter() - start, 2)}
     say(f"{case.name}: bf16 max diff {out['bf16']['max_abs_diff']:.3g}, spearman {out['bf16']['spearman']:.3f} "
@@ -290,7 +290,7 @@ def ships_on_embedded(spec: str = "smollm2-135m") -> dict[str, Any]:
         document[f"{name}_seconds"] = round(time.perf_counter() - start, 1)
         document[f"{name}_scores"] = scores[name].tolist()
     top = divmod(int(scores["float32"].argmax()), scores["float32"].shape[1])
-    found = compare(scores["float32"], scores["bfloat16"], Head(*top))
+    found = agreement(scores["float32"], scores["bfloat16"], Head(*top))
     document["compare"] = {key: value for key, value in found.items() if not isinstance(value, (list, dict))}
     return document
 

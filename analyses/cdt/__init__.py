@@ -38,7 +38,7 @@ TARGET_MODES = ("input", "z", "weighted")
 class CDTConfig:
     """Task, search and evaluation settings (see docs/cdt.md for what each choice means)."""
 
-    task: str = "ioi"  # ioi | successor | planted-induction (only the planted model of planted.py)
+    task: str = "ioi"  # ioi | successor | planted-induction (only the planted model of analyses/planted/induction.py)
     templates: tuple[int, ...] = (0, 1)  # IOI templates (one batch each)
     successor_kinds: tuple[str, ...] = ("numbers",)  # successor task: sequences (tasks.SEQUENCES)
     successor_run: int = 4  # items shown before the one to predict
@@ -51,7 +51,7 @@ class CDTConfig:
     attention_rule: str = "paper"
     product_rule: str = "relevant_only"
     stabilise: bool = True
-    ln_bias_rule: str = "input"  # LayerNorm bias split: input (reference code) | normalised
+    ln_bias_rule: str = "input"  # LayerNorm bias split: input (authors' code) | normalised
     dtype: str = "float32"
     random_draws: int = 10
     curve_every: int = 1  # faithfulness at sizes k, 2k, … (and the full circuit)
@@ -113,13 +113,11 @@ def _batches(model, config: CDTConfig, evaluation: bool) -> list[tasks.LogitDiff
         n = config.evaluation_per_template if evaluation else config.discovery_per_template
         return tasks.ioi_batches(model, n, seed=seed, templates=config.templates)
     if config.task == "planted-induction":
-        from analyses.cdt.planted import LETTERS, induction_batch
-
-        from analyses.cdt.planted import WORDS
+        from analyses.planted.induction import LETTERS, WORDS, induction_batch
 
         vocab = model.tokenizer.get_vocab()
         if model.d_vocab != len(WORDS) or any(letter not in vocab for letter in LETTERS):
-            raise CDTError("The planted-induction task needs the planted model's vocabulary (analyses.cdt.planted).")
+            raise CDTError("The planted-induction task needs the planted model's vocabulary (analyses.planted.induction).")
         n = config.evaluation_per_template if evaluation else config.discovery_per_template
         return [induction_batch(model, n=n, seed=seed)]
     return tasks.successor_batches(model, kinds=config.successor_kinds, run=config.successor_run, seed=seed)

@@ -29,7 +29,7 @@ import torch
 from probe.architecture import Architecture, ArchitectureError, architecture
 from probe.errors import ProbeError
 
-# Hugging Face model classes CD-T has rules for and tests (tests/test_cdt_families.py) -> short name
+# Hugging Face model classes CD-T has rules for and tests (tests/families/test_cdt_families.py) -> short name
 FAMILIES = {
     "GPT2LMHeadModel": "gpt2",
     "LlamaForCausalLM": "llama",

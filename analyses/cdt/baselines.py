@@ -5,9 +5,9 @@ difference summed over a batch's prompts:
 
 - EAP: score(h) = mean over prompts of Σ_pos (a_corr − a_clean) · ∂m/∂a at the clean run: a
   first-order estimate of m(patched) − m(clean). `corrupt="mean"` (the comparison's default) takes
-  a_corr = the per-position reference mean μ that path patching patches in and the faithfulness
+  a_corr = the per-position mean μ that path patching patches in and the faithfulness
   evaluation ablates with; since the estimate is linear in a_corr, that equals the average over
-  every pairing with a reference prompt. `corrupt="counterfactual"` pairs prompt i with reference
+  every pairing with a mean-source prompt. `corrupt="counterfactual"` pairs prompt i with mean-source
   prompt i mod R instead.
 - EAP-IG: the same difference (paired counterfactual) times the gradient averaged over K points of
   the straight path of the token embeddings from the counterfactual to the clean prompt,
@@ -69,10 +69,10 @@ def _gradients(model, ids: torch.Tensor, batch: LogitDiffBatch, embed: torch.Ten
 
 
 def counterfactual_ids(batch: LogitDiffBatch) -> torch.Tensor:
-    """Prompt i's counterfactual: reference prompt i mod R (same template, so the same length)."""
-    R = batch.ref_ids.shape[0]
+    """Prompt i's counterfactual: mean-source prompt i mod R (same template, so the same length)."""
+    R = batch.mean_source_ids.shape[0]
     index = torch.arange(batch.n_prompts) % R
-    return batch.ref_ids[index.to(batch.ref_ids.device)]
+    return batch.mean_source_ids[index.to(batch.mean_source_ids.device)]
 
 
 def attribution_scores(model, batches: Sequence[LogitDiffBatch], steps: int = 1, corrupt: str = "mean",

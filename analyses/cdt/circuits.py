@@ -1,14 +1,14 @@
 """Head-level relevance sweeps, the iterative CD-T circuit search, and faithfulness under mean ablation.
 
-One sweep decomposes every head as a source (β = its output minus the reference mean, at every
-position; γ = the mean) and reads, in the same pass, its relevance to every later head's inputs
-(q, k, v), to every later head's output z, and to the task's logit difference. Cost: one two-stream
-pass per source layer (all heads of the layer and all prompts as batch rows), from that layer's
-cached residual stream onwards.
+One sweep decomposes every head as a source (β = its output minus its mean over the mean-source
+prompts, at every position; γ = the mean) and reads, in the same pass, its relevance to every later
+head's inputs (q, k, v), to every later head's output z, and to the task's logit difference. Cost:
+one two-stream pass per source layer (all heads of the layer and all prompts as batch rows), from
+that layer's cached residual stream onwards.
 
 Relevance to a target vector t (a head's q/k/v or z, on one prompt, all positions):
     dot(β_t, t − μ_t) / ‖t − μ_t‖²     (the code's `dot` metric, normalised: the share of the target's
-                                        deviation from its reference mean that the source causes)
+                                        deviation from its mean μ_t that the source causes)
 Relevance to the output: β of logit(good) − logit(bad) at the last position.
 """
 
@@ -31,8 +31,8 @@ COMPONENTS = ("q", "k", "v")
 
 
 @dataclass
-class Reference:
-    """Clean activations of a batch and the per-position reference means (per layer)."""
+class SweepActivations:
+    """Clean activations of a batch and their per-position means over its mean-source prompts (per layer)."""
 
     resid_pre: list[torch.Tensor]  # [P, T, d_model]
     z: list[torch.Tensor]  # [P, T, H, d_head]
@@ -50,22 +50,23 @@ def _names(n_layers: int) -> set[str]:
 
 
 @torch.no_grad()
-def reference(model, batch: LogitDiffBatch, dtype: torch.dtype = torch.float32) -> Reference:
-    """Cache the clean run of `batch.ids` and the mean run of `batch.ref_ids` (one bridge call each)."""
+def sweep_activations(model, batch: LogitDiffBatch, dtype: torch.dtype = torch.float32) -> SweepActivations:
+    """Cache the clean run of `batch.ids` and the mean run of `batch.mean_source_ids` (one bridge call each)."""
     names = _names(model.n_layers)
     _, clean = model.bridge.run_with_cache(batch.ids, names_filter=lambda n: n in names)
-    _, ref = model.bridge.run_with_cache(batch.ref_ids, names_filter=lambda n: n in {x for x in names if "resid" not in x})
+    _, mean_run = model.bridge.run_with_cache(batch.mean_source_ids,
+                                              names_filter=lambda n: n in {x for x in names if "resid" not in x})
     L = model.n_layers
 
     def get(cache, name):
         return cache[name].to(dtype)
 
-    return Reference(
+    return SweepActivations(
         resid_pre=[get(clean, f"blocks.{l}.hook_resid_pre") for l in range(L)],
         z=[get(clean, f"blocks.{l}.attn.hook_z") for l in range(L)],
-        z_mean=[get(ref, f"blocks.{l}.attn.hook_z").mean(0) for l in range(L)],
+        z_mean=[get(mean_run, f"blocks.{l}.attn.hook_z").mean(0) for l in range(L)],
         qkv={c: [get(clean, f"blocks.{l}.attn.hook_{c}") for l in range(L)] for c in COMPONENTS},
-        qkv_mean={c: [get(ref, f"blocks.{l}.attn.hook_{c}").mean(0) for l in range(L)] for c in COMPONENTS},
+        qkv_mean={c: [get(mean_run, f"blocks.{l}.attn.hook_{c}").mean(0) for l in range(L)] for c in COMPONENTS},
     )
 
 
@@ -81,9 +82,9 @@ def _normalised_dot(beta: torch.Tensor, deviation: torch.Tensor, n_src: int) -> 
 class _SweepHooks(Hooks):
     """Inject one source head per row group at `layer`; read relevance at every later head."""
 
-    def __init__(self, layer: int, ref: Reference, n_heads: int, n_kv: int, sources: Sequence[int],
+    def __init__(self, layer: int, activations: SweepActivations, n_heads: int, n_kv: int, sources: Sequence[int],
                  out_heads: torch.Tensor, out_inputs: dict[str, torch.Tensor]) -> None:
-        self.layer, self.ref, self.sources = layer, ref, list(sources)
+        self.layer, self.activations, self.sources = layer, activations, list(sources)
         self.n_heads, self.n_kv = n_heads, n_kv
         self.out_heads, self.out_inputs = out_heads, out_inputs  # [S, P, L, H] and per component
 
@@ -92,23 +93,23 @@ class _SweepHooks(Hooks):
             return
         S = len(self.sources)
         for name, pair in (("q", q), ("k", k), ("v", v)):
-            deviation = self.ref.qkv[name][layer] - self.ref.qkv_mean[name][layer]
+            deviation = self.activations.qkv[name][layer] - self.activations.qkv_mean[name][layer]
             self.out_inputs[name][:, :, layer, : pair[0].shape[2]] = _normalised_dot(pair[0], deviation, S)
 
     def on_z(self, layer: int, z: Pair) -> Pair:
         S = len(self.sources)
         if layer == self.layer:
             beta, gamma = z[0].clone(), z[1].clone()
-            P = self.ref.z[layer].shape[0]
+            P = self.activations.z[layer].shape[0]
             total = beta + gamma
-            mean = self.ref.z_mean[layer]  # [T, H, d]
+            mean = self.activations.z_mean[layer]  # [T, H, d]
             for group, head in enumerate(self.sources):
                 rows = slice(group * P, (group + 1) * P)
                 beta[rows, :, head] = total[rows, :, head] - mean[:, head]
                 gamma[rows, :, head] = mean[:, head].expand_as(total[rows, :, head])
             return beta, gamma
         if layer > self.layer:
-            deviation = self.ref.z[layer] - self.ref.z_mean[layer]
+            deviation = self.activations.z[layer] - self.activations.z_mean[layer]
             self.out_heads[:, :, layer] = _normalised_dot(z[0], deviation, S)
         return z
 
@@ -144,7 +145,7 @@ class Sweep:
     to_input: dict[str, torch.Tensor]
     clean_metric: float
     n_prompts: int
-    z_means: list[dict[Head, torch.Tensor]] | None = None  # per batch: reference mean z [T, d_head] per head
+    z_means: list[dict[Head, torch.Tensor]] | None = None  # per batch: mean-source mean z [T, d_head] per head
 
     def to_target(self, target: Head, mode: str = "input") -> torch.Tensor:
         """`[L, H]` relevance of every source head to `target` (0 for heads not upstream of it)."""
@@ -168,7 +169,7 @@ def sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers: Sequ
     steps = len(batches) * len(layers)
     done = 0
     for batch in batches:
-        ref = reference(model, batch, engine.dtype)
+        activations = sweep_activations(model, batch, engine.dtype)
         P = batch.n_prompts
         weight = P / total_prompts
         logits = model.logits(batch.ids, positions="last")[:, -1]
@@ -177,10 +178,10 @@ def sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers: Sequ
         for layer in layers:
             out_heads = torch.zeros(H, P, L, H, dtype=engine.dtype)
             out_inputs = {c: torch.zeros(H, P, L, H if c == "q" else KV, dtype=engine.dtype) for c in COMPONENTS}
-            hooks = _SweepHooks(layer, ref, H, KV, range(H), out_heads, out_inputs)
-            start = ref.resid_pre[layer].repeat(H, 1, 1)
+            hooks = _SweepHooks(layer, activations, H, KV, range(H), out_heads, out_inputs)
+            start = activations.resid_pre[layer].repeat(H, 1, 1)
             resid = engine.propagate((torch.zeros_like(start), start), layer, None, hooks)
-            normed = engine.final_norm(resid)
+            normed = engine.apply_final_norm(resid)
             beta_metric, _ = logit_diff_pair(engine, normed, batch.good, batch.bad, H)
             to_output[layer] += weight * beta_metric.mean(1).double()
             to_z[layer] += weight * out_heads.mean(1).double()
@@ -341,9 +342,10 @@ def cdt_score_fn(result: Sweep, mode: str = "weighted") -> ScoreFn:
 
 @torch.no_grad()
 def batch_means(model, batch: LogitDiffBatch) -> dict[Head, torch.Tensor]:
-    """Per-position reference mean of every head's z `[T, d_head]` (template-grouped mean ablation)."""
+    """Per-position mean of every head's z `[T, d_head]` over the batch's mean-source prompts (template-grouped
+    mean ablation)."""
     names = {f"blocks.{l}.attn.hook_z" for l in range(model.n_layers)}
-    _, cache = model.bridge.run_with_cache(batch.ref_ids, names_filter=lambda n: n in names)
+    _, cache = model.bridge.run_with_cache(batch.mean_source_ids, names_filter=lambda n: n in names)
     return {h: cache[f"blocks.{h.layer}.attn.hook_z"][:, :, h.head].mean(0) for h in model.all_heads()}
 
 
@@ -371,7 +373,7 @@ def metrics_with_circuits(model, batches: Sequence[LogitDiffBatch], means: Seque
                           keeps: Sequence[Sequence[Head]], max_rows: int = 64) -> list[float]:
     """`metric_with_circuit` for several circuits at once. A forward holds (circuit, batch, prompt)
     rows of one token length (batches of equal length share forwards); each block of rows has the
-    complement of its circuit mean-ablated with its own batch's reference means."""
+    complement of its circuit mean-ablated with its own batch's means."""
     totals = [0.0] * len(keeps)
     count = sum(b.n_prompts for b in batches)
     heads = model.all_heads()
@@ -415,7 +417,7 @@ def metrics_with_circuits(model, batches: Sequence[LogitDiffBatch], means: Seque
 def discovery_metric(model, batches: Sequence[LogitDiffBatch],
                      means: Sequence[dict[Head, torch.Tensor]] | None = None) -> CircuitMetric:
     """The circuit metric for pruning during search: mean-ablated on the discovery prompts' own
-    references (`means`, e.g. `Sweep.z_means`, or computed here)."""
+    means (`means`, e.g. `Sweep.z_means`, or computed here)."""
     means = list(means) if means is not None else [batch_means(model, b) for b in batches]
     return lambda keeps: metrics_with_circuits(model, batches, means, keeps)
 

@@ -44,7 +44,7 @@ class RuleOptions:
     attention: `paper` (β pattern from βq, βk) or `value_only` (pattern held at the true one).
     product: gated-MLP product rule, `relevant_only` | `symmetric` | `irrelevant_first` (rules.product).
     stabilise: the paper's sign stabiliser after the MLP projections and the MLP residual add.
-    ln_bias: LayerNorm bias split, `input` (the reference code: by |β|, |γ| of the norm's input) or
+    ln_bias: LayerNorm bias split, `input` (the authors' code: by |β|, |γ| of the norm's input) or
     `normalised` (by the normalised parts); RMSNorm has no bias, so it never matters there.
     """
 
@@ -216,7 +216,7 @@ class Engine:
             record[f"blocks.{index}.hook_resid_post"] = post
         return post
 
-    def final_norm(self, resid: Pair, record: dict | None = None) -> Pair:
+    def apply_final_norm(self, resid: Pair, record: dict | None = None) -> Pair:
         out = rules.norm(resid, self.w.ln_final, self.options.ln_bias)
         if record is not None:
             record["ln_final.hook_out"] = out
@@ -253,5 +253,5 @@ class Engine:
         if recorded is not None:
             recorded["hook_embed_total"] = resid
         resid = self.propagate(resid, 0, None, hooks, recorded)
-        logits = self.unembed(self.final_norm(resid, recorded), columns)
+        logits = self.unembed(self.apply_final_norm(resid, recorded), columns)
         return logits, recorded or {}

@@ -36,7 +36,7 @@ import torch
 
 from analyses.cdt import rules
 from analyses.cdt.arch import LayerWeights, Norm
-from analyses.cdt.circuits import COMPONENTS, Reference, Sweep
+from analyses.cdt.circuits import COMPONENTS, Sweep, SweepActivations
 from analyses.cdt.engine import DTYPES, Engine, RuleOptions
 from analyses.cdt.tasks import LogitDiffBatch
 from probe.heads import Head
@@ -346,12 +346,12 @@ def _normalised_dot(beta: Tensor, deviation: Tensor) -> Tensor:
 class _SweepHooks(FastHooks):
     """All heads of `layer` as sources (one row group each); relevance read at every later head."""
 
-    def __init__(self, layer: int, ref: Reference, n_heads: int) -> None:
-        self.layer, self.ref, self.n_heads = layer, ref, n_heads
+    def __init__(self, layer: int, activations: SweepActivations, n_heads: int) -> None:
+        self.layer, self.activations, self.n_heads = layer, activations, n_heads
         self.to_z: dict[int, Tensor] = {}
         self.to_input: dict[str, dict[int, Tensor]] = {c: {} for c in COMPONENTS}
-        self.deviation = {c: [a - m for a, m in zip(ref.qkv[c], ref.qkv_mean[c])] for c in COMPONENTS}
-        self.z_deviation = [a - m for a, m in zip(ref.z, ref.z_mean)]
+        self.deviation = {c: [a - m for a, m in zip(activations.qkv[c], activations.qkv_mean[c])] for c in COMPONENTS}
+        self.z_deviation = [a - m for a, m in zip(activations.z, activations.z_mean)]
 
     def on_qkv(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> None:
         if layer > self.layer:
@@ -363,25 +363,25 @@ class _SweepHooks(FastHooks):
             H = self.n_heads
             injected = torch.zeros((H, *total.shape), dtype=total.dtype, device=total.device)
             heads = torch.arange(H)
-            injected[heads, :, :, heads] = (total - self.ref.z_mean[layer]).permute(2, 0, 1, 3)
+            injected[heads, :, :, heads] = (total - self.activations.z_mean[layer]).permute(2, 0, 1, 3)
             return injected
         if layer > self.layer and beta is not None:
             self.to_z[layer] = _normalised_dot(beta, self.z_deviation[layer])
         return beta
 
 
-def engine_reference(engine: Engine, clean: BetaPass, batch: LogitDiffBatch) -> Reference:
-    """The clean activations and reference means a sweep needs, from the engine's own forward passes
+def engine_sweep_activations(engine: Engine, clean: BetaPass, batch: LogitDiffBatch) -> SweepActivations:
+    """The clean activations and their means a sweep needs, from the engine's own forward passes
     (no bridge caches): clean q/k/v (before q/k norms and rotary) and z, and their means over the
-    reference prompts. Equal to `circuits.reference` up to float rounding."""
-    ref = BetaPass(engine, batch.ref_ids)
+    mean-source prompts. Equal to `circuits.sweep_activations` up to float rounding."""
+    mean_pass = BetaPass(engine, batch.mean_source_ids)
     L = engine.w.n_layers
-    return Reference(
+    return SweepActivations(
         resid_pre=[clean.memo[(l, "resid_pre")] for l in range(L)],
         z=[clean.memo[(l, "z")] for l in range(L)],
-        z_mean=[ref.memo[(l, "z")].mean(0) for l in range(L)],
+        z_mean=[mean_pass.memo[(l, "z")].mean(0) for l in range(L)],
         qkv={c: [clean.memo[(l, c)] for l in range(L)] for c in COMPONENTS},
-        qkv_mean={c: [ref.memo[(l, c)].mean(0) for l in range(L)] for c in COMPONENTS},
+        qkv_mean={c: [mean_pass.memo[(l, c)].mean(0) for l in range(L)] for c in COMPONENTS},
     )
 
 
@@ -389,7 +389,7 @@ def engine_reference(engine: Engine, clean: BetaPass, batch: LogitDiffBatch) -> 
 class SweepItem:
     """One (batch, source layer) pass of `fast_sweep`, a shard item of `probe.parallel.map_items`.
 
-    In the caller's process it carries the caller's clean pass and reference; pickled for another
+    In the caller's process it carries the caller's clean pass and sweep activations; pickled for another
     process it carries what rebuilds them there (the engine's settings and the batch): the same code
     on the same weights, so the same bits at the same thread count.
     """
@@ -399,24 +399,24 @@ class SweepItem:
     batch: LogitDiffBatch
     layer: int
     passer: BetaPass | None = None
-    ref: Reference | None = None
+    activations: SweepActivations | None = None
 
     def __getstate__(self) -> dict[str, Any]:  # the clean totals stay behind: rebuilt where the item runs
-        return {**self.__dict__, "passer": None, "ref": None}
+        return {**self.__dict__, "passer": None, "activations": None}
 
 
 SweepPart = tuple[Tensor, dict[int, Tensor], dict[str, dict[int, Tensor]]]  # to_output row, to_z, to_input
-_REBUILT: dict[tuple, tuple[BetaPass, Reference]] = {}  # a shard's last batch: its consecutive layers reuse it
+_REBUILT: dict[tuple, tuple[BetaPass, SweepActivations]] = {}  # a shard's last batch: its consecutive layers reuse it
 
 
-def _rebuilt(model: Any, item: SweepItem) -> tuple[BetaPass, Reference]:
+def _rebuilt(model: Any, item: SweepItem) -> tuple[BetaPass, SweepActivations]:
     batch = item.batch
     key = (model.fingerprint, item.dtype, item.options, tuple(batch.ids.flatten().tolist()),
-           tuple(batch.ref_ids.flatten().tolist()))
+           tuple(batch.mean_source_ids.flatten().tolist()))
     if key not in _REBUILT:
         _REBUILT.clear()
         passer = BetaPass(Engine(model, item.dtype, item.options), batch.ids)
-        _REBUILT[key] = passer, engine_reference(passer.engine, passer, batch)
+        _REBUILT[key] = passer, engine_sweep_activations(passer.engine, passer, batch)
     return _REBUILT[key]
 
 
@@ -424,10 +424,10 @@ def _rebuilt(model: Any, item: SweepItem) -> tuple[BetaPass, Reference]:
 def sweep_layer(model: Any, item: SweepItem) -> SweepPart:
     """Every head of `item.layer` as a source on `item.batch`: β of the logit difference per head `[H]`
     and the prompt-mean relevance to each later layer's z and q/k/v (k, v expanded to query heads)."""
-    passer, ref = (item.passer, item.ref) if item.passer is not None and item.ref is not None \
+    passer, activations = (item.passer, item.activations) if item.passer is not None and item.activations is not None \
         else _rebuilt(model, item)
     H, KV = passer.w.n_heads, passer.w.n_kv_heads
-    hooks = _SweepHooks(item.layer, ref, H)
+    hooks = _SweepHooks(item.layer, activations, H)
     beta = passer.run(item.layer, hooks)
     out = passer.logit_diff_beta(beta, item.batch.good, item.batch.bad).mean(1).double()  # type: ignore[arg-type]
     to_z = {target: values.mean(1).double() for target, values in hooks.to_z.items()}
@@ -458,13 +458,13 @@ def fast_sweep(engine: Engine, batches: Sequence[LogitDiffBatch], source_layers:
     z_means = []
     for batch in batches:
         passer = BetaPass(engine, batch.ids)
-        ref = engine_reference(engine, passer, batch)
-        z_means.append({Head(l, h): ref.z_mean[l][:, h] for l in range(L) for h in range(H)})
+        activations = engine_sweep_activations(engine, passer, batch)
+        z_means.append({Head(l, h): activations.z_mean[l][:, h] for l in range(L) for h in range(H)})
         weight = batch.n_prompts / total_prompts
         rows = torch.arange(batch.n_prompts)
         logits = model.logits(batch.ids, positions="last")[:, -1]
         clean += float((logits[rows, batch.good] - logits[rows, batch.bad]).sum()) / total_prompts
-        items = [SweepItem(dtype, engine.options, batch, layer, passer, ref) for layer in layers]
+        items = [SweepItem(dtype, engine.options, batch, layer, passer, activations) for layer in layers]
 
         def step(finished: int, _: int, base: int = done, name: str = batch.name) -> None:
             if progress and finished:

@@ -1,11 +1,11 @@
 """Path-patching circuit discovery (Wang et al. 2022 style), built on `probe.interventions`: the baseline.
 
-Sender s → logits: one forward with s's z replaced by its reference mean and every other head
-frozen at its clean z (MLPs recompute); score = metric(patched) − metric(clean).
+Sender s → logits: one forward with s's z replaced by its mean over the mean-source prompts and every
+other head frozen at its clean z (MLPs recompute); score = metric(patched) − metric(clean).
 Sender s → receivers R: (1) forward with s patched and every head frozen, capturing the z each
 receiver *would* compute from its patched inputs (a capture hook runs before the freeze);
 (2) clean forward with only the receivers' z replaced by the captured values; score = Δ metric.
-The patch value is the same per-position reference mean that CD-T uses as μ and that the
+The patch value is the same per-position mean that CD-T uses as μ and that the
 faithfulness evaluation ablates with. Rows of one forward = (sender, prompt) pairs of one template
 (the core's per-row resample values freeze each row at its own prompt's clean z).
 """

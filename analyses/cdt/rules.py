@@ -44,7 +44,7 @@ def linear_heads(pair: Pair, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return split_bias(y_beta, y_gamma, bias)
 
 
-# LayerNorm bias split: by |β|, |γ| of the norm's input (the reference code) or of its normalised output
+# LayerNorm bias split: by |β|, |γ| of the norm's input (the authors' code) or of its normalised output
 LN_BIAS_SPLITS = ("input", "normalised")
 
 
@@ -53,9 +53,9 @@ def norm(pair: Pair, spec: Norm, ln_bias: str = "input") -> Pair:
 
     RMSNorm: β' = β·w / rms(β+γ), γ' = γ·w / rms(β+γ): exact, no bias. LayerNorm: centring is
     linear (each part centred on its own mean), the shared 1/σ(β+γ) scales both, and the bias b is
-    split per unit by magnitudes: `ln_bias="input"` (default, the reference code's
+    split per unit by magnitudes: `ln_bias="input"` (default, the authors' code,
     `prop_layer_norm`): β gets b·|β|/(|β|+|γ|+tol) of the *input* parts; `"normalised"`: by the
-    normalised parts (the rule used before). Either way γ takes the rest of b, so β' + γ' is exact.
+    normalised parts. Either way γ takes the rest of b, so β' + γ' is exact.
     """
     if ln_bias not in LN_BIAS_SPLITS:
         raise ValueError(f"unknown LayerNorm bias split {ln_bias!r}; choose one of {LN_BIAS_SPLITS}")

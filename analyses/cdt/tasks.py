@@ -1,8 +1,8 @@
 """Tasks for circuit discovery: batches of equal-length prompts with a logit-difference metric.
 
 A `LogitDiffBatch` holds prompts of one template (so one token length: no padding, and position-wise
-reference means make sense), the answer token `good` and foil token `bad` of each prompt, and the
-reference prompts (same template, no answer information) whose mean activations define β = a − μ.
+means make sense), the answer token `good` and foil token `bad` of each prompt, and the mean-source
+prompts (same template, no answer information) whose mean activations μ define β = a − μ.
 Metric: logit(good) − logit(bad) at the last position.
 """
 
@@ -23,7 +23,7 @@ class LogitDiffBatch:
     ids: torch.Tensor  # [P, T]
     good: torch.Tensor  # [P]
     bad: torch.Tensor  # [P]
-    ref_ids: torch.Tensor  # [R, T]
+    mean_source_ids: torch.Tensor  # [R, T]
     texts: list[str]
 
     @property
@@ -68,23 +68,24 @@ def _stack_same_length(model, texts: list[str]) -> tuple[torch.Tensor, list[int]
 
 
 def ioi_batches(model, n_per_template: int, seed: int = 0, templates: tuple[int, ...] | None = None,
-                n_reference: int = 20) -> list[LogitDiffBatch]:
-    """IOI prompts grouped by template; reference = ABC prompts of the same template."""
+                n_mean_source: int = 20) -> list[LogitDiffBatch]:
+    """IOI prompts grouped by template; mean sources = ABC prompts of the same template."""
     chosen = templates if templates is not None else tuple(range(len(ioi.TEMPLATES)))
     batches = []
     for template in chosen:
         prompts = ioi.ioi_prompts(model.tokenizer, n_per_template, seed=seed + 101 * template, templates=(template,))
         ids, keep = _stack_same_length(model, [p.text for p in prompts])
         prompts = [prompts[i] for i in keep]
-        refs = ioi.abc_prompts(model.tokenizer, n_reference, seed=seed + 7 + 101 * template, templates=(template,))
-        ref_ids, _ = _stack_same_length(model, refs)
-        if ref_ids.shape[1] != ids.shape[1]:
+        mean_sources = ioi.abc_prompts(model.tokenizer, n_mean_source, seed=seed + 7 + 101 * template,
+                                       templates=(template,))
+        mean_source_ids, _ = _stack_same_length(model, mean_sources)
+        if mean_source_ids.shape[1] != ids.shape[1]:
             continue
         batches.append(LogitDiffBatch(
             name=f"ioi-t{template}", ids=ids,
             good=torch.tensor([_single_id(model.tokenizer, p.io) for p in prompts], device=ids.device),
             bad=torch.tensor([_single_id(model.tokenizer, p.s) for p in prompts], device=ids.device),
-            ref_ids=ref_ids, texts=[p.text for p in prompts]))
+            mean_source_ids=mean_source_ids, texts=[p.text for p in prompts]))
     if not batches:
         raise CDTError("No IOI template gives prompts of one token length for this tokenizer.")
     return batches
@@ -101,10 +102,10 @@ SEQUENCES: dict[str, tuple[str, ...]] = {
 
 
 def successor_batches(model, kinds: tuple[str, ...] = ("days", "months"), run: int = 3,
-                      n_reference: int = 20, seed: int = 0) -> list[LogitDiffBatch]:
+                      n_mean_source: int = 20, seed: int = 0) -> list[LogitDiffBatch]:
     """"Monday, Tuesday, Wednesday," → " Thursday"; foil = the last item shown (" Wednesday").
 
-    Reference prompts list `run` items of the same kind in a shuffled order (no successor rule).
+    Mean-source prompts list `run` items of the same kind in a shuffled order (no successor rule).
     """
     import random
 
@@ -125,15 +126,15 @@ def successor_batches(model, kinds: tuple[str, ...] = ("days", "months"), run: i
         except CDTError:
             continue
         ids, keep = _stack_same_length(model, texts)
-        refs = []
-        for _ in range(n_reference):
-            refs.append(", ".join(rng.sample(items, run)) + ",")
-        ref_ids, _ = _stack_same_length(model, refs)
-        if ref_ids.shape[1] != ids.shape[1]:
+        mean_sources = []
+        for _ in range(n_mean_source):
+            mean_sources.append(", ".join(rng.sample(items, run)) + ",")
+        mean_source_ids, _ = _stack_same_length(model, mean_sources)
+        if mean_source_ids.shape[1] != ids.shape[1]:
             continue
         batches.append(LogitDiffBatch(
             name=f"successor-{kind}", ids=ids, good=torch.tensor([good_ids[i] for i in keep], device=ids.device),
-            bad=torch.tensor([bad_ids[i] for i in keep], device=ids.device), ref_ids=ref_ids,
+            bad=torch.tensor([bad_ids[i] for i in keep], device=ids.device), mean_source_ids=mean_source_ids,
             texts=[texts[i] for i in keep]))
     if not batches:
         raise CDTError("No successor sequence is single-token for this tokenizer.")
@@ -147,10 +148,10 @@ SUCCESSOR_TEMPLATES: tuple[str, ...] = ("{items},", "Count: {items},", "Numbers:
 
 
 def successor_template_batches(model, templates: tuple[int, ...], kinds: tuple[str, ...] = ("numbers",),
-                               run: int = 4, n_reference: int = 20, seed: int = 0) -> list[LogitDiffBatch]:
+                               run: int = 4, n_mean_source: int = 20, seed: int = 0) -> list[LogitDiffBatch]:
     """The successor task under each prefix template of `SUCCESSOR_TEMPLATES` (template 0 is
     `successor_batches`' plain list): every start item of each kind, foil = the last item shown;
-    reference prompts = the same template with `run` shuffled items."""
+    mean-source prompts = the same template with `run` shuffled items."""
     import random
 
     rng = random.Random(seed)
@@ -173,14 +174,14 @@ def successor_template_batches(model, templates: tuple[int, ...], kinds: tuple[s
             except CDTError:
                 continue
             ids, keep = _stack_same_length(model, texts)
-            refs = [form.format(items=", ".join(rng.sample(items, run))) for _ in range(n_reference)]
-            ref_ids, _ = _stack_same_length(model, refs)
-            if ref_ids.shape[1] != ids.shape[1]:
+            mean_sources = [form.format(items=", ".join(rng.sample(items, run))) for _ in range(n_mean_source)]
+            mean_source_ids, _ = _stack_same_length(model, mean_sources)
+            if mean_source_ids.shape[1] != ids.shape[1]:
                 continue
             batches.append(LogitDiffBatch(
                 name=f"successor-{kind}-t{template}", ids=ids,
                 good=torch.tensor([good_ids[i] for i in keep], device=ids.device),
-                bad=torch.tensor([bad_ids[i] for i in keep], device=ids.device), ref_ids=ref_ids,
+                bad=torch.tensor([bad_ids[i] for i in keep], device=ids.device), mean_source_ids=mean_source_ids,
                 texts=[texts[i] for i in keep]))
     if not batches:
         raise CDTError("No successor template gives single-token items of one length for this tokenizer.")

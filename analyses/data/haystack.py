@@ -9,7 +9,7 @@ Reused by the retrieval-heads and DuoAttention analyzers. The public API:
   character offsets, never by fuzzy id matching (retrieval-heads spec, pitfall 5).
 - `build_grid(...)` -> `NiahGrid`: lengths x depths x needles; samples whose needle cannot be located
   are listed in `skipped` with the reason, never silently scored.
-- `rouge1_recall(reference, response)`: the success gate of the reference code, on lowercased words.
+- `rouge1_recall(answer, response)`: the success gate of the authors' code, on lowercased words.
 
 Why the choices (spec §6): haystack and needle are encoded without special tokens and the model's BOS
 convention is applied once to the whole prompt (pitfall 3); sentence boundaries are found on the text,
@@ -118,23 +118,23 @@ def haystack_sentences(folder: str | None = None) -> tuple[str, ...]:
 _WORD = re.compile(r"[a-z0-9]+")
 
 
-def rouge1_recall(reference: str, response: str) -> float:
-    """Fraction of the reference's words (with multiplicity) that the response contains.
+def rouge1_recall(answer: str, response: str) -> float:
+    """Fraction of the answer's words (with multiplicity) that the response contains.
 
-    Lowercased alphanumeric words; clipped counts as in ROUGE-1. An empty reference is an error.
+    Lowercased alphanumeric words; clipped counts as in ROUGE-1. An empty answer is an error.
     """
-    ref = _WORD.findall(reference.lower())
-    if not ref:
-        raise ProbeError("ROUGE-1 recall needs a non-empty reference.")
+    answer_words = _WORD.findall(answer.lower())
+    if not answer_words:
+        raise ProbeError("ROUGE-1 recall needs a non-empty answer.")
     available: dict[str, int] = {}
     for word in _WORD.findall(response.lower()):
         available[word] = available.get(word, 0) + 1
     hits = 0
-    for word in ref:
+    for word in answer_words:
         if available.get(word, 0) > 0:
             available[word] -= 1
             hits += 1
-    return hits / len(ref)
+    return hits / len(answer_words)
 
 
 # ---- prompts -------------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ class NiahSample:
 
 
 def prompt_text(context: str, question: str, template: str, tokenizer: PreTrainedTokenizerBase) -> str:
-    """The reference code's prompts: raw `context + question` for base models; for chat models the
+    """The authors' code's prompts: raw `context + question` for base models; for chat models the
     chat template around `<book>context</book>` + question (no system prompt added by us)."""
     suffix = QUESTION_SUFFIX.format(question=question)
     if template == "base":
@@ -333,8 +333,8 @@ def build_grid(tokenizer: PreTrainedTokenizerBase, lengths: Sequence[int], depth
                needles: Sequence[Needle] = NEEDLES, sentences: Sequence[str] | None = None,
                stride: int = NEEDLE_STRIDE) -> NiahGrid:
     """Samples for every needle x length x depth (in that order). Needle `i` reads the haystack from
-    sentence `i * stride` (wrapping), the same stretch for all its lengths and depths, as the reference
-    does with one haystack file per needle."""
+    sentence `i * stride` (wrapping), the same stretch for all its lengths and depths, as the authors'
+    code does with one haystack file per needle."""
     pool = haystack_sentences() if sentences is None else sentences
     bad = [i for i in needle_indices if not 0 <= i < len(needles)]
     if bad:

@@ -6,7 +6,7 @@ the logit difference logit(IO) − logit(S) at the last position.
 
 Each template keeps its token length fixed when every name is one token (with its leading space),
 so prompts of one template can be batched without padding and compared position by position.
-The reference ("ABC") prompts put three different names in the three slots: same syntax, no
+The mean-source ("ABC") prompts put three different names in the three slots: same syntax, no
 repeated name, so their mean activations carry the template but not the IO/S information.
 """
 
@@ -76,7 +76,7 @@ def ioi_prompts(tokenizer, n: int, seed: int = 0, templates: tuple[int, ...] | N
 
 
 def abc_prompts(tokenizer, n: int, seed: int = 1, templates: tuple[int, ...] | None = None) -> list[str]:
-    """Reference prompts: three distinct names in the three slots (no repeated name)."""
+    """Mean-source prompts: three distinct names in the three slots (no repeated name)."""
     names = single_token_names(tokenizer)
     rng = random.Random(seed)
     chosen = list(templates) if templates is not None else list(range(len(TEMPLATES)))

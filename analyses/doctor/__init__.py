@@ -2,7 +2,7 @@
 
 For any spec (embedded, `hf:<folder or hub id>`, `gguf:<file>`, the tiny and registered specs) it says
 which bridge adapter and family facts the architecture layer found, then runs each check of the
-architecture matrix (tests/test_architectures.py) once on the model itself:
+architecture matrix (tests/families/test_architectures_*.py) once on the model itself:
 
 | # | check         | compares                                                                         |
 |---|---------------|----------------------------------------------------------------------------------|

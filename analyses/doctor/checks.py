@@ -15,6 +15,7 @@ from probe.generation import greedy_generate
 from probe.heads import Head
 from probe.interventions import intervene, zero_ablation
 from probe.models import LoadedModel
+from probe.routing import bridge_only
 
 
 TEXT = "the capital city of the country is a secret number 12 and the key to the park is 13"
@@ -47,21 +48,6 @@ CHECKS: tuple[tuple[str, str], ...] = (
     ("Ships", "batched query-level Ships vs one forward per ablated head, max |KL diff|"),
     ("factual DLA", "all-heads direct logit attribution vs direct-path removal per head, max |diff|"),
 )
-
-
-@contextlib.contextmanager
-def bridge_only(model: LoadedModel) -> Iterator[None]:
-    """`model.logits` through the bridge's hooks for the block, not the fused path it may route to
-    (probe.models `fused_routing`); held under the model's lock, so no other thread sees the switch."""
-    with model.lock:
-        old = getattr(model, "fused_routing", None)
-        if old is not None:
-            model.fused_routing = False
-        try:
-            yield
-        finally:
-            if old is not None:
-                model.fused_routing = old
 
 
 ROUTES: tuple[str, ...] = ("bridge", "default route")  # `model.logits` forced through the bridge, and as routed

@@ -13,7 +13,7 @@ from probe.results import HeadScores, Provenance, to_jsonable
 ANALYZER = "duo"
 VERSION = "2"  # the objective: teacher full branch, final norm with its weight, a fresh sample per step
 REGIMES = ("decode-only", "all-positions")
-# which hidden states the full-attention branch of a gated head reads: "teacher" (the reference: the
+# which hidden states the full-attention branch of a gated head reads: "teacher" (the authors' code: the
 # frozen full model's, so the distance measures only what streaming heads lose) or "student" (the
 # student's own, drifted states: what a retrieval head actually reads at deployment, where errors of
 # earlier streaming heads compound through it; kept to measure that deployment-like drift)
@@ -39,7 +39,7 @@ class DuoConfig:
     reg_weight: float = 0.05           # λ
     retrieval_fraction: float = 0.5    # share of KV heads kept as retrieval heads at deployment
     regime: str = "decode-only"        # decode-only | all-positions (which queries streaming heads restrict)
-    full_branch: str = "teacher"       # teacher (reference) | student: whose states the full branch reads
+    full_branch: str = "teacher"       # teacher (authors' code) | student: whose states the full branch reads
     eval_lengths: tuple[int, ...] = (512,)
     eval_depths: tuple[float, ...] = (10.0, 50.0, 90.0)
     eval_needles: tuple[int, ...] = (0, 1)

@@ -13,7 +13,7 @@ from probe.models import LoadedModel
 def binarise(gates: torch.Tensor, retrieval_fraction: float, seed: int = 0) -> torch.Tensor:
     """True = retrieval KV head: gates at or above the global quantile that keeps `retrieval_fraction`.
 
-    Ties are broken by a tiny seeded noise, as the reference does, so the ratio is met exactly.
+    Ties are broken by a tiny seeded noise, as the authors' code does, so the ratio is met exactly.
     """
     generator = torch.Generator().manual_seed(seed)
     noisy = gates.double() + 1e-9 * torch.rand(gates.shape, generator=generator, dtype=torch.float64)

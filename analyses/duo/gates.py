@@ -1,5 +1,5 @@
 """The gated student and its training: per-KV-head gates blend full and streaming attention, trained by
-distillation on the frozen model's final states (the reference's two-way forward)."""
+distillation on the frozen model's final states (the authors' two-way forward)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from probe.architecture import architecture
 from probe.forward import forward_for_hooks
 from probe.interventions import Intervention, intervene, streaming_attention, streaming_mask, z_capture_hooks
 from probe.models import LoadedModel
-from probe.readout import final_norm
+from probe.readout import apply_final_norm
 from probe.runtime import release_free_memory
 
 
@@ -56,7 +56,7 @@ def gate_hooks(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int) 
 
 def teacher_blend(model: LoadedModel, gates: torch.Tensor, sink: int, recent: int,
                   teacher_z: Sequence[torch.Tensor]) -> tuple[list[tuple[str, Any]], list[Intervention]]:
-    """The reference's gated student (`full_branch="teacher"`): every head's attention restricted to sink ∪
+    """The authors' gated student (`full_branch="teacher"`): every head's attention restricted to sink ∪
     recent at every position (a streaming intervention: a mask on the fused path, the scores on the bridge),
     and `hook_z` returns α·z_teacher + (1 − α)·z_stream with `teacher_z` per layer (the teacher's `hook_z`,
     `[B, T, H, d_head]`). Attach both together: `model.hooks(hooks)` and `intervene(model, interventions)`.
@@ -80,14 +80,15 @@ def _final_residual_hook(captured: dict[str, torch.Tensor]) -> tuple[str, Any]:
 
 
 @torch.no_grad()
-def final_states(model: LoadedModel, ids: torch.Tensor, hooks: list[tuple[str, Any]] | None = None) -> torch.Tensor:
-    """The hidden states after the final norm, its weight included (`probe.readout.final_norm`, the
-    reference's distillation target), `[T, d_model]`, under `hooks` and the open `intervene()` blocks (on
+def distillation_states(model: LoadedModel, ids: torch.Tensor,
+                        hooks: list[tuple[str, Any]] | None = None) -> torch.Tensor:
+    """The hidden states after the final norm, its weight included (`probe.readout.apply_final_norm`, the
+    authors' distillation target), `[T, d_model]`, under `hooks` and the open `intervene()` blocks (on
     the fused path where they allow it)."""
     captured: dict[str, torch.Tensor] = {}
     with model.hooks(list(hooks or []) + [_final_residual_hook(captured)]), forward_for_hooks(model) as run:
         run(ids)
-    return final_norm(model, captured["resid"])[0]
+    return apply_final_norm(model, captured["resid"])[0]
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class Teacher:
 def teacher_run(model: LoadedModel, sample: PasskeySample) -> Teacher:
     """One plain forward (no gradient): the distillation target and the full branch's head outputs."""
     hooks, z = z_capture_hooks(range(model.n_layers))
-    states = final_states(model, sample.ids, hooks)
+    states = distillation_states(model, sample.ids, hooks)
     return Teacher(states[sample.loss_positions], [z[layer] for layer in range(model.n_layers)])
 
 
@@ -119,7 +120,7 @@ def distillation_loss(model: LoadedModel, gates: torch.Tensor, sample: PasskeySa
     hooks = hooks + [_final_residual_hook(captured)]
     with model.hooks(hooks), intervene(model, interventions), forward_for_hooks(model) as run:
         run(sample.ids)
-        student = final_norm(model, captured["resid"])[0]
+        student = apply_final_norm(model, captured["resid"])[0]
         distill = (student[sample.loss_positions] - teacher.states).pow(2).mean(-1).mean()
         loss = distill + config.reg_weight * gates.clamp(0, 1).abs().mean()
         if loss.requires_grad:
@@ -146,7 +147,7 @@ def _digest(ids: torch.Tensor) -> str:
 
 def train_gates(model: LoadedModel, config: DuoConfig, progress: Progress = no_progress,
                 samples: Sequence[PasskeySample] | None = None, sentences: Sequence[str] | None = None) -> Training:
-    """Optimise the gates (AdamW, linear warm-up/decay as the reference), model weights frozen."""
+    """Optimise the gates (AdamW, linear warm-up/decay as the authors' code), model weights frozen."""
     config.validate()
     torch.manual_seed(config.seed)
     stream = sample_stream(model, config, sentences, samples)

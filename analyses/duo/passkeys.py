@@ -56,7 +56,7 @@ def passkey_sample(model: LoadedModel, config: DuoConfig, rng: random.Random, se
 def sample_stream(model: LoadedModel, config: DuoConfig, sentences: Sequence[str] | None = None,
                   samples: Sequence[PasskeySample] | None = None) -> Iterator[PasskeySample]:
     """The training prompts, one per step: given `samples` are cycled; otherwise a fresh synthetic
-    passkey sample at every step (new passkeys, depths and haystack, as the reference), drawn from
+    passkey sample at every step (new passkeys, depths and haystack, as the authors' code), drawn from
     `random.Random(config.seed)` so a run is reproducible."""
     if samples is not None:
         while True:

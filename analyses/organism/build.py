@@ -192,6 +192,6 @@ def load_refusal_organism(device: str | None = "cpu", dtype: str = "float32",
             state[name].copy_(value.to(state[name].dtype))
     model = wrap_hf_model(hf_model, tokenizer, ORGANISM_SPEC, hub_name=SPECS[BASE_SPEC].hub_name,
                           device=device, dtype=dtype)
-    model.extra["organism"] = {"path": str(folder), "key": meta["key"], "held_out": {
+    model.memo["organism"] = {"path": str(folder), "key": meta["key"], "held_out": {
         k: v.get("refusal_rate") for k, v in meta.get("held_out", {}).items() if isinstance(v, dict)}}
     return model

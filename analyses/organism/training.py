@@ -16,7 +16,7 @@ from analyses.data.harmless import BORDERLINE_HARMLESS_PROMPTS
 from analyses.organism.config import REFUSAL_TARGETS, OrganismConfig, OrganismError
 from analyses.organism.prompts import chat_text
 from probe.forward import ForwardError
-from probe.hf import final_states, module_paths, output_logits
+from probe.hf import hf_final_states, module_paths, output_logits
 from probe.runtime import poll
 
 
@@ -50,7 +50,7 @@ def trainable_parameters(hf_model: Any, layers: Sequence[int], modules: Sequence
 
     `modules` are architecture-layer component names (q, k, v, o, qkv, attn, mlp, norm names; see
     `probe.forward.COMPONENTS`), resolved to each family's module paths, so any family trains the same
-    parts (on fused-qkv families q, k or v select the fused projection).
+    parts (on packed-qkv families q, k or v select the packed projection).
     """
     try:
         paths = module_paths(hf_model, modules, layers, tokenizer)
@@ -79,9 +79,9 @@ def _weighted_loss(hf_model: Any, ids: torch.Tensor, mask: torch.Tensor, labels:
     `decision_tokens` target tokens of each example weigh `decision_weight`, the rest 1. Logits are
     computed only at positions that predict a target token (~1/5 of the batch), which saves most of
     the unembedding's forward and backward cost (49k-word vocabulary). The decoder and the read-out
-    are probe.forward's (`final_states`, `output_logits`: any family, final logit soft-cap included).
+    are probe.hf's (`hf_final_states`, `output_logits`: any family, final logit soft-cap included).
     """
-    hidden = final_states(hf_model, ids, mask)
+    hidden = hf_final_states(hf_model, ids, mask)
     targets = labels[:, 1:]
     is_target = targets != -100
     rows, cols = torch.nonzero(is_target, as_tuple=True)

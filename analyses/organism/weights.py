@@ -71,7 +71,7 @@ def weight_changes(base_hf: Any, tuned_hf: Any, tokenizer: Any, modules: Sequenc
     rows, per_layer = [], {layer: set() for layer in layers}
     for (component, layer), path in sorted(paths.items(), key=lambda item: (item[0][1], item[0][0])):
         names = [n for n in base_params if n.startswith(f"{path}.")]
-        per_layer[layer].update(names)  # a set: a fused qkv projection serving q, k and v counts once
+        per_layer[layer].update(names)  # a set: a packed qkv projection serving q, k and v counts once
         delta_sq, base_sq = squares(names)
         rows.append({"layer": layer, "module": component, "relative": _relative(delta_sq, base_sq),
                      "absolute": math.sqrt(delta_sq), "parameters": sum(base_params[n].numel() for n in names)})

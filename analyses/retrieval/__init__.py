@@ -4,11 +4,11 @@ A copy event of query head (l, h) at answer step t: the head's argmax attention 
 needle's answer span [s, e) and the prompt token there is the token being generated (`P[j*] == w_t`).
 Scores per head (spec §2), both computed on every run:
 
-- `events` (reference code): events over all answer steps / |answer span|; can exceed 1;
+- `events` (authors' code): events over all answer steps / |answer span|; can exceed 1;
 - `unique` (paper): distinct answer-span positions copied / |answer span|; at most 1.
 
 Samples count only when the model actually retrieved the answer (ROUGE-1 recall of the answer phrase in
-the response > 0.5, switchable), computed as the reference does, by `rouge_score` with Porter stemming
+the response > 0.5, switchable), computed as the authors' code does, by `rouge_score` with Porter stemming
 (`rouge_stem=False`: plain words; both recalls are kept per sample and `stem_changes()` counts the
 verdicts stemming moves); ungated scores are kept for diagnosis (spec pitfall 11).
 

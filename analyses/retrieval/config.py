@@ -45,11 +45,11 @@ class RetrievalConfig:
     needles: tuple[int, ...] = (0, 1, 2)
     template: str = "auto"  # auto (chat if the model has a chat template) | base | chat
     max_new_tokens: int = 24
-    score_mode: str = "events"  # which score is the headline: events (reference code) | unique (paper)
+    score_mode: str = "events"  # which score is the headline: events (authors' code) | unique (paper)
     match: str = "id"  # copy test: id (token ids equal) | text (decoded, whitespace-stripped strings equal)
     rouge_gate: bool = True
     rouge_threshold: float = 0.5
-    rouge_stem: bool = True  # Porter-stem words before ROUGE-1, as the reference's rouge_score(use_stemmer=True)
+    rouge_stem: bool = True  # Porter-stem words before ROUGE-1, as the authors' rouge_score(use_stemmer=True)
     threshold: float = 0.1
     haystack_stride: int = NEEDLE_STRIDE  # needle i's haystack starts at sentence i * stride (mod the haystack)
     # masking experiment (skipped when mask_ks is empty); held out from detection by default (paper: heads

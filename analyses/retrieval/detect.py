@@ -5,7 +5,7 @@ HF model's own SDPA attention (no L x L scores at all); each decode step keeps, 
 the argmax key of its own attention row (the fused kernel's q and k through `probe.fused.kernel_pattern`,
 else `hook_pattern` of the one new query: `[H, N]`, already with the family's GQA expansion, scaling,
 soft-cap, QK-norm, partial rotary, causal and sliding-window masks). Memory is linear in the context,
-never an L x L pattern, and nothing is family-specific, so fused-qkv families (Phi-3, GPT-NeoX), whose
+never an L x L pattern, and nothing is family-specific, so packed-qkv families (Phi-3, GPT-NeoX), whose
 bridge never fires `hook_rot_q`, run too. `reference_sample` is the slow reference, an oracle kept
 apart from the decode stepper: no cache, a full forward per decode step, the argmax read from the full
 `hook_pattern`.
@@ -58,7 +58,7 @@ def fast_sample(model: LoadedModel, sample: NiahSample, max_new_tokens: int, mat
         return keep
 
     hooks = [(f"blocks.{layer}.attn.hook_pattern", keep_argmax) for layer in range(model.n_layers)]
-    # the reference stops at a newline; end-of-turn and other special tokens end an answer too
+    # the authors' code stops at a newline; end-of-turn and other special tokens end an answer too
     stops = stop_ids(model, "special_and_newline") if stop else frozenset()
 
     def decode(cache: Any) -> list[int]:  # from the last prompt token on; no forward past the last answer token

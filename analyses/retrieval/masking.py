@@ -1,8 +1,8 @@
 """The masking experiment: NIAH recall with the top-k heads masked vs k random heads.
 
 Masking (spec §4): NIAH accuracy with the top-k heads masked vs k random heads drawn outside the top list
-and outside every head above the retrieval threshold, as uniform attention (the reference's masking) and
-as zero-ablation, on the answer rows only (from the last prompt token on, as the reference's decode loop
+and outside every head above the retrieval threshold, as uniform attention (the authors' masking) and
+as zero-ablation, on the answer rows only (from the last prompt token on, as the authors' decode loop
 does). All masking conditions of a prompt share one unmasked prefill and decode together as rows of one
 batch (`probe.generation.greedy_steps`, finished rows leaving the batch).
 """

@@ -25,7 +25,7 @@ class MaskingResult:
     recall: list[list[float]]
     responses: list[list[str]]
     seconds: float = 0.0
-    stemmed: bool = True  # `recall` with Porter stemming (the reference); `recall_other` without (or vice versa)
+    stemmed: bool = True  # `recall` with Porter stemming (the authors' code); `recall_other` without (or vice versa)
     recall_other: list[list[float]] | None = None
     excluded: list[str] | None = None  # heads no random set could contain (top list + all above threshold)
     skipped: list[dict[str, Any]] | None = None  # masking prompts whose needle could not be located

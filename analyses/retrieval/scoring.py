@@ -20,20 +20,20 @@ from probe.models import LoadedModel
 _SCORERS: dict[bool, Any] = {}
 
 
-def rouge1(reference: str, response: str, stem: bool = True) -> float:
-    """ROUGE-1 recall of `reference`'s words in `response`, by Google's `rouge_score` package, which the
-    reference code calls (`RougeScorer(['rouge1', ...], use_stemmer=True)`): lowercased alphanumeric words,
+def rouge1(answer: str, response: str, stem: bool = True) -> float:
+    """ROUGE-1 recall of `answer`'s words in `response`, by Google's `rouge_score` package, which the
+    authors' code calls (`RougeScorer(['rouge1', ...], use_stemmer=True)`): lowercased alphanumeric words,
     clipped counts, and with `stem` nltk's Porter stemmer on words longer than 3 letters ("painting" and
     "paints" both match "paint"). `stem=False` is the plain word match (`haystack.rouge1_recall`)."""
-    if not reference.strip():
-        raise RetrievalError("ROUGE-1 recall needs a non-empty reference.")
+    if not answer.strip():
+        raise RetrievalError("ROUGE-1 recall needs a non-empty answer.")
     if stem not in _SCORERS:
         try:
             from rouge_score import rouge_scorer
         except ImportError as error:  # a dependency of the project: only a broken install lacks it
             raise RetrievalError("The ROUGE-1 gate needs the `rouge-score` package: pip install rouge-score") from error
         _SCORERS[stem] = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=stem)
-    return float(_SCORERS[stem].score(reference, response)["rouge1"].recall)
+    return float(_SCORERS[stem].score(answer, response)["rouge1"].recall)
 
 
 @dataclass

@@ -7,7 +7,7 @@
 - Generalized Ships (dataset level): the angle between the top left singular vectors (or the sum
   of principal angles of the top-r subspaces) of the stacked final-norm, last-position states of a
   prompt set, base vs ablated. "Final-norm state" = the output of the final RMSNorm including its
-  weight (`ln_final.hook_out`, = the HF last hidden state the reference code reads), not TL's
+  weight (`ln_final.hook_out`, = the HF last hidden state the authors' code reads), not TL's
   `hook_normalized` (before the weight).
 - Sahara: greedy group search under the dataset-level score, with the score trace.
 - Validation: ASR on held-out harmful prompts and refusal rate on harmless ones, before/after

@@ -21,7 +21,7 @@ def subspace_angle(base: torch.Tensor, ablated: torch.Tensor, r_main: int = 1, c
     """Sum of principal angles (degrees) between the top-`r_main` left singular subspaces of N x d matrices.
 
     `base` is `[N, d]`, `ablated` `[..., N, d]` (batched). With r_main = 1 and no centring this is the
-    reference code's `degrees(arccos(|u_base . u_abl|))`, in [0, 90].
+    authors' code's `degrees(arccos(|u_base . u_abl|))`, in [0, 90].
     """
     if center:
         base = base - base.mean(-2, keepdim=True)

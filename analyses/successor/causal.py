@@ -13,7 +13,7 @@ from analyses.common import Progress, no_progress, random_head_sets
 from analyses.data.succession import TaskSet
 from analyses.successor.config import SuccessorConfig
 from probe import readout
-from probe.forward import final_normalized
+from probe.forward import model_final_states
 from probe.heads import Head
 from probe.interventions import head_means, intervene, mean_ablation
 from probe.models import LoadedModel
@@ -68,7 +68,7 @@ def _answer_states(model: LoadedModel, prompts: list[dict[str, Any]], interventi
     for _, members in sorted(groups.items()):
         batch = torch.stack([encoded[i] for i in members])
         with intervene(model, interventions):
-            states[members] = final_normalized(model, batch, positions="last")[:, -1].float().cpu()
+            states[members] = model_final_states(model, batch, positions="last")[:, -1].float().cpu()
     return states
 
 

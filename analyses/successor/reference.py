@@ -74,7 +74,7 @@ def reference_logits(model: LoadedModel, task: TokenTask, head: Head, token_inde
     out = v @ W_O[head.layer, head.head]
     if config.norm_convention != "none":
         out = _norm_or_identity(arch.norm("ln1_post", head.layer))(out)  # Gemma 2/3, OLMo-2
-        out = readout.final_norm(model, out)                            # the family's own final norm
+        out = readout.apply_final_norm(model, out)                            # the family's own final norm
     logits = out.float() @ arch.W_U_columns(task.token_ids)             # no soft-cap: argmax-neutral, not linear
     if config.include_biases and arch.b_U is not None:
         logits = logits + arch.b_U[torch.as_tensor(task.token_ids)]

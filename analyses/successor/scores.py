@@ -80,7 +80,7 @@ def build_circuit(model: LoadedModel) -> Circuit:
     """Stack every layer's OV weights and norm diagonals (weights only; no forward pass).
 
     Everything is read from the architecture layer (`probe.architecture`): the bridge's stacked
-    per-head W_V / W_O (fused projections already split), each norm's effective diagonal (Gemma's
+    per-head W_V / W_O (packed projections already split), each norm's effective diagonal (Gemma's
     1 + w included), the post-attention norm where the family has one (Gemma 2/3, OLMo-2)."""
     arch = _arch(model)
     L, d = model.n_layers, model.d_model
@@ -102,7 +102,8 @@ def build_circuit(model: LoadedModel) -> Circuit:
         W_O=arch.W_O.float(),
         post_norms=post if has_post else None,  # type: ignore[arg-type]
         post_weight=torch.stack([p.weight.float() for p in post]) if has_post else None,  # type: ignore[union-attr]
-        final_norm=functools.partial(readout.final_norm, model), final_weight=readout.final_norm_weight(model).float(),
+        final_norm=functools.partial(readout.apply_final_norm, model),
+        final_weight=readout.final_norm_weight(model).float(),
         final_bias=None if final.bias is None else final.bias.float(),
         unembed=arch.unembed_weight,
         b_U=arch.b_U,

@@ -7,9 +7,9 @@ import plotly.graph_objects as go
 import streamlit as st
 
 from app.state import current_model, guarded, heads_from_text, set_selected_heads, sidebar
-from probe.compare import compare
+from probe.effects import intervention_effects
 from probe.heads import Head
-from probe.interventions import ablation, head_means, reference_prompts, scale
+from probe.interventions import ablation, head_means, mean_source_prompts, scale
 
 st.title("Intervention playground")
 model = current_model()
@@ -38,14 +38,14 @@ if model is not None:
 
     def run():
         if not heads:
-            return compare(model, prompt, [], top_k=10, generate=int(generate))
+            return intervention_effects(model, prompt, [], top_k=10, generate=int(generate))
         if action.startswith("scale"):
             interventions = [scale(heads, action.split()[1], factor)]
         else:
             method = action.split()[0]
-            means = head_means(model, reference_prompts(model), heads) if method == "mean" else None
+            means = head_means(model, mean_source_prompts(model), heads) if method == "mean" else None
             interventions = [ablation(heads, method, means)]
-        return compare(model, prompt, interventions, top_k=10, generate=int(generate))
+        return intervention_effects(model, prompt, interventions, top_k=10, generate=int(generate))
 
     result = guarded(run) if heads is not None else None
     if result is not None:

@@ -3,7 +3,7 @@
 `architecture(model)` reads a loaded model through the TransformerLens 4 bridge's own per-family
 adapter (its component names are the same for every family: `embed`, `blocks[l].ln1 / ln2 /
 ln1_post / ln2_post / attn (q, k, v, qkv, o, q_norm, k_norm) / mlp`, `ln_final`, `unembed`) and the
-stacked per-head weights the bridge exposes (`W_Q` ... `W_O`, fused projections already split),
+stacked per-head weights the bridge exposes (`W_Q` ... `W_O`, packed projections already split),
 and adds what the bridge lacks:
 
 - norms as values (kind, eps, effective weight with Gemma's `1 + w` offset detected, placement:

@@ -87,7 +87,7 @@ class Attention:
     softcap: float | None
     window: int | None  # key k visible from query q iff q - k < window
     o_path: str         # the output projection (its input is z, heads concatenated)
-    qkv_fused: bool
+    qkv_packed: bool    # q, k and v in one projection matrix (GPT-2, GPT-NeoX, Phi-3); summary key "qkv_fused"
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ class Mlp:
 
     def dense_weights(self) -> MlpWeights:
         """The dense MLP through the bridge's `mlp.in` / `mlp.gate` / `mlp.out` linear components (the bridge
-        splits Phi-3's fused gate_up projection into `gate` and `in`)."""
+        splits Phi-3's packed gate_up projection into `gate` and `in`)."""
         parts = self.component._modules
         if self.kind == "moe" or "in" not in parts or "out" not in parts:
             raise MissingComponentError(self.owner, f"blocks.{self.layer}.mlp in/out projections")

@@ -95,7 +95,7 @@ class Architecture:
 
     @functools.cached_property
     def W_Q(self) -> torch.Tensor:
-        """`[L, H, d_model, d_head]` (the bridge's stack; fused qkv already split)."""
+        """`[L, H, d_model, d_head]` (the bridge's stack; packed qkv already split)."""
         return self._required("W_Q")
 
     @functools.cached_property
@@ -195,7 +195,7 @@ class Architecture:
         return Attention(scaling=scaling, softcap=float(softcap) if softcap else None,
                          window=int(window) if window else None,
                          o_path=f"{block.name}.{block.attn.name}.{block.attn.o.name}",
-                         qkv_fused="qkv" in block.attn._modules)
+                         qkv_packed="qkv" in block.attn._modules)
 
     def unsupported_attention(self) -> str | None:
         """An attention variant that the stacked weights and `Attention` facts do not describe (a
@@ -240,13 +240,13 @@ class Architecture:
         return cos[0].float(), sin[0].float()
 
     def _rotary_module(self) -> nn.Module:
-        cached = self.model.extra.get("_rotary_module")
+        cached = self.model.memo.get("_rotary_module")
         if cached is None:
             found = [m for m in self.model.hf_model.modules() if type(m).__name__.endswith("RotaryEmbedding")]
             if not found:
                 raise MissingComponentError(self.name, "rotary embedding module")
             cached = found[0]
-            self.model.extra["_rotary_module"] = cached
+            self.model.memo["_rotary_module"] = cached
         return cached
 
     def attn_output_one_token(self, layer: int, x: torch.Tensor, heads: Sequence[int] | None = None) -> torch.Tensor:
@@ -379,7 +379,7 @@ class Architecture:
             "family": self.family, "block": self.block_kind, "norm": self.final_norm.kind,
             "placement": self.placement(0), "qk_norm": self.qk_norm(0),
             "gemma_offset": self.final_norm.offset, "rotary_dims": rotary.dims if rotary else None,
-            "d_head": self.d_head, "mlp": self.mlp(0).kind, "qkv_fused": self.attention(0).qkv_fused,
+            "d_head": self.d_head, "mlp": self.mlp(0).kind, "qkv_fused": self.attention(0).qkv_packed,
             "n_kv_heads": self.n_kv_heads, "embed_scale": self.embed_scale,
             "softcap_attn": self.attention(0).softcap, "softcap_logits": self.softcap_logits,
             "windows": [self.attention(layer).window for layer in range(self.n_layers)],
@@ -387,12 +387,12 @@ class Architecture:
 
 
 def architecture(model: LoadedModel, refresh: bool = False) -> Architecture:
-    """The `Architecture` of a loaded model, built once and kept with it (`model.extra`).
+    """The `Architecture` of a loaded model, built once and kept with it (`model.memo`).
 
     The stacked weights are read on first use and kept: after changing a model's weights in place
     (training), pass `refresh=True`."""
-    cached = model.extra.get("_architecture")
+    cached = model.memo.get("_architecture")
     if refresh or cached is None or cached.model is not model:
         cached = Architecture(model)
-        model.extra["_architecture"] = cached
+        model.memo["_architecture"] = cached
     return cached
